@@ -1,0 +1,41 @@
+# Every target is self-contained: it creates .venv and installs clipkit into it when needed.
+# TORCH_SPEC picks the torch build; on a GPU cluster use the wheel that matches your CUDA, e.g.
+#   make install TORCH_SPEC="torch torchvision --index-url https://download.pytorch.org/whl/cu128"
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+export HF_HUB_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+
+.PHONY: install demo test test-all lint format clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# Train the tiny model on the embedded demo data (CPU, offline, a few minutes) and print zero-shot accuracy.
+demo: install
+	$(VENV)/bin/clipkit train
+
+# Lint + the default test suite (unit, distributed on gloo, CLI integration); slow tests are opt-in.
+test: install lint
+	$(VENV)/bin/python -m pytest -q -m "not slow and not gpu"
+
+test-all: install lint
+	$(VENV)/bin/python -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check clipkit tests benchmarks
+	$(VENV)/bin/ruff format --check clipkit tests benchmarks
+
+format: install
+	$(VENV)/bin/ruff format clipkit tests benchmarks
+	$(VENV)/bin/ruff check --fix clipkit tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

@@ -1,0 +1,132 @@
+"""Atomic, verified checkpoint directories.
+
+A checkpoint is ``<run>/checkpoints/step_XXXXXXXX/``. It is written under a temporary name; a manifest with
+every file's size and SHA-256 is written last; then the directory is renamed into place. A directory without
+a valid manifest (killed mid-save, truncated, bit-flipped) is never loaded: ``find_latest`` falls back to the
+newest one that verifies, warning with the offending file's name. Tensors go to safetensors; everything else
+to JSON or ``torch.save`` files that load with ``weights_only=True`` (no arbitrary pickles).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger("clipkit")
+
+MANIFEST = "manifest.json"
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+class CorruptCheckpoint(RuntimeError):
+    pass
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return Path(root) / f"step_{step:08d}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save(root: Path, step: int, write: Callable[[Path], None], keep_last: int = 0, meta: dict | None = None) -> Path:
+    """Runs ``write(tmp_dir)``, adds the manifest, renames into place, prunes to ``keep_last``; returns the dir."""
+    root = Path(root)
+    final = step_dir(root, step)
+    tmp = root / f".tmp_{final.name}_{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir()) if p.is_file()}
+    manifest = {"step": step, "files": files, **(meta or {})}
+    with open(tmp / MANIFEST, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    if keep_last > 0:
+        for old in list_steps(root)[:-keep_last]:
+            shutil.rmtree(step_dir(root, old), ignore_errors=True)
+    return final
+
+
+def list_steps(root: Path) -> list[int]:
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(int(m[1]) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir())
+
+
+def verify(path: Path) -> dict:
+    """Checks the manifest against every file; returns it, or raises ``CorruptCheckpoint`` naming the file."""
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError) as err:
+        raise CorruptCheckpoint(f"{manifest_path}: missing or unreadable manifest ({err.__class__.__name__})") from None
+    for name, info in files.items():
+        f = path / name
+        if not f.is_file():
+            raise CorruptCheckpoint(f"{f}: listed in the manifest but missing")
+        if f.stat().st_size != info["size"]:
+            raise CorruptCheckpoint(f"{f}: size {f.stat().st_size} != {info['size']} in the manifest (truncated?)")
+        if _sha256(f) != info["sha256"]:
+            raise CorruptCheckpoint(f"{f}: SHA-256 differs from the manifest (corrupted)")
+    return manifest
+
+
+def find_latest(root: Path) -> Path | None:
+    """Newest checkpoint under ``root`` that verifies; corrupt ones are skipped with a warning."""
+    for step in reversed(list_steps(root)):
+        path = step_dir(root, step)
+        try:
+            verify(path)
+            return path
+        except CorruptCheckpoint as err:
+            log.warning("skipping corrupt checkpoint: %s", err)
+    return None
+
+
+# --------------------------------------------------------------------------------------------- file helpers
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+
+
+def load_tensors(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    return load_file(str(path), device=str(device))
+
+
+def save_torch(path: Path, obj) -> None:
+    torch.save(obj, path)
+
+
+def load_torch(path: Path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def save_json(path: Path, obj) -> None:
+    Path(path).write_text(json.dumps(obj, indent=1, sort_keys=True))
+
+
+def load_json(path: Path):
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,147 @@
+"""The ``clipkit`` command: ``clipkit VERB [key=value ...]`` with Hydra overrides.
+
+The config is composed with Hydra's compose API (so every rank of a torchrun/SLURM job composes the same
+config with no launcher plugin in the way), converted to the typed ``RootConfig`` and validated before any
+data, model or process group is built. A config mistake prints one line naming the field and exits with 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+USAGE = """usage: clipkit VERB [key=value ...] [--cfg] [--help]
+
+verbs:
+  train   train (no overrides: the tiny model on the embedded demo data, a few minutes on a CPU)
+  eval    zero-shot classification / retrieval of checkpoint=PATH (a run dir or a checkpoint dir)
+
+overrides are Hydra's: model=vit_b32  data.train='/data/{00000..00099}.tar'  train.steps=1000
+  hydra.run.dir=DIR   run directory (default runs/${name}); re-running a command resumes its run
+  --cfg               print the resolved config and exit
+"""
+
+VERBS = ("train", "eval")
+EXIT_CONFIG = 2
+
+
+def conf_dir() -> Path:
+    """The packaged presets (wheel: clipkit/conf) or the source tree's conf/ (checkout, editable install)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parent / "conf"):
+        if (candidate / "clipkit.yaml").is_file():
+            return candidate
+    raise FileNotFoundError("clipkit's conf/ presets are missing from this installation")
+
+
+def _omegaconf_error_line(err: Exception) -> str | None:
+    """One line for an OmegaConf error anywhere in the cause chain: ``field=value: reason``."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    seen = err
+    while seen is not None:
+        if isinstance(seen, OmegaConfBaseException) and getattr(seen, "full_key", None):
+            msg = str(getattr(seen, "msg", seen)).splitlines()[0]
+            value = getattr(seen, "value", None)
+            if "not in" in msg or "Key '" in msg:
+                return f"{seen.full_key}: unknown key ({msg})"
+            return f"{seen.full_key}={value!r}: {msg}" if value is not None else f"{seen.full_key}: {msg}"
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def compose(overrides: list[str]):
+    """Hydra-composed, typed ``RootConfig`` plus the run dir; raises ``ConfigError`` on any config mistake."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf, open_dict
+    from omegaconf.errors import OmegaConfBaseException
+
+    from clipkit.config import ConfigError, register_configs
+
+    register_configs()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="clipkit"):
+            raw = hydra_compose(config_name="clipkit", overrides=overrides, return_hydra_config=True)
+        run_dir = Path(str(raw.hydra.run.dir))
+        with open_dict(raw):
+            del raw["hydra"]
+        cfg = OmegaConf.to_object(raw)
+    except (HydraException, OmegaConfBaseException, ValueError) as err:
+        line = _omegaconf_error_line(err)
+        if line is None:
+            text = " ".join(str(err).split())
+            line = text.split(" Available options")[0] if "Could not find" in text else text
+            if "Could not find" in text and "Available options" in text:
+                line += " (available:" + text.split("Available options in")[1].split(":", 1)[1].rstrip() + ")"
+        raise ConfigError("config", " ".join(overrides), line) from None
+    return cfg, run_dir
+
+
+def _fail(message: str, code: int) -> None:
+    print(f"clipkit: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # The DeepSpeed launcher appends --local_rank=N; the env carries the same information.
+    argv = [a for a in argv if not a.startswith("--local_rank")]
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        sys.exit(0 if argv else EXIT_CONFIG)
+    verb, rest = argv[0], argv[1:]
+    if verb not in VERBS:
+        _fail(f"unknown verb {verb!r} (one of: {', '.join(VERBS)}); see clipkit --help", EXIT_CONFIG)
+    if "--help" in rest or "-h" in rest:
+        print(USAGE)
+        sys.exit(0)
+    print_cfg = "--cfg" in rest
+    overrides = [a for a in rest if a != "--cfg"]
+    bad = [a for a in overrides if "=" not in a and not a.startswith("~")]
+    if bad:
+        _fail(f"config error: {bad[0]!r} is not a key=value override", EXIT_CONFIG)
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # clipkit never downloads weights at run time
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s clipkit %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    from clipkit.config import ConfigError, validate
+
+    try:
+        cfg, run_dir = compose(overrides)
+        validate(cfg, verb)
+    except ConfigError as err:
+        _fail(f"config error: {err}", EXIT_CONFIG)
+    if print_cfg:
+        from omegaconf import OmegaConf
+
+        print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        return
+    if verb == "train":
+        _train(cfg, run_dir)
+    elif verb == "eval":
+        from clipkit.evaluate import evaluate_command
+
+        evaluate_command(cfg, run_dir)
+
+
+def _train(cfg, run_dir: Path) -> None:
+    from omegaconf import OmegaConf
+
+    from clipkit.data.loader import DataError
+    from clipkit.data.shards import ShardSpecError
+    from clipkit.train import ResumeError, train
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    try:
+        train(cfg, run_dir)
+    except (DataError, ResumeError, ShardSpecError) as err:
+        _fail(f"error: {err}", 1)
+
+
+if __name__ == "__main__":
+    main()

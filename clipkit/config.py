@@ -1,0 +1,332 @@
+"""The one typed config schema, registered in Hydra's ConfigStore, and its up-front validation.
+
+Every component owns a dataclass; ``RootConfig`` composes them. The dataclass defaults are complete (they
+describe the embedded demo run), so the schema alone is a valid config; ``conf/`` is the preset library.
+``validate`` runs before any data, model or process is built, and raises ``ConfigError`` naming the dotted
+field and its value.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+class ConfigError(ValueError):
+    """A user mistake in the config: names the dotted field, the value and what is wrong."""
+
+    def __init__(self, key: str, value: Any, reason: str):
+        self.key, self.value, self.reason = key, value, reason
+        super().__init__(f"{key}={value!r}: {reason}")
+
+
+@dataclass
+class ModelConfig:
+    # open_clip model name (``ViT-B-32``) or a config shipped with clipkit (``clipkit-tiny``).
+    name: str = "clipkit-tiny"
+    # Path to an open_clip model JSON (embed_dim, vision_cfg, text_cfg); overrides ``name``.
+    config: Optional[str] = None
+    # Local weights file for ``name``; clipkit never downloads at run time.
+    pretrained: Optional[str] = None
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class DemoDataConfig:
+    seed: int = 0
+    image_size: int = 40
+    num_train: int = 24000
+    num_zeroshot: int = 1800
+    num_retrieval: int = 1000
+    shard_size: int = 2000
+    num_captions: int = 4
+
+
+@dataclass
+class DataConfig:
+    # Shard spec (``/data/{00000..00099}.tar``) or ``demo`` for the embedded demo data.
+    train: str = "demo"
+    # ``epoch``: each sample once per epoch; ``resampled``: shards drawn with replacement, forever.
+    mode: str = "epoch"
+    num_workers: int = 2
+    # Window of the seeded sample shuffle (samples); 0 keeps tar order.
+    shuffle_window: int = 1000
+    # Image members tried in order, separated by ``;``.
+    image_key: str = "jpg;png;webp;jpeg"
+    # ``txt`` (a member), or ``json:FIELD`` (a field of the json member; a list gives one seeded pick per use).
+    caption_key: str = "json:captions"
+    # Explicit sample count when no sizes.json / _stats.json is next to the shards (0 = read them).
+    num_samples: int = 0
+    crop_scale_min: float = 0.9
+    crop_scale_max: float = 1.0
+    prefetch_factor: int = 4
+    # Where the demo data is generated and cached.
+    cache_dir: str = "${oc.env:CLIPKIT_CACHE,'~/.cache/clipkit'}"
+    demo: DemoDataConfig = field(default_factory=DemoDataConfig)
+
+
+@dataclass
+class LossConfig:
+    name: str = "infonce"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.2
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    warmup_steps: int = 50
+    # ``cosine`` (to ``min_lr_ratio`` x lr) or ``constant`` after warmup.
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.0
+    # Max global gradient norm; 0 disables clipping.
+    grad_clip_norm: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 400
+    global_batch_size: int = 128
+    # Per-rank micro-batch; 0 means global_batch_size / world_size (no accumulation).
+    micro_batch_size: int = 0
+    seed: int = 0
+    # ``auto`` = bf16 autocast on GPU, fp32 on CPU; or ``fp32``, ``bf16``, ``fp16``.
+    precision: str = "auto"
+    # ``auto`` = cuda if available else cpu.
+    device: str = "auto"
+    log_every: int = 10
+    checkpoint_every: int = 200
+    keep_last: int = 2
+    # ``auto`` resumes from the newest complete checkpoint in the run dir; ``never`` starts fresh.
+    resume: str = "auto"
+
+
+@dataclass
+class ZeroShotConfig:
+    # Shard spec with a ``cls`` member, or ``demo``; empty disables.
+    dataset: str = "demo"
+    classnames: Optional[str] = None
+    templates: Optional[str] = None
+
+
+@dataclass
+class RetrievalConfig:
+    # Shard spec with captions, or ``demo``; empty disables.
+    dataset: str = "demo"
+
+
+@dataclass
+class EvalConfig:
+    # Evaluate every N steps during training (0 = only at the end).
+    every: int = 0
+    batch_size: int = 256
+    num_workers: int = 1
+    zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    # JSON output of ``clipkit eval`` (default: eval.json in the run dir).
+    output: Optional[str] = None
+
+
+@dataclass
+class LoggingConfig:
+    progress: bool = True
+    wandb: bool = False
+    wandb_project: str = "clipkit"
+    wandb_entity: Optional[str] = None
+    # ``offline`` needs no account; ``online`` needs credentials and network.
+    wandb_mode: str = "offline"
+
+
+@dataclass
+class ParallelConfig:
+    engine: str = "ddp"
+    # Collective timeout: a dead rank makes the others fail after this long instead of hanging.
+    timeout_s: int = 600
+
+
+@dataclass
+class RootConfig:
+    name: str = "demo"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    # For ``clipkit eval`` / ``clipkit export``: a run dir, a checkpoint dir or an exported folder.
+    checkpoint: Optional[str] = None
+    # For ``clipkit export``.
+    format: str = "open_clip"
+    out: Optional[str] = None
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="clipkit_schema", node=RootConfig)
+
+
+# ---------------------------------------------------------------------------------------------------- validation
+
+_CHOICES = {
+    "data.mode": ("epoch", "resampled"),
+    "loss.name": ("infonce",),
+    "optim.schedule": ("cosine", "constant"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "train.resume": ("auto", "never"),
+    "logging.wandb_mode": ("offline", "online", "disabled"),
+    "parallel.engine": ("ddp",),
+    "format": ("open_clip",),
+}
+_POSITIVE = (
+    "train.steps",
+    "train.global_batch_size",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.keep_last",
+    "eval.batch_size",
+    "optim.lr",
+    "optim.eps",
+    "parallel.timeout_s",
+    "data.prefetch_factor",
+    "data.demo.image_size",
+    "data.demo.num_train",
+    "data.demo.shard_size",
+    "data.demo.num_captions",
+)
+_NON_NEGATIVE = (
+    "train.micro_batch_size",
+    "optim.weight_decay",
+    "optim.warmup_steps",
+    "optim.grad_clip_norm",
+    "optim.min_lr_ratio",
+    "data.num_workers",
+    "data.shuffle_window",
+    "data.num_samples",
+    "eval.every",
+    "eval.num_workers",
+    "data.demo.num_zeroshot",
+    "data.demo.num_retrieval",
+)
+
+
+def get(cfg: RootConfig, key: str) -> Any:
+    obj: Any = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def env_world_size() -> int:
+    """World size as the launcher announces it (torchrun, SLURM), before any process group exists."""
+    for var in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 1
+
+
+def micro_batch_size(cfg: RootConfig, world_size: int) -> int:
+    return cfg.train.micro_batch_size or cfg.train.global_batch_size // world_size
+
+
+def validate(cfg: RootConfig, verb: str = "train", world_size: Optional[int] = None) -> None:
+    """Cross-field checks; raises ``ConfigError`` on the first problem. Cheap: builds nothing."""
+    world_size = env_world_size() if world_size is None else world_size
+    for key, allowed in _CHOICES.items():
+        if get(cfg, key) not in allowed:
+            raise ConfigError(key, get(cfg, key), f"must be one of {', '.join(allowed)}")
+    for key in _POSITIVE:
+        if not get(cfg, key) > 0:
+            raise ConfigError(key, get(cfg, key), "must be > 0")
+    for key in _NON_NEGATIVE:
+        if get(cfg, key) < 0:
+            raise ConfigError(key, get(cfg, key), "must be >= 0")
+    if not 0 < cfg.data.crop_scale_min <= cfg.data.crop_scale_max <= 1:
+        raise ConfigError(
+            "data.crop_scale_min", cfg.data.crop_scale_min, "need 0 < crop_scale_min <= crop_scale_max <= 1"
+        )
+    if not (0 <= cfg.optim.beta1 < 1 and 0 <= cfg.optim.beta2 < 1):
+        raise ConfigError(
+            "optim.beta1" if not 0 <= cfg.optim.beta1 < 1 else "optim.beta2",
+            cfg.optim.beta1 if not 0 <= cfg.optim.beta1 < 1 else cfg.optim.beta2,
+            "must be in [0, 1)",
+        )
+    if cfg.optim.min_lr_ratio > 1:
+        raise ConfigError("optim.min_lr_ratio", cfg.optim.min_lr_ratio, "must be <= 1")
+    if cfg.optim.warmup_steps > cfg.train.steps:
+        raise ConfigError("optim.warmup_steps", cfg.optim.warmup_steps, f"exceeds train.steps={cfg.train.steps}")
+    gbs, mbs = cfg.train.global_batch_size, micro_batch_size(cfg, world_size)
+    if mbs == 0 or gbs % (world_size * mbs):
+        raise ConfigError(
+            "train.global_batch_size", gbs, f"must be divisible by world_size x micro_batch_size = {world_size} x {mbs}"
+        )
+    if gbs // (world_size * mbs) != 1:
+        raise ConfigError(
+            "train.micro_batch_size",
+            cfg.train.micro_batch_size,
+            "gradient accumulation (micro_batch_size < global_batch_size / world_size) is not supported "
+            "yet; leave micro_batch_size at 0",
+        )
+    _validate_model(cfg)
+    if verb == "train":
+        _validate_shards("data.train", cfg.data.train)
+    if verb in ("train", "eval"):
+        _validate_shards("eval.zeroshot.dataset", cfg.eval.zeroshot.dataset, allow_empty=True)
+        _validate_shards("eval.retrieval.dataset", cfg.eval.retrieval.dataset, allow_empty=True)
+        for key in ("eval.zeroshot.classnames", "eval.zeroshot.templates"):
+            value = get(cfg, key)
+            if value is not None and not Path(value).expanduser().is_file():
+                raise ConfigError(key, value, "file not found")
+        if cfg.eval.zeroshot.dataset not in ("", "demo") and cfg.eval.zeroshot.classnames is None:
+            raise ConfigError("eval.zeroshot.classnames", None, f"required for dataset {cfg.eval.zeroshot.dataset!r}")
+    if verb in ("eval", "export") and cfg.checkpoint is not None and not Path(cfg.checkpoint).expanduser().exists():
+        raise ConfigError("checkpoint", cfg.checkpoint, "path not found")
+
+
+def known_model_names() -> set[str]:
+    """open_clip's bundled config names plus clipkit's shipped ones, without importing torch (fast)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("open_clip")
+    dirs = [Path(loc) / "model_configs" for loc in (spec.submodule_search_locations or [])] if spec else []
+    dirs.append(Path(__file__).parent / "model_configs")
+    return {p.stem for d in dirs for p in d.glob("*.json")}
+
+
+def _validate_model(cfg: RootConfig) -> None:
+    m = cfg.model
+    if m.config is not None:
+        if not Path(m.config).expanduser().is_file():
+            raise ConfigError("model.config", m.config, "file not found")
+    elif m.name.startswith("hf-hub:"):
+        raise ConfigError("model.name", m.name, "hub models need the network; clipkit loads models offline only")
+    elif m.name not in known_model_names():
+        raise ConfigError(
+            "model.name",
+            m.name,
+            "unknown open_clip model (see `python -c 'import open_clip; "
+            "print(open_clip.list_models())'`, or pass model.config=FILE.json)",
+        )
+    if m.pretrained is not None and not Path(m.pretrained).expanduser().is_file():
+        raise ConfigError(
+            "model.pretrained",
+            m.pretrained,
+            "not a local file: clipkit loads weights offline only; download the weights and pass their path",
+        )
+
+
+def _validate_shards(key: str, spec: str, allow_empty: bool = False) -> None:
+    from clipkit.data.shards import ShardSpecError, expand_spec
+
+    if spec == "demo" or (allow_empty and spec == ""):
+        return
+    try:
+        expand_spec(spec, check_exists=True)
+    except ShardSpecError as err:
+        raise ConfigError(key, spec, str(err)) from None

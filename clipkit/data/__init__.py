@@ -1,0 +1,46 @@
+"""Data: shard specs, the deterministic resumable stream, decode/augment, shard writing, demo data."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+from clipkit.config import DataConfig
+
+
+def demo_dir(cfg: DataConfig) -> Path:
+    from clipkit.data.demo import DemoSpec
+
+    spec = DemoSpec(**vars(cfg.demo)) if not isinstance(cfg.demo, DemoSpec) else cfg.demo
+    return Path(os.path.expanduser(cfg.cache_dir)) / spec.cache_name()
+
+
+def ensure_demo(cfg: DataConfig, num_procs: int = 2, say=print) -> Path:
+    """Generates the demo data once (under a file lock, so concurrent ranks or runs wait) and returns its dir."""
+    from clipkit.data.demo import DemoSpec, generate
+
+    out = demo_dir(cfg)
+    done = out / ".complete"
+    if done.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            say(f"generating demo data in {out} (once) ...")
+            generate(DemoSpec(**vars(cfg.demo)), out, num_procs=num_procs)
+            done.touch()
+    return out
+
+
+def dir_spec(directory: Path) -> str:
+    """A shard spec for every ``*.tar`` in ``directory`` (sorted)."""
+    stems = sorted(p.stem for p in Path(directory).glob("*.tar"))
+    if not stems:
+        raise FileNotFoundError(f"no .tar shards in {directory}")
+    return str(Path(directory) / (stems[0] if len(stems) == 1 else "{" + ",".join(stems) + "}")) + ".tar"
+
+
+def train_spec(cfg: DataConfig, demo: Path | None) -> str:
+    return dir_spec(demo / "train") if cfg.train == "demo" else cfg.train

@@ -1,0 +1,84 @@
+"""Decoding and augmentation on the CPU side: bytes -> uint8 CHW tensors, normalised later on the device.
+
+Randomness comes from a ``random.Random`` the caller seeds per sample, never from global state, so a sample's
+crop and caption are a pure function of (seed, epoch, key) whatever worker or process decodes it.
+JPEGs use PIL's draft mode: the decoder downscales by 2/4/8 while decoding when the target is small.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+
+import numpy as np
+import torch
+from PIL import Image
+
+_LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))
+
+
+def open_image(data: bytes, min_side: int) -> Image.Image:
+    """Decodes to RGB, letting the JPEG decoder skip resolution we would throw away (>= ``min_side`` kept)."""
+    img = Image.open(io.BytesIO(data))
+    if img.format == "JPEG" and min(img.size) > 2 * min_side:
+        scale = min_side / min(img.size)
+        img.draft("RGB", (math.ceil(img.size[0] * scale), math.ceil(img.size[1] * scale)))
+    return img.convert("RGB")
+
+
+def random_resized_crop_box(width: int, height: int, scale: tuple[float, float], rng: random.Random) -> tuple[int, ...]:
+    """torchvision's RandomResizedCrop parameter search (10 tries, then centre crop), on a given RNG."""
+    area = width * height
+    for _ in range(10):
+        target_area = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*_LOG_RATIO))
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top, left = rng.randint(0, height - h), rng.randint(0, width - w)
+            return left, top, left + w, top + h
+    ratio = width / height
+    if ratio < 3 / 4:
+        w, h = width, round(width / (3 / 4))
+    elif ratio > 4 / 3:
+        h, w = height, round(height * (4 / 3))
+    else:
+        w, h = width, height
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, left + w, top + h
+
+
+def center_crop_box(width: int, height: int) -> tuple[int, int, int, int]:
+    """The square centre crop of open_clip's eval transform (resize shortest side, then crop)."""
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return left, top, left + side, top + side
+
+
+def to_uint8_chw(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def train_image(data: bytes, size: int, scale: tuple[float, float], rng: random.Random) -> torch.Tensor:
+    # The crop region is at least sqrt(scale_min * 3/4) of a side; decode no smaller than that needs.
+    img = open_image(data, math.ceil(size / math.sqrt(scale[0] * 3 / 4)))
+    box = random_resized_crop_box(*img.size, scale, rng)
+    return to_uint8_chw(img.resize((size, size), Image.Resampling.BICUBIC, box=box))
+
+
+def eval_image(data: bytes, size: int) -> torch.Tensor:
+    img = open_image(data, size)
+    return to_uint8_chw(img.resize((size, size), Image.Resampling.BICUBIC, box=center_crop_box(*img.size)))
+
+
+class DeviceNormalize(torch.nn.Module):
+    """uint8 NCHW on the device -> float, normalised with the model's mean/std (in the model's dtype)."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255, persistent=False)
+        self.register_buffer("inv_std", 1 / (torch.tensor(std).view(1, -1, 1, 1) * 255), persistent=False)
+
+    def forward(self, images_u8: torch.Tensor) -> torch.Tensor:
+        return (images_u8.float() - self.mean) * self.inv_std

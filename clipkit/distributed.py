@@ -1,0 +1,133 @@
+"""Process-group set-up from the launcher's environment, and autograd-aware collectives.
+
+Supported launchers: torchrun / the DeepSpeed launcher (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) and
+SLURM's srun (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; master from SLURM_JOB_NODELIST). Nothing set means
+a single process and no process group at all.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import subprocess
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _slurm_env() -> dict[str, str]:
+    """torchrun-style variables from an ``srun`` task's SLURM variables (one task per GPU)."""
+    env = {
+        "RANK": os.environ["SLURM_PROCID"],
+        "WORLD_SIZE": os.environ["SLURM_NTASKS"],
+        "LOCAL_RANK": os.environ.get("SLURM_LOCALID", "0"),
+    }
+    if "MASTER_ADDR" not in os.environ:
+        nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST", "127.0.0.1")
+        try:
+            first = subprocess.run(
+                ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True
+            ).stdout.split()[0]
+        except (OSError, subprocess.CalledProcessError, IndexError):
+            first = nodelist.split(",")[0].split("[")[0]
+        env["MASTER_ADDR"] = first
+    if "MASTER_PORT" not in os.environ:
+        env["MASTER_PORT"] = str(29500 + int(os.environ.get("SLURM_JOB_ID", "0")) % 1000)
+    return env
+
+
+def init(device: str = "auto", timeout_s: int = 600) -> DistEnv:
+    """Initialises the default process group when launched distributed; picks the device and backend."""
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        os.environ.update(_slurm_env())
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+    return DistEnv(rank, world, local_rank, dev)
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """all_gather along dim 0 whose backward sums the gathered gradient over ranks and returns the local slice."""
+
+    @staticmethod
+    def forward(ctx, x_BD: torch.Tensor) -> torch.Tensor:
+        world = dist.get_world_size()
+        out_ND = x_BD.new_empty((world * x_BD.shape[0], *x_BD.shape[1:]))
+        dist.all_gather_into_tensor(out_ND, x_BD.contiguous())
+        return out_ND
+
+    @staticmethod
+    def backward(ctx, grad_ND: torch.Tensor) -> torch.Tensor:
+        world, rank = dist.get_world_size(), dist.get_rank()
+        grad_ND = grad_ND.contiguous()
+        if dist.get_backend() == "nccl":
+            out_BD = grad_ND.new_empty((grad_ND.shape[0] // world, *grad_ND.shape[1:]))
+            dist.reduce_scatter_tensor(out_BD, grad_ND)
+            return out_BD
+        dist.all_reduce(grad_ND)  # gloo has no reduce_scatter: reduce everything, keep our slice
+        return grad_ND.chunk(world)[rank].clone()
+
+
+def all_gather_with_grad(x_BD: torch.Tensor) -> torch.Tensor:
+    """Concatenation of every rank's ``x_BD`` (equal shapes), differentiable; identity without a group."""
+    if rank_and_world()[1] == 1:
+        return x_BD
+    return _AllGatherWithGrad.apply(x_BD)
+
+
+def barrier() -> None:
+    if rank_and_world()[1] > 1:
+        dist.barrier()
+
+
+def all_gather_object(obj) -> list:
+    world = rank_and_world()[1]
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    if rank_and_world()[1] == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def destroy() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,70 @@
+"""``clipkit eval``: load a model from a run dir, a checkpoint dir or the config, evaluate, print, write JSON."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from clipkit import checkpoint as ckpt
+from clipkit import model as model_lib
+from clipkit.config import DataConfig, ModelConfig, RootConfig
+from clipkit.data import ensure_demo
+from clipkit.eval import format_table, run_evals
+
+log = logging.getLogger("clipkit")
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint dir (verified) from a checkpoint dir or a run dir (its newest complete checkpoint)."""
+    path = Path(path).expanduser()
+    if (path / ckpt.MANIFEST).is_file():
+        ckpt.verify(path)
+        return path
+    latest = ckpt.find_latest(path / "checkpoints")
+    if latest is None:
+        raise FileNotFoundError(f"no complete checkpoint in {path} (looked for {path / 'checkpoints'}/step_*)")
+    return latest
+
+
+def load_trained(path: Path, device: torch.device) -> tuple[model_lib.Built, RootConfig]:
+    """The model of a clipkit checkpoint, built from the config it carries."""
+    saved = OmegaConf.merge(OmegaConf.structured(RootConfig), OmegaConf.load(path / "config.yaml"))
+    saved_cfg: RootConfig = OmegaConf.to_object(saved)
+    built = model_lib.build(saved_cfg.model, device)
+    built.model.load_state_dict(ckpt.load_tensors(path / "model.safetensors", device))
+    return built, saved_cfg
+
+
+def evaluate_command(cfg: RootConfig, run_dir: Path) -> dict:
+    device = torch.device(
+        "cuda"
+        if cfg.train.device == "auto" and torch.cuda.is_available()
+        else (cfg.train.device if cfg.train.device != "auto" else "cpu")
+    )
+    data_cfg: DataConfig = cfg.data
+    if cfg.checkpoint:
+        path = resolve_checkpoint(Path(cfg.checkpoint))
+        built, saved_cfg = load_trained(path, device)
+        data_cfg = replace(cfg.data, cache_dir=saved_cfg.data.cache_dir, demo=saved_cfg.data.demo)
+        source = str(path)
+    else:
+        built = model_lib.build(cfg.model, device)
+        source = f"{cfg.model.name}" + (f" ({cfg.model.pretrained})" if cfg.model.pretrained else " (random init)")
+    uses_demo = "demo" in (cfg.eval.zeroshot.dataset, cfg.eval.retrieval.dataset)
+    demo = ensure_demo(data_cfg, say=lambda m: log.info(m)) if uses_demo else None
+    t0 = time.perf_counter()
+    results = run_evals(built, cfg.eval, device, demo)
+    out = Path(cfg.eval.output) if cfg.eval.output else Path(run_dir) / "eval.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"model": source, "eval": results, "eval_time_s": time.perf_counter() - t0}, indent=1))
+    print(f"evaluation of {source}:\n{format_table(results)}\nwritten to {out}", flush=True)
+    return results
+
+
+__all__ = ["evaluate_command", "load_trained", "resolve_checkpoint", "ModelConfig"]

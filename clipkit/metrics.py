@@ -1,0 +1,135 @@
+"""Run logging: console progress bar, ``metrics.jsonl``, and wandb (optional; never fatal)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+log = logging.getLogger("clipkit")
+
+
+class Throughput:
+    """Samples/s over the steps since the last ``rate()`` call, and the fraction of that time spent waiting for data."""
+
+    def __init__(self):
+        self._t0, self._samples, self._wait = time.perf_counter(), 0, 0.0
+
+    def add(self, samples: int, data_wait_s: float) -> None:
+        self._samples += samples
+        self._wait += data_wait_s
+
+    def rate(self) -> tuple[float, float]:
+        elapsed = max(time.perf_counter() - self._t0, 1e-9)
+        out = self._samples / elapsed, 100.0 * self._wait / elapsed
+        self.__init__()
+        return out
+
+
+class RunLogger:
+    """Rank 0 writes; other ranks' calls are no-ops. Truncates ``metrics.jsonl`` to the resumed step."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        enabled: bool,
+        total_steps: int,
+        start_step: int,
+        progress: bool,
+        wandb_cfg: dict | None,
+        config: dict,
+    ):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.bar = None
+        self.wandb = None
+        if not enabled:
+            return
+        self._truncate(start_step)
+        if progress:
+            self.bar = tqdm(
+                total=total_steps,
+                initial=start_step,
+                desc="train",
+                unit="step",
+                dynamic_ncols=True,
+                file=sys.stderr,
+                mininterval=0.5,
+            )
+        if wandb_cfg:
+            self.wandb = _start_wandb(run_dir, wandb_cfg, config)
+
+    def _truncate(self, start_step: int) -> None:
+        """Drops lines past the checkpoint we resume from, so the file is one consistent curve."""
+        if not self.path.exists():
+            return
+        lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
+        keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= start_step]
+        self.path.write_text("".join(ln + "\n" for ln in keep))
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            try:
+                self.wandb.log(record, step=record["step"])
+            except Exception as err:  # logging must never kill a run
+                log.warning("wandb.log failed (%s); disabling wandb", err)
+                self.wandb = None
+
+    def progress(self, step: int, postfix: dict) -> None:
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.refresh()
+
+    def write(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.wandb is not None:
+            try:
+                self.wandb.finish()
+            except Exception:
+                pass
+            self.wandb = None
+
+
+def _start_wandb(run_dir: Path, cfg: dict, config: dict):
+    mode = cfg.get("mode", "offline")
+    if mode == "disabled":
+        return None
+    if mode == "online" and not (os.environ.get("WANDB_API_KEY") or (Path.home() / ".netrc").exists()):
+        log.warning("wandb online mode without credentials (WANDB_API_KEY or ~/.netrc): using offline mode")
+        mode = "offline"
+    try:
+        import wandb
+
+        return wandb.init(
+            project=cfg.get("project"),
+            entity=cfg.get("entity"),
+            dir=str(run_dir),
+            mode=mode,
+            config=config,
+            name=Path(run_dir).name,
+            resume="allow",
+            settings=wandb.Settings(init_timeout=60, silent=True),
+        )
+    except Exception as err:
+        log.warning("wandb disabled: %s", err)
+        return None

@@ -1,0 +1,81 @@
+"""Building the dual encoder through open_clip: by name, from a shipped config, or from a user JSON.
+
+clipkit ships small configs (``clipkit/model_configs/*.json``) registered with ``open_clip.add_model_config``.
+Weights are only ever read from local files: there is no network at run time on many clusters, and a hub
+request would stall for a minute before failing.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+import torch
+
+from clipkit.config import ModelConfig
+
+SHIPPED_CONFIGS = Path(__file__).parent / "model_configs"
+_registered = False
+
+
+def _register_shipped() -> None:
+    global _registered
+    if not _registered:
+        open_clip.add_model_config(SHIPPED_CONFIGS)
+        _registered = True
+
+
+def is_known_model(name: str) -> bool:
+    _register_shipped()
+    return name in open_clip.list_models()
+
+
+def resolve_name(cfg: ModelConfig) -> str:
+    """The open_clip model name for ``cfg``, registering ``cfg.config`` (under its file stem) if given."""
+    _register_shipped()
+    if cfg.config:
+        path = Path(cfg.config).expanduser()
+        open_clip.add_model_config(path)
+        return path.stem
+    return cfg.name
+
+
+def model_config(cfg: ModelConfig) -> dict:
+    return open_clip.get_model_config(resolve_name(cfg))
+
+
+@dataclass
+class Built:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def build(cfg: ModelConfig, device: torch.device | str = "cpu") -> Built:
+    """Creates the open_clip model (fp32 master weights; autocast handles low precision) and its tokenizer."""
+    name = resolve_name(cfg)
+    # open_clip warns when no weights are given; random init is what pretraining wants.
+    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
+    model = open_clip.create_model(name, pretrained=cfg.pretrained, device=device, output_dict=True)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    pre = model.visual.preprocess_cfg
+    size = pre["size"]
+    return Built(
+        model=model,
+        tokenizer=open_clip.get_tokenizer(name),
+        name=name,
+        image_size=size if isinstance(size, int) else size[0],
+        mean=tuple(pre["mean"]),
+        std=tuple(pre["std"]),
+    )
+
+
+def no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
+    """open_clip's rule: no decay on 1-D params (biases, norms, logit scale/bias) and embeddings."""
+    return param.ndim < 2 or "bias" in name or "embedding" in name or "logit_" in name or name.endswith("_emb")

@@ -1,0 +1,100 @@
+"""Engines: how the model is wrapped, how backward/step run, and what they checkpoint.
+
+The training loop talks only to ``Engine``; data-parallel strategies are siblings behind it, so the loop has
+no per-strategy branches. ``LocalEngine`` (one process) and ``DDPEngine`` (torch DDP) live here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from clipkit.config import RootConfig
+from clipkit.distributed import DistEnv
+from clipkit.optim import build_optimizer, build_scheduler
+
+MAX_LOGIT_SCALE = math.log(100)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``train.precision`` (None = full fp32)."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+class LocalEngine:
+    """Single process: plain model, AdamW, schedule, optional fp16 loss scaling."""
+
+    def __init__(self, model: torch.nn.Module, cfg: RootConfig, device: torch.device):
+        self.model = model  # the unwrapped open_clip model (checkpoints, eval, export use this)
+        self.module = self.wrap(model, device)  # what forward calls
+        self.optimizer = build_optimizer(model, cfg.optim, device)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
+        self.grad_clip_norm = cfg.optim.grad_clip_norm
+        self.device = device
+        self.amp_dtype = autocast_dtype(cfg.train.precision, device)
+        self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
+
+    def wrap(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        return model
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def forward(self, images: torch.Tensor, text: torch.Tensor) -> dict:
+        with self.autocast():
+            return self.module(images, text)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def step(self) -> float:
+        """Clips, updates, advances the schedule, clamps the temperature; returns the pre-clip grad norm."""
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.grad_clip_norm if self.grad_clip_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        return float(grad_norm)
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def state_dict(self) -> dict:
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        if self.scaler:
+            state["scaler"] = self.scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+
+
+class DDPEngine(LocalEngine):
+    """torch DistributedDataParallel: gradients averaged over ranks during backward."""
+
+    def wrap(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def build_engine(model: torch.nn.Module, cfg: RootConfig, env: DistEnv) -> LocalEngine:
+    return (DDPEngine if env.world_size > 1 else LocalEngine)(model, cfg, env.device)

@@ -1,0 +1,265 @@
+"""The training loop: build -> resume -> (step, log, checkpoint, eval)* -> final checkpoint, eval, summary."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+import clipkit
+from clipkit import checkpoint as ckpt
+from clipkit import distributed
+from clipkit import model as model_lib
+from clipkit.config import RootConfig, micro_batch_size
+from clipkit.data import ensure_demo, train_spec
+from clipkit.data.loader import SampleDecoder, TrainLoader, resolve_shards
+from clipkit.data.transforms import DeviceNormalize
+from clipkit.eval import format_table, run_evals
+from clipkit.loss import build_loss
+from clipkit.metrics import RunLogger, Throughput
+from clipkit.parallel import build_engine
+
+log = logging.getLogger("clipkit")
+
+# Fields that may differ between a checkpoint's config and the run that resumes it.
+RESUME_MUTABLE = (
+    "name",
+    "train.steps",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.keep_last",
+    "train.resume",
+    "eval",
+    "logging",
+    "checkpoint",
+    "format",
+    "out",
+    "parallel.timeout_s",
+)
+
+
+class ResumeError(RuntimeError):
+    """The run dir's checkpoint cannot be resumed by this run (other config or world size)."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    samples_seen: int = 0
+
+
+def build_loader(cfg: RootConfig, built: model_lib.Built, env: distributed.DistEnv, demo: Path | None) -> TrainLoader:
+    shards, weights = resolve_shards(train_spec(cfg.data, demo), cfg.data.num_samples)
+    decoder = SampleDecoder(
+        tuple(cfg.data.image_key.split(";")),
+        cfg.data.caption_key,
+        built.image_size,
+        (cfg.data.crop_scale_min, cfg.data.crop_scale_max),
+        cfg.train.seed,
+    )
+    return TrainLoader(
+        shards,
+        weights,
+        decoder,
+        built.tokenizer,
+        mode=cfg.data.mode,
+        seed=cfg.train.seed,
+        rank=env.rank,
+        world_size=env.world_size,
+        num_workers=cfg.data.num_workers,
+        batch_size=micro_batch_size(cfg, env.world_size),
+        window=cfg.data.shuffle_window,
+        prefetch_factor=cfg.data.prefetch_factor,
+        pin_memory=env.device.type == "cuda",
+    )
+
+
+def save_checkpoint(run_dir: Path, cfg: RootConfig, env, engine, loader: TrainLoader, state: TrainState) -> Path:
+    """Every rank contributes its data position and RNG; rank 0 writes the directory."""
+    data_states = distributed.all_gather_object(loader.state_dict())
+    rng_states = distributed.all_gather_object(
+        {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if env.device.type == "cuda" else None}
+    )
+    path = None
+    if env.is_main:
+
+        def write(tmp: Path) -> None:
+            ckpt.save_tensors(tmp / "model.safetensors", engine.model.state_dict())
+            ckpt.save_torch(tmp / "engine.pt", engine.state_dict())
+            ckpt.save_torch(tmp / "rng.pt", rng_states)
+            ckpt.save_json(
+                tmp / "trainer.json",
+                {
+                    **asdict(state),
+                    "data": data_states,
+                    "world_size": env.world_size,
+                    "clipkit_version": clipkit.__version__,
+                },
+            )
+            (tmp / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+
+        path = ckpt.save(
+            run_dir / "checkpoints",
+            state.step,
+            write,
+            keep_last=cfg.train.keep_last,
+            meta={"clipkit_version": clipkit.__version__},
+        )
+    distributed.barrier()
+    return path or ckpt.step_dir(run_dir / "checkpoints", state.step)
+
+
+def _config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    diffs = []
+    for key in sorted(set(saved) | set(current)):
+        dotted = f"{prefix}{key}"
+        if any(dotted == m or dotted.startswith(m + ".") for m in RESUME_MUTABLE):
+            continue
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += _config_differences(a, b, dotted + ".")
+        elif a != b:
+            diffs.append(f"{dotted}: {a!r} -> {b!r}")
+    return diffs
+
+
+def resume(run_dir: Path, cfg: RootConfig, env, engine, loader: TrainLoader, state: TrainState) -> Path | None:
+    path = ckpt.find_latest(run_dir / "checkpoints") if env.is_main and cfg.train.resume == "auto" else None
+    path = distributed.broadcast_object(str(path) if path else None)
+    if path is None:
+        return None
+    path = Path(path)
+    saved_cfg = OmegaConf.to_container(OmegaConf.load(path / "config.yaml"))
+    diffs = _config_differences(saved_cfg, OmegaConf.to_container(OmegaConf.structured(cfg)))
+    if diffs:
+        raise ResumeError(
+            f"run dir {run_dir} holds a checkpoint of a different config ({'; '.join(diffs)}); use a new "
+            "hydra.run.dir / name=..., or train.resume=never to start over there"
+        )
+    trainer = ckpt.load_json(path / "trainer.json")
+    if trainer["world_size"] != env.world_size:
+        raise ResumeError(
+            f"checkpoint {path} was written by {trainer['world_size']} ranks, this run has "
+            f"{env.world_size}: the data stream cannot resume exactly; relaunch with the same world size"
+        )
+    engine.model.load_state_dict(ckpt.load_tensors(path / "model.safetensors", env.device))
+    engine.load_state_dict(ckpt.load_torch(path / "engine.pt"))
+    loader.load_state_dict(trainer["data"][env.rank])
+    rng = ckpt.load_torch(path / "rng.pt")[env.rank]
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and env.device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"])
+    state.step, state.samples_seen = trainer["step"], trainer["samples_seen"]
+    return path
+
+
+def evaluate(cfg: RootConfig, built, env, demo: Path | None) -> dict:
+    """Rank 0 evaluates; the others wait (distributed eval comes with the eval suite)."""
+    results = run_evals(built, cfg.eval, env.device, demo) if env.is_main else {}
+    distributed.barrier()
+    return results
+
+
+def train(cfg: RootConfig, run_dir: Path) -> dict:
+    env = distributed.init(cfg.train.device, cfg.parallel.timeout_s)
+    run_dir = Path(run_dir)
+    uses_demo = "demo" in (cfg.data.train, cfg.eval.zeroshot.dataset, cfg.eval.retrieval.dataset)
+    demo = ensure_demo(cfg.data, say=lambda m: log.info(m)) if uses_demo else None
+
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    built = model_lib.build(cfg.model, env.device)
+    engine = build_engine(built.model, cfg, env)
+    loss_fn = build_loss(cfg.loss.name)
+    normalize = DeviceNormalize(built.mean, built.std).to(env.device)
+    loader = build_loader(cfg, built, env, demo)
+    state = TrainState()
+    resumed = resume(run_dir, cfg, env, engine, loader, state)
+    global_batch = cfg.train.global_batch_size
+
+    logger = RunLogger(
+        run_dir,
+        env.is_main,
+        cfg.train.steps,
+        state.step,
+        cfg.logging.progress,
+        {"project": cfg.logging.wandb_project, "entity": cfg.logging.wandb_entity, "mode": cfg.logging.wandb_mode}
+        if cfg.logging.wandb
+        else None,
+        OmegaConf.to_container(OmegaConf.structured(cfg)),
+    )
+    if resumed:
+        logger.write(f"resumed from {resumed} (step {state.step}, {state.samples_seen} samples seen)")
+    logger.write(
+        f"model {built.name}: {sum(p.numel() for p in built.model.parameters()) / 1e6:.2f}M params; "
+        f"world size {env.world_size}, device {env.device}, global batch {global_batch}"
+    )
+
+    meter, t_start, last_saved = Throughput(), time.perf_counter(), state.step if resumed else -1
+    built.model.train()
+    while state.step < cfg.train.steps:
+        t0 = time.perf_counter()
+        batch = next(loader)
+        data_wait = time.perf_counter() - t0
+        images = normalize(batch["image"].to(env.device, non_blocking=True))
+        text = batch["text"].to(env.device, non_blocking=True)
+
+        out = engine.forward(images, text)
+        loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias"))
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):  # stop before the update can poison the weights
+            raise FloatingPointError(f"non-finite loss {loss_value} at step {state.step + 1} on rank {env.rank}")
+        engine.backward(loss)
+        lr = engine.lr
+        grad_norm = engine.step()
+        state.step += 1
+        state.samples_seen += global_batch
+        meter.add(global_batch, data_wait)
+
+        if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
+            samples_per_s, wait_pct = meter.rate()
+            record = {
+                "step": state.step,
+                "samples_seen": state.samples_seen,
+                "epoch": round(loader.epoch, 4),
+                "loss": loss_value,
+                "lr": lr,
+                "logit_scale": float(out["logit_scale"]),
+                "grad_norm": grad_norm,
+                "samples_per_s": samples_per_s,
+                "data_wait_pct": wait_pct,
+                "data_errors": dict(loader.errors),
+            }
+            logger.log(record)
+            logger.progress(
+                state.step, {"loss": f"{loss_value:.3f}", "lr": f"{lr:.2e}", "samples/s": f"{samples_per_s:.0f}"}
+            )
+        if state.step % cfg.train.checkpoint_every == 0:
+            save_checkpoint(run_dir, cfg, env, engine, loader, state)
+            last_saved = state.step
+        if cfg.eval.every and state.step % cfg.eval.every == 0 and state.step < cfg.train.steps:
+            results = evaluate(cfg, built, env, demo)
+            logger.log({"step": state.step, "samples_seen": state.samples_seen, "eval": results})
+            logger.write(f"eval @ step {state.step}:\n{format_table(results)}")
+
+    if last_saved != state.step:
+        save_checkpoint(run_dir, cfg, env, engine, loader, state)
+    logger.close()
+    results = evaluate(cfg, built, env, demo)
+    summary = {
+        "step": state.step,
+        "samples_seen": state.samples_seen,
+        "train_time_s": time.perf_counter() - t_start,
+        "data_errors": dict(loader.errors),
+        "eval": results,
+    }
+    if env.is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        print(f"\nzero-shot evaluation after {state.step} steps ({run_dir}):\n{format_table(results)}", flush=True)
+    distributed.destroy()
+    return summary

@@ -1,0 +1,92 @@
+"""End-to-end `clipkit train` / `clipkit eval` through the real CLI on the small demo data."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import SMALL_DEMO, run_cli
+
+RUN_ARGS = [
+    *SMALL_DEMO,
+    "train.steps=40",
+    "train.checkpoint_every=20",
+    "train.log_every=1",
+    "optim.warmup_steps=5",
+    "logging.progress=false",
+]
+
+
+def _losses(run_dir):
+    return {
+        r["step"]: r["loss"]
+        for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+        if "loss" in r
+    }
+
+
+@pytest.fixture(scope="module")
+def finished_run(small_demo, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run-a")
+    proc = run_cli("train", f"hydra.run.dir={run_dir}", *RUN_ARGS, check=True)
+    return run_dir, proc
+
+
+def test_train_writes_metrics_summary_checkpoints(finished_run):
+    run_dir, proc = finished_run
+    losses = _losses(run_dir)
+    assert sorted(losses) == list(range(1, 41))
+    first, last = sum(losses[s] for s in range(1, 6)) / 5, sum(losses[s] for s in range(36, 41)) / 5
+    assert last < first - 0.3, (first, last)
+    record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"step", "samples_seen", "loss", "lr", "logit_scale", "samples_per_s"} <= set(record)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["step"] == 40 and summary["samples_seen"] == 40 * 128
+    zs = summary["eval"]["zeroshot"]
+    assert zs["chance"] == pytest.approx(1 / 36) and 0 <= zs["acc1"] <= 1
+    assert "image_to_text_R@1" in summary["eval"]["retrieval"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_00000020", "step_00000040"]
+    assert (run_dir / "config.yaml").is_file()
+    assert "zero-shot top-1" in proc.stdout and "chance" in proc.stdout
+
+
+def test_killed_run_resumes_with_bit_identical_losses(finished_run, tmp_path):
+    reference = _losses(finished_run[0])
+    run_dir = tmp_path / "run-b"
+    cmd = [sys.executable, "-m", "clipkit", "train", f"hydra.run.dir={run_dir}", *RUN_ARGS]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (run_dir / "checkpoints" / "step_00000020").exists():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = max(_losses(run_dir))
+    assert 20 <= killed_at < 40, killed_at  # killed mid-run, after the step-20 checkpoint
+
+    resumed = run_cli("train", f"hydra.run.dir={run_dir}", *RUN_ARGS, check=True)
+    assert "resumed from" in resumed.stderr and "step_00000020" in resumed.stderr
+    losses = _losses(run_dir)
+    assert sorted(losses) == list(range(1, 41))  # lines past the checkpoint were dropped, then rewritten
+    for step in range(21, 41):
+        assert losses[step] == reference[step], (step, losses[step], reference[step])
+
+
+def test_eval_verb_on_a_run_dir(finished_run, tmp_path):
+    out = tmp_path / "eval.json"
+    proc = run_cli("eval", f"checkpoint={finished_run[0]}", f"eval.output={out}", check=True)
+    result = json.loads(out.read_text())
+    summary = json.loads((finished_run[0] / "summary.json").read_text())
+    assert result["eval"]["zeroshot"]["acc1"] == summary["eval"]["zeroshot"]["acc1"]
+    assert "step_00000040" in result["model"] and "zero-shot top-1" in proc.stdout
+
+
+def test_resuming_a_different_config_is_refused(finished_run):
+    proc = run_cli("train", f"hydra.run.dir={finished_run[0]}", *RUN_ARGS, "optim.lr=0.5")
+    assert proc.returncode == 1 and "optim.lr" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,87 @@
+"""Config mistakes fail up front: one line naming the dotted field and the value, exit code 2."""
+
+from __future__ import annotations
+
+import pytest
+
+from clipkit.cli import main
+from tests.conftest import run_cli
+
+BAD_CONFIGS = [
+    # (overrides, text the one-line message must contain)
+    (["train.stepz=10"], "train.stepz"),  # unknown key
+    (["train.steps=abc"], "train.steps"),  # wrong type
+    (["train.steps=0"], "train.steps=0"),  # zero size
+    (["train.global_batch_size=-8"], "train.global_batch_size=-8"),  # negative size
+    (["optim.lr=-1"], "optim.lr"),
+    (["data.num_workers=-1"], "data.num_workers=-1"),
+    (["train.global_batch_size=100", "train.micro_batch_size=30"], "train.global_batch_size=100"),  # indivisible
+    (["model.name=ViT-Nope-99"], "model.name='ViT-Nope-99'"),  # unknown model
+    (["model=nope"], "model/nope"),  # unknown preset
+    (["data.train=/nonexistent/{000..009}.tar"], "data.train"),  # missing shards
+    (["model.pretrained=laion2b_s34b_b79k"], "model.pretrained"),  # hub tag instead of a local file
+    (["model.name=hf-hub:timm/ViT-B-16-SigLIP"], "model.name"),  # hub model
+    (["train.precision=fp8"], "train.precision='fp8'"),  # bad choice
+    (["optim.warmup_steps=1000", "train.steps=10"], "optim.warmup_steps=1000"),  # impossible combination
+    (["data.crop_scale_min=1.5"], "data.crop_scale_min"),
+    (["optim.beta2=1.0"], "optim.beta2"),
+    (["eval.zeroshot.classnames=/nonexistent.txt"], "eval.zeroshot.classnames"),
+    (["data.mode=shuffled"], "data.mode"),
+    (["notakeyvalue"], "notakeyvalue"),
+]
+
+
+@pytest.mark.parametrize("overrides,needle", BAD_CONFIGS, ids=[" ".join(o) for o, _ in BAD_CONFIGS])
+def test_bad_config_fails_with_named_field(overrides, needle, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", *overrides])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("clipkit: config error:"), err
+    assert needle in err, err
+
+
+def test_bad_config_in_a_subprocess_has_no_traceback():
+    proc = run_cli("train", "train.steps=abc", timeout=60)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "train.steps" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_unknown_verb_and_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["trian"])
+    assert exc.value.code == 2 and "unknown verb" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0 and "clipkit VERB" in capsys.readouterr().out
+
+
+def test_world_size_enters_divisibility_check(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "train.global_batch_size=128"])
+    assert exc.value.code == 2 and "3 x" in capsys.readouterr().err
+
+
+def test_defaults_and_presets_compose():
+    from clipkit.cli import compose
+    from clipkit.config import RootConfig, validate
+
+    cfg, run_dir = compose([])
+    assert isinstance(cfg, RootConfig) and cfg.model.name == "clipkit-tiny" and cfg.data.train == "demo"
+    assert str(run_dir) == "runs/demo"
+    validate(cfg)
+    cfg, run_dir = compose(["model=vit_b16", "hydra.run.dir=/tmp/x", "train.steps=7"])
+    assert cfg.model.name == "ViT-B-16" and cfg.train.steps == 7 and str(run_dir) == "/tmp/x"
+    for preset, name in [("vit_b32", "ViT-B-32"), ("vit_l14", "ViT-L-14"), ("tiny", "clipkit-tiny")]:
+        assert compose([f"model={preset}"])[0].model.name == name
+
+
+def test_shards_preset_requires_data_train():
+    from clipkit.cli import compose
+    from clipkit.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match="data.train='': empty shard spec"):
+        validate(compose(["data=shards"])[0])
