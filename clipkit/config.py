@@ -33,6 +33,9 @@ class ModelConfig:
     # Local weights file for ``name``; clipkit never downloads at run time.
     pretrained: Optional[str] = None
     grad_checkpointing: bool = False
+    # Initial temperature log(t) and bias; None = open_clip's defaults (log(1/0.07), no bias). SigLIP: log(10), -10.
+    init_logit_scale: Optional[float] = None
+    init_logit_bias: Optional[float] = None
 
 
 @dataclass
@@ -71,7 +74,12 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
+    # ``infonce`` (softmax, CLIP) or ``siglip`` (sigmoid; needs model.init_logit_bias, see conf/loss/siglip.yaml).
     name: str = "infonce"
+    # InfoNCE only: ``gathered`` (B x N logits) or ``tiled`` (blockwise, memory O(B x chunk)).
+    impl: str = "gathered"
+    # Columns per block for tiled InfoNCE and SigLIP: ``auto`` or a positive integer.
+    chunk_size: str = "auto"
 
 
 @dataclass
@@ -176,7 +184,8 @@ def register_configs() -> None:
 
 _CHOICES = {
     "data.mode": ("epoch", "resampled"),
-    "loss.name": ("infonce",),
+    "loss.name": ("infonce", "siglip"),
+    "loss.impl": ("gathered", "tiled"),
     "optim.schedule": ("cosine", "constant"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.resume": ("auto", "never"),
@@ -266,13 +275,7 @@ def validate(cfg: RootConfig, verb: str = "train", world_size: Optional[int] = N
         raise ConfigError(
             "train.global_batch_size", gbs, f"must be divisible by world_size x micro_batch_size = {world_size} x {mbs}"
         )
-    if gbs // (world_size * mbs) != 1:
-        raise ConfigError(
-            "train.micro_batch_size",
-            cfg.train.micro_batch_size,
-            "gradient accumulation (micro_batch_size < global_batch_size / world_size) is not supported "
-            "yet; leave micro_batch_size at 0",
-        )
+    _validate_loss(cfg)
     _validate_model(cfg)
     if verb == "train":
         _validate_shards("data.train", cfg.data.train)
@@ -319,6 +322,22 @@ def _validate_model(cfg: RootConfig) -> None:
             m.pretrained,
             "not a local file: clipkit loads weights offline only; download the weights and pass their path",
         )
+
+
+def _validate_loss(cfg: RootConfig) -> None:
+    chunk = cfg.loss.chunk_size
+    if chunk != "auto" and not (chunk.isdigit() and int(chunk) > 0):
+        raise ConfigError("loss.chunk_size", chunk, "must be 'auto' or a positive integer")
+    if cfg.loss.name == "siglip":
+        if cfg.model.init_logit_bias is None:
+            raise ConfigError(
+                "model.init_logit_bias",
+                None,
+                "loss.name=siglip needs a learnable bias: use loss=siglip "
+                "(sets model.init_logit_scale=2.3026 and model.init_logit_bias=-10)",
+            )
+        if cfg.loss.impl != "gathered":
+            raise ConfigError("loss.impl", cfg.loss.impl, "applies to InfoNCE only; SigLIP is always blockwise")
 
 
 def _validate_shards(key: str, spec: str, allow_empty: bool = False) -> None:

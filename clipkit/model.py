@@ -7,6 +7,7 @@ request would stall for a minute before failing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,17 @@ def model_config(cfg: ModelConfig) -> dict:
     return open_clip.get_model_config(resolve_name(cfg))
 
 
+@contextlib.contextmanager
+def quiet_root_logger(level: int = logging.ERROR):
+    root = logging.getLogger()
+    old = root.level
+    root.setLevel(max(old, level))
+    try:
+        yield
+    finally:
+        root.setLevel(old)
+
+
 @dataclass
 class Built:
     model: torch.nn.Module
@@ -59,9 +71,13 @@ class Built:
 def build(cfg: ModelConfig, device: torch.device | str = "cpu") -> Built:
     """Creates the open_clip model (fp32 master weights; autocast handles low precision) and its tokenizer."""
     name = resolve_name(cfg)
-    # open_clip warns when no weights are given; random init is what pretraining wants.
-    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
-    model = open_clip.create_model(name, pretrained=cfg.pretrained, device=device, output_dict=True)
+    init = {
+        k: v
+        for k, v in (("init_logit_scale", cfg.init_logit_scale), ("init_logit_bias", cfg.init_logit_bias))
+        if v is not None
+    }
+    with quiet_root_logger():  # open_clip warns that no weights were loaded: random init is what pretraining wants
+        model = open_clip.create_model(name, pretrained=cfg.pretrained, device=device, output_dict=True, **init)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     pre = model.visual.preprocess_cfg

@@ -19,6 +19,10 @@ from clipkit.optim import build_optimizer, build_scheduler
 MAX_LOGIT_SCALE = math.log(100)
 
 
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``train.precision`` (None = full fp32)."""
     if precision == "auto":
@@ -29,7 +33,8 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 class LocalEngine:
     """Single process: plain model, AdamW, schedule, optional fp16 loss scaling."""
 
-    def __init__(self, model: torch.nn.Module, cfg: RootConfig, device: torch.device):
+    def __init__(self, model: torch.nn.Module, cfg: RootConfig, device: torch.device, rank: int = 0):
+        self.rank = rank
         self.model = model  # the unwrapped open_clip model (checkpoints, eval, export use this)
         self.module = self.wrap(model, device)  # what forward calls
         self.optimizer = build_optimizer(model, cfg.optim, device)
@@ -51,8 +56,26 @@ class LocalEngine:
         with self.autocast():
             return self.module(images, text)
 
-    def backward(self, loss: torch.Tensor) -> None:
-        (self.scaler.scale(loss) if self.scaler else loss).backward()
+    def backward(self, outputs: list[torch.Tensor], grads: list[torch.Tensor] | None = None) -> None:
+        """Backpropagates a scalar loss (``grads=None``) or given gradients of several outputs (fp16-scaled)."""
+        if self.scaler:
+            if grads is None:
+                outputs = [self.scaler.scale(o) for o in outputs]
+            else:
+                grads = [self.scaler.scale(g) for g in grads]
+        torch.autograd.backward(outputs, grads)
+
+    def no_sync(self):
+        """Context in which backward accumulates locally without cross-rank gradient synchronisation."""
+        return contextlib.nullcontext()
+
+    def check_finite(self, loss: torch.Tensor) -> None:
+        """Raises before any update when the loss is NaN/inf (naming the step and rank)."""
+        if not torch.isfinite(loss.detach()).all():
+            raise NonFiniteLossError(
+                f"non-finite loss {loss.item()} at step {self.scheduler.last_epoch + 1} "
+                f"on rank {self.rank}; no update was applied"
+            )
 
     def step(self) -> float:
         """Clips, updates, advances the schedule, clamps the temperature; returns the pre-clip grad norm."""
@@ -95,6 +118,9 @@ class DDPEngine(LocalEngine):
     def wrap(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
+    def no_sync(self):
+        return self.module.no_sync()
+
 
 def build_engine(model: torch.nn.Module, cfg: RootConfig, env: DistEnv) -> LocalEngine:
-    return (DDPEngine if env.world_size > 1 else LocalEngine)(model, cfg, env.device)
+    return (DDPEngine if env.world_size > 1 else LocalEngine)(model, cfg, env.device, env.rank)

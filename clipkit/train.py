@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ import clipkit
 from clipkit import checkpoint as ckpt
 from clipkit import distributed
 from clipkit import model as model_lib
+from clipkit.accumulate import make_step
 from clipkit.config import RootConfig, micro_batch_size
 from clipkit.data import ensure_demo, train_spec
 from clipkit.data.loader import SampleDecoder, TrainLoader, resolve_shards
@@ -175,7 +175,9 @@ def train(cfg: RootConfig, run_dir: Path) -> dict:
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     built = model_lib.build(cfg.model, env.device)
     engine = build_engine(built.model, cfg, env)
-    loss_fn = build_loss(cfg.loss.name)
+    loss_fn = build_loss(cfg.loss.name, cfg.loss.impl, cfg.loss.chunk_size)
+    num_micro = cfg.train.global_batch_size // (env.world_size * micro_batch_size(cfg, env.world_size))
+    step_fn = make_step(num_micro)
     normalize = DeviceNormalize(built.mean, built.std).to(env.device)
     loader = build_loader(cfg, built, env, demo)
     state = TrainState()
@@ -204,17 +206,14 @@ def train(cfg: RootConfig, run_dir: Path) -> dict:
     built.model.train()
     while state.step < cfg.train.steps:
         t0 = time.perf_counter()
-        batch = next(loader)
+        batches = [next(loader) for _ in range(num_micro)]
         data_wait = time.perf_counter() - t0
-        images = normalize(batch["image"].to(env.device, non_blocking=True))
-        text = batch["text"].to(env.device, non_blocking=True)
-
-        out = engine.forward(images, text)
-        loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias"))
+        micro = [
+            (normalize(b["image"].to(env.device, non_blocking=True)), b["text"].to(env.device, non_blocking=True))
+            for b in batches
+        ]
+        loss, out = step_fn(engine, loss_fn, micro)
         loss_value = loss.item()
-        if not math.isfinite(loss_value):  # stop before the update can poison the weights
-            raise FloatingPointError(f"non-finite loss {loss_value} at step {state.step + 1} on rank {env.rank}")
-        engine.backward(loss)
         lr = engine.lr
         grad_norm = engine.step()
         state.step += 1
@@ -229,7 +228,7 @@ def train(cfg: RootConfig, run_dir: Path) -> dict:
                 "epoch": round(loader.epoch, 4),
                 "loss": loss_value,
                 "lr": lr,
-                "logit_scale": float(out["logit_scale"]),
+                "logit_scale": float(out["logit_scale"].detach()),
                 "grad_norm": grad_norm,
                 "samples_per_s": samples_per_s,
                 "data_wait_pct": wait_pct,

@@ -1,0 +1,190 @@
+"""Worker bodies for multi-process tests (importable by spawned processes)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+# A small open_clip config: fast in float64, still the real CLIP model and its towers.
+MICRO_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+B = 3  # per-rank micro-batch (odd on purpose)
+
+
+def micro_clip(patch_dropout: float = 0.0, siglip: bool = False, seed: int = 0):
+    import open_clip
+
+    cfg = json.loads(json.dumps(MICRO_CLIP))
+    cfg["vision_cfg"]["patch_dropout"] = patch_dropout
+    name = f"micro-clip-pd{int(patch_dropout * 100)}"
+    path = Path(tempfile.gettempdir()) / f"clipkit-test-{os.getpid()}" / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cfg))
+    open_clip.add_model_config(path)
+    torch.manual_seed(seed)
+    kwargs = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0} if siglip else {}
+    from clipkit.model import quiet_root_logger
+
+    with quiet_root_logger():
+        model = open_clip.create_model(name, output_dict=True, **kwargs).double()
+    with torch.no_grad():  # move away from the init values so every gradient is non-trivial
+        model.logit_scale.fill_(2.9 if not siglip else 2.0)
+        if siglip:
+            model.logit_bias.fill_(-2.0)
+    return model.train()
+
+
+def global_batch(n: int, seed: int = 123):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, 3, 16, 16, generator=g, dtype=torch.float64)
+    text = torch.randint(1, 49000, (n, 8), generator=g)
+    text[:, -1] = 0
+    return images, text
+
+
+def reference_loss(out: dict, loss_name: str) -> torch.Tensor:
+    """The plain loss on the whole batch in one process (written independently of clipkit.loss)."""
+    img, txt, scale = out["image_features"], out["text_features"], out["logit_scale"]
+    logits = scale * img @ txt.T
+    if loss_name == "siglip":
+        labels = 2 * torch.eye(len(img), dtype=logits.dtype) - 1
+        return -F.logsigmoid(labels * (logits + out["logit_bias"])).sum() / len(img)
+    target = torch.arange(len(img))
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+CASES = [
+    # (name, loss, impl, chunk, K, patch_dropout)
+    ("infonce-gathered", "infonce", "gathered", "auto", 1, 0.0),
+    ("infonce-tiled", "infonce", "tiled", "2", 1, 0.0),
+    ("siglip", "siglip", "gathered", "2", 1, 0.0),
+    ("infonce-gathered-cache2", "infonce", "gathered", "auto", 2, 0.0),
+    ("infonce-tiled-cache4", "infonce", "tiled", "5", 4, 0.0),
+    ("siglip-cache2", "siglip", "gathered", "auto", 2, 0.0),
+    ("siglip-cache4", "siglip", "gathered", "3", 4, 0.0),
+    ("infonce-cache2-patchdropout", "infonce", "gathered", "auto", 2, 0.5),
+]
+
+
+def _engine(model, world: int):
+    from clipkit.config import RootConfig
+    from clipkit.parallel import DDPEngine, LocalEngine
+
+    cfg = RootConfig()
+    cfg.train.precision = "fp32"
+    return (DDPEngine if world > 1 else LocalEngine)(
+        model, cfg, torch.device("cpu"), dist.get_rank() if world > 1 else 0
+    )
+
+
+def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def loss_exactness(rank: int, world: int, port: int, out_path: str) -> None:
+    """Every case at this world size: clipkit's distributed step vs the single-process reference."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if world > 1:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    from clipkit.accumulate import make_step
+    from clipkit.loss import build_loss
+
+    results = {}
+    for name, loss_name, impl, chunk, K, pdrop in CASES:
+        siglip = loss_name == "siglip"
+        images, text = global_batch(world * K * B)
+        rows = slice(rank * K * B, (rank + 1) * K * B)
+        mine = list(zip(images[rows].split(B), text[rows].split(B), strict=True))
+        engine = _engine(micro_clip(pdrop, siglip), world)
+        torch.manual_seed(1000 + rank)  # patch-dropout randomness differs per rank, as in training
+        start_rng = torch.get_rng_state()
+        loss, _ = make_step(K)(engine, build_loss(loss_name, impl, chunk), mine)
+        total = loss.clone()
+        if world > 1:
+            dist.all_reduce(total)
+        grads = {n: p.grad.clone() for n, p in engine.model.named_parameters()}
+
+        # Reference: one process, the whole global batch. With patch dropout, the model's randomness must be
+        # the same as each rank's no-grad pass saw, so the reference replays every rank's micro-batches in
+        # turn from that rank's RNG seed and takes the plain loss on the concatenated outputs.
+        ref_model = micro_clip(pdrop, siglip)
+        if pdrop:
+            outs = []
+            for r in range(world):
+                torch.manual_seed(1000 + r)
+                rr = slice(r * K * B, (r + 1) * K * B)
+                outs += [ref_model(i, t) for i, t in zip(images[rr].split(B), text[rr].split(B), strict=True)]
+            ref_out = {k: torch.cat([o[k] for o in outs]) for k in ("image_features", "text_features")}
+            ref_out["logit_scale"] = outs[-1]["logit_scale"]
+        else:
+            ref_out = ref_model(images, text)
+        ref_out.setdefault("logit_bias", ref_model.logit_bias.exp().log() if siglip else None)
+        if siglip:
+            ref_out["logit_bias"] = ref_model.logit_bias
+        ref_loss = reference_loss(ref_out, loss_name)
+        ref_loss.backward()
+        torch.set_rng_state(start_rng)
+        errs = {n: _rel_err(grads[n], p.grad) for n, p in ref_model.named_parameters() if p.grad is not None}
+        missing = [n for n, p in ref_model.named_parameters() if p.grad is None or grads.get(n) is None]
+        results[name] = {
+            "loss": (total / world).item(),
+            "ref_loss": ref_loss.item(),
+            "max_grad_rel_err": max(errs.values()),
+            "worst_param": max(errs, key=errs.get),
+            "logit_scale_rel_err": errs["logit_scale"],
+            "logit_bias_rel_err": errs.get("logit_bias"),
+            "missing_grads": missing,
+        }
+    if world > 1:
+        results.update(open_clip_parity(rank, world))
+        dist.barrier()
+    if rank == 0:
+        Path(out_path).write_text(json.dumps(results))
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def open_clip_parity(rank: int, world: int) -> dict:
+    """clipkit's losses vs open_clip's exact modes on the same embeddings: values and embedding gradients."""
+    import warnings
+
+    from open_clip.loss import ClipLoss, SigLipLoss
+
+    from clipkit.loss import InfoNCELoss, SigLIPLoss
+
+    out = {}
+    g = torch.Generator().manual_seed(7 + rank)
+    img = F.normalize(torch.randn(5, 16, generator=g, dtype=torch.float64), dim=-1)
+    txt = F.normalize(torch.randn(5, 16, generator=g, dtype=torch.float64), dim=-1)
+    scale, bias = torch.tensor(12.0, dtype=torch.float64), torch.tensor(-3.0, dtype=torch.float64)
+    pairs = [
+        (
+            "open_clip ClipLoss(local_loss, gather_with_grad)",
+            InfoNCELoss("tiled", "3"),
+            ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world),
+        ),
+        ("open_clip SigLipLoss", SigLIPLoss("2"), SigLipLoss(rank=rank, world_size=world)),
+    ]
+    for name, ours, theirs in pairs:
+        vals, grads = [], []
+        for fn in (ours, theirs):
+            i, t, s = img.clone().requires_grad_(), txt.clone().requires_grad_(), scale.clone().requires_grad_()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                loss = fn(i, t, s, bias) if isinstance(fn, (SigLIPLoss, SigLipLoss)) else fn(i, t, s)
+            loss.backward()
+            vals.append(loss.item())
+            grads.append(torch.cat([i.grad.flatten(), t.grad.flatten(), s.grad.flatten()]))
+        out[name] = {"loss": vals[0], "ref_loss": vals[1], "max_grad_rel_err": _rel_err(grads[0], grads[1])}
+    return out
