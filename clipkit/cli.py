@@ -17,13 +17,14 @@ USAGE = """usage: clipkit VERB [key=value ...] [--cfg] [--help]
 verbs:
   train   train (no overrides: the tiny model on the embedded demo data, a few minutes on a CPU)
   eval    zero-shot classification / retrieval of checkpoint=PATH (a run dir or a checkpoint dir)
+  shards  write webdataset shards from local images + captions: clipkit shards INPUT OUTPUT [--help]
 
 overrides are Hydra's: model=vit_b32  data.train='/data/{00000..00099}.tar'  train.steps=1000
   hydra.run.dir=DIR   run directory (default runs/${name}); re-running a command resumes its run
   --cfg               print the resolved config and exit
 """
 
-VERBS = ("train", "eval")
+VERBS = ("train", "eval", "shards")
 EXIT_CONFIG = 2
 
 
@@ -96,6 +97,10 @@ def main(argv: list[str] | None = None) -> None:
     verb, rest = argv[0], argv[1:]
     if verb not in VERBS:
         _fail(f"unknown verb {verb!r} (one of: {', '.join(VERBS)}); see clipkit --help", EXIT_CONFIG)
+    if verb == "shards":  # a data utility with its own flags, not a training config
+        from clipkit.data.make_shards import main as shards_main
+
+        sys.exit(shards_main(rest))
     if "--help" in rest or "-h" in rest:
         print(USAGE)
         sys.exit(0)

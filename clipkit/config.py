@@ -64,6 +64,10 @@ class DataConfig:
     caption_key: str = "json:captions"
     # Explicit sample count when no sizes.json / _stats.json is next to the shards (0 = read them).
     num_samples: int = 0
+    # Above this fraction of bad samples (undecodable, no caption, lost to a broken tar) the run stops.
+    max_bad_fraction: float = 0.1
+    # False refuses ``pipe:`` shard URLs (shell commands): set it when running configs you did not write.
+    allow_pipe: bool = True
     crop_scale_min: float = 0.9
     crop_scale_max: float = 1.0
     prefetch_factor: int = 4
@@ -256,6 +260,8 @@ def validate(cfg: RootConfig, verb: str = "train", world_size: Optional[int] = N
     for key in _NON_NEGATIVE:
         if get(cfg, key) < 0:
             raise ConfigError(key, get(cfg, key), "must be >= 0")
+    if not 0 <= cfg.data.max_bad_fraction <= 1:
+        raise ConfigError("data.max_bad_fraction", cfg.data.max_bad_fraction, "must be in [0, 1]")
     if not 0 < cfg.data.crop_scale_min <= cfg.data.crop_scale_max <= 1:
         raise ConfigError(
             "data.crop_scale_min", cfg.data.crop_scale_min, "need 0 < crop_scale_min <= crop_scale_max <= 1"
@@ -278,10 +284,16 @@ def validate(cfg: RootConfig, verb: str = "train", world_size: Optional[int] = N
     _validate_loss(cfg)
     _validate_model(cfg)
     if verb == "train":
-        _validate_shards("data.train", cfg.data.train)
+        sources = _validate_shards("data.train", cfg.data.train, allow_pipe=cfg.data.allow_pipe)
+        if cfg.data.mode == "epoch" and any(s.weight != 1.0 for s in sources):
+            raise ConfigError(
+                "data.train",
+                cfg.data.train,
+                "source weights (@W) need data.mode=resampled; an epoch visits every sample exactly once",
+            )
     if verb in ("train", "eval"):
-        _validate_shards("eval.zeroshot.dataset", cfg.eval.zeroshot.dataset, allow_empty=True)
-        _validate_shards("eval.retrieval.dataset", cfg.eval.retrieval.dataset, allow_empty=True)
+        for key in ("eval.zeroshot.dataset", "eval.retrieval.dataset"):
+            _validate_shards(key, get(cfg, key), allow_empty=True, allow_pipe=cfg.data.allow_pipe)
         for key in ("eval.zeroshot.classnames", "eval.zeroshot.templates"):
             value = get(cfg, key)
             if value is not None and not Path(value).expanduser().is_file():
@@ -340,12 +352,12 @@ def _validate_loss(cfg: RootConfig) -> None:
             raise ConfigError("loss.impl", cfg.loss.impl, "applies to InfoNCE only; SigLIP is always blockwise")
 
 
-def _validate_shards(key: str, spec: str, allow_empty: bool = False) -> None:
+def _validate_shards(key: str, spec: str, allow_empty: bool = False, allow_pipe: bool = True) -> list:
     from clipkit.data.shards import ShardSpecError, expand_spec
 
     if spec == "demo" or (allow_empty and spec == ""):
-        return
+        return []
     try:
-        expand_spec(spec, check_exists=True)
+        return expand_spec(spec, check_exists=True, allow_pipe=allow_pipe)
     except ShardSpecError as err:
         raise ConfigError(key, spec, str(err)) from None

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from clipkit.distributed import all_gather_with_grad, rank_and_world
 
 # Memory budget for one chunk of logits (and its ~3 same-sized temporaries) when chunk_size="auto".
-AUTO_CHUNK_BYTES = 256 * 2**20
+AUTO_CHUNK_BYTES = 64 * 2**20
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

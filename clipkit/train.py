@@ -55,7 +55,7 @@ class TrainState:
 
 
 def build_loader(cfg: RootConfig, built: model_lib.Built, env: distributed.DistEnv, demo: Path | None) -> TrainLoader:
-    shards, weights = resolve_shards(train_spec(cfg.data, demo), cfg.data.num_samples)
+    shards, weights = resolve_shards(train_spec(cfg.data, demo), cfg.data.num_samples, cfg.data.allow_pipe)
     decoder = SampleDecoder(
         tuple(cfg.data.image_key.split(";")),
         cfg.data.caption_key,
@@ -77,6 +77,7 @@ def build_loader(cfg: RootConfig, built: model_lib.Built, env: distributed.DistE
         window=cfg.data.shuffle_window,
         prefetch_factor=cfg.data.prefetch_factor,
         pin_memory=env.device.type == "cuda",
+        max_bad_fraction=cfg.data.max_bad_fraction,
     )
 
 

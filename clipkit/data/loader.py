@@ -77,6 +77,20 @@ class SampleDecoder:
         return value
 
 
+def decoded(plan: StreamPlan, decoder: SampleDecoder, worker: int, epoch: int, t: int):
+    """A slot's stream from (epoch, t), decoded: yields ``(epoch, t, item, url)`` where item is
+    ``(image, caption, key)`` or a ``BadSample`` (counted by the caller, never raised)."""
+    for e, pos, sample in iter_slot(plan, worker, epoch, t, on_error=lambda exn: None):
+        url = sample.get("__url__", "?")
+        try:
+            if sample.get("__missing__"):
+                raise BadSample(MISSING)
+            image, caption = decoder(sample, e)
+            yield e, pos, (image, caption, sample["__key__"]), url
+        except BadSample as bad:
+            yield e, pos, bad, url
+
+
 class BatchStream(IterableDataset):
     """Yields micro-batches of one slot per DataLoader worker (or of slot 0 in-process)."""
 
@@ -97,21 +111,15 @@ class BatchStream(IterableDataset):
         worker = ((info.id if info else 0) + self.worker_offset) % self.plan.num_workers
         errors: collections.Counter = collections.Counter()
         bad_urls: collections.Counter = collections.Counter()
-        stream = iter_slot(self.plan, worker, *self.positions[worker], on_error=lambda exn: None)
         images, captions, keys = [], [], []
-        for epoch, t, sample in stream:
-            try:
-                if sample is None:
-                    raise BadSample(MISSING)
-                image, caption = self.decoder(sample, epoch)
-            except BadSample as bad:
-                errors[bad.kind] += 1
-                if sample is not None:
-                    bad_urls[sample.get("__url__", "?")] += 1
+        for epoch, t, item, url in decoded(self.plan, self.decoder, worker, *self.positions[worker]):
+            if isinstance(item, BadSample):
+                errors[item.kind] += 1
+                bad_urls[url] += 1
                 continue
-            images.append(image)
-            captions.append(caption)
-            keys.append(sample["__key__"])
+            images.append(item[0])
+            captions.append(item[1])
+            keys.append(item[2])
             if len(images) == self.batch_size:
                 yield {
                     "image": torch.stack(images),

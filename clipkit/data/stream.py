@@ -100,8 +100,9 @@ def iter_shard(url: str, handler) -> Iterator[dict]:
     yield from wds.tariterators.tarfile_samples([{"url": url}], handler=handler)
 
 
-def read_span(segments: list[Segment], order: np.ndarray, start: int, on_error) -> Iterator[tuple[int, dict | None]]:
-    """Yields ``(t, sample)`` for t >= start in ``order``; ``sample`` is None where the data never arrived."""
+def read_span(segments: list[Segment], order: np.ndarray, start: int, on_error) -> Iterator[tuple[int, dict]]:
+    """Yields ``(t, sample)`` for t >= start in ``order``; where the data never arrived (truncated or unreadable
+    shard) ``sample`` is ``{"__missing__": True, "__url__": url}``."""
     n = len(order)
     if start >= n:
         return
@@ -133,10 +134,14 @@ def read_span(segments: list[Segment], order: np.ndarray, start: int, on_error) 
                 break
             read_pos = nxt[0] + 1
             held[nxt[0]] = nxt[1]
-        yield t, held.pop(idx, None)
+        sample = held.pop(idx, None)
+        if sample is None:
+            k = int(np.searchsorted(seg_offsets, idx, side="right")) - 1
+            sample = {"__missing__": True, "__url__": segments[k].url}
+        yield t, sample
 
 
-def iter_slot(plan: StreamPlan, worker: int, epoch: int, t: int, on_error) -> Iterator[tuple[int, int, dict | None]]:
+def iter_slot(plan: StreamPlan, worker: int, epoch: int, t: int, on_error) -> Iterator[tuple[int, int, dict]]:
     """The slot's endless stream from position (epoch, t): yields ``(epoch, t, sample)``."""
     while True:
         segments = plan.segments(worker, epoch)

@@ -28,6 +28,11 @@ BAD_CONFIGS = [
     (["eval.zeroshot.classnames=/nonexistent.txt"], "eval.zeroshot.classnames"),
     (["data.mode=shuffled"], "data.mode"),
     (["notakeyvalue"], "notakeyvalue"),
+    (["loss.name=siglip"], "model.init_logit_bias"),  # SigLIP without a learnable bias
+    (["loss=siglip", "loss.impl=tiled"], "loss.impl='tiled'"),  # meaningless combination
+    (["loss.chunk_size=-5"], "loss.chunk_size='-5'"),
+    (["loss.impl=ring"], "loss.impl='ring'"),
+    (["train.global_batch_size=128", "train.micro_batch_size=48"], "train.global_batch_size=128"),  # K not integral
 ]
 
 
