@@ -111,7 +111,11 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"config error: {bad[0]!r} is not a key=value override", EXIT_CONFIG)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # clipkit never downloads weights at run time
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s clipkit %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    # clipkit's own messages at INFO; libraries (open_clip's tokenizer chatter, ...) only from WARNING up.
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
+    )
+    logging.getLogger("clipkit").setLevel(logging.INFO)
     from clipkit.config import ConfigError, validate
 
     try:

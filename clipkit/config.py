@@ -103,7 +103,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 400
+    steps: int = 800
     global_batch_size: int = 128
     # Per-rank micro-batch; 0 means global_batch_size / world_size (no accumulation).
     micro_batch_size: int = 0
@@ -113,7 +113,7 @@ class TrainConfig:
     # ``auto`` = cuda if available else cpu.
     device: str = "auto"
     log_every: int = 10
-    checkpoint_every: int = 200
+    checkpoint_every: int = 400
     keep_last: int = 2
     # ``auto`` resumes from the newest complete checkpoint in the run dir; ``never`` starts fresh.
     resume: str = "auto"

@@ -158,7 +158,8 @@ class SigLIPLoss(torch.nn.Module):
     """Sigmoid loss (SigLIP): local images against every rank's texts, summed over pairs, divided by local B.
 
     The text columns are processed ``chunk_size`` at a time and recomputed in backward, so memory for the
-    pairwise terms stays O(B x chunk) whatever the world size (``"auto"``: one rank's batch per chunk).
+    pairwise terms stays O(B x chunk) whatever the world size (``"auto"``: from the same memory budget as
+    tiled InfoNCE).
     """
 
     def __init__(self, chunk_size: int | str = "auto"):
@@ -173,7 +174,7 @@ class SigLIPLoss(torch.nn.Module):
         rank, _ = rank_and_world()
         all_txt_ND = all_gather_with_grad(txt_BD)
         B = img_BD.shape[0]
-        chunk = B if self.chunk_size == "auto" else int(self.chunk_size)
+        chunk = auto_chunk_size(B, all_txt_ND.shape[0]) if self.chunk_size == "auto" else int(self.chunk_size)
         total = _TiledSigmoidLoss.apply(
             img_BD, all_txt_ND, logit_scale.to(dtype), logit_bias.to(dtype), rank * B, chunk
         )

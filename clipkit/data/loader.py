@@ -111,7 +111,7 @@ class BatchStream(IterableDataset):
         worker = ((info.id if info else 0) + self.worker_offset) % self.plan.num_workers
         errors: collections.Counter = collections.Counter()
         bad_urls: collections.Counter = collections.Counter()
-        images, captions, keys = [], [], []
+        images, captions, keys, epochs = [], [], [], []
         for epoch, t, item, url in decoded(self.plan, self.decoder, worker, *self.positions[worker]):
             if isinstance(item, BadSample):
                 errors[item.kind] += 1
@@ -120,17 +120,19 @@ class BatchStream(IterableDataset):
             images.append(item[0])
             captions.append(item[1])
             keys.append(item[2])
+            epochs.append(epoch)
             if len(images) == self.batch_size:
                 yield {
                     "image": torch.stack(images),
                     "text": self.tokenizer(captions),
                     "keys": keys,
+                    "epochs": epochs,
                     "worker": worker,
                     "position": (epoch, t + 1),
                     "errors": dict(errors),
                     "bad_urls": dict(bad_urls),
                 }
-                images, captions, keys = [], [], []
+                images, captions, keys, epochs = [], [], [], []
                 errors, bad_urls = collections.Counter(), collections.Counter()
 
 

@@ -188,3 +188,42 @@ def open_clip_parity(rank: int, world: int) -> dict:
             grads.append(torch.cat([i.grad.flatten(), t.grad.flatten(), s.grad.flatten()]))
         out[name] = {"loss": vals[0], "ref_loss": vals[1], "max_grad_rel_err": _rel_err(grads[0], grads[1])}
     return out
+
+
+def loader_epoch_keys(rank: int, world: int, port: int, out_path: str, shard_spec: str, workers: int) -> None:
+    """Each rank streams with its own TrainLoader (real DataLoader workers) until every slot finished epoch 0;
+    rank 0 gathers the keys of epoch 0 and the number of steps every rank ran."""
+    import open_clip
+
+    from clipkit.data.loader import SampleDecoder, TrainLoader, resolve_shards
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    shards, weights = resolve_shards(shard_spec)
+    loader = TrainLoader(
+        shards,
+        weights,
+        SampleDecoder(("jpg",), "json:captions", 32, (0.9, 1.0), 0),
+        open_clip.get_tokenizer("ViT-B-32"),
+        mode="epoch",
+        seed=5,
+        rank=rank,
+        world_size=world,
+        num_workers=workers,
+        batch_size=16,
+        window=64,
+    )
+    keys, steps = [], 0
+    while True:  # all ranks step together (as training does) until every rank's slots are past epoch 0
+        batch = next(loader)
+        steps += 1
+        keys += [k for k, e in zip(batch["keys"], batch["epochs"], strict=True) if e == 0]
+        done = torch.tensor(int(all(e >= 1 for e, _ in loader.positions)))
+        dist.all_reduce(done, op=dist.ReduceOp.MIN)
+        if done.item():
+            break
+    gathered = [None] * world
+    dist.all_gather_object(gathered, {"keys": keys, "steps": steps})
+    if rank == 0:
+        Path(out_path).write_text(json.dumps(gathered))
+    dist.destroy_process_group()

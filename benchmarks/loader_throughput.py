@@ -1,0 +1,169 @@
+"""Training-loader throughput per process (= per core): images/s from tar shards to model-ready tensors.
+
+Three pipelines on the same shards (JPEG sources of ~512 px and ~256 px, 224 px output), each in one process:
+  clipkit       clipkit's stream: tar read -> JPEG draft-mode decode -> RandomResizedCrop(0.9-1.0) -> uint8 CHW
+                (normalised later on the device), caption pick, tokenisation per batch
+  open_clip     the pipeline open_clip builds: wds.WebDataset -> decode("pilrgb") -> open_clip's own
+                image_transform(224, is_train=True) (float, normalised) + per-sample tokenisation
+  decode-only   tar read + full-resolution PIL decode to RGB: the ceiling for any pipeline that decodes
+
+    python benchmarks/loader_throughput.py --num-images 1500
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+from clipkit.data.writer import write_shard, write_sizes_file
+
+
+def photo_like(rng: random.Random, width: int, height: int) -> bytes:
+    """A smooth image with shapes and grain (JPEG-compresses like a photo, unlike white noise)."""
+    base = np.linspace(0, 1, width)[None, :, None] * np.array([rng.random() for _ in range(3)]) * 255
+    base = base + np.linspace(0, 1, height)[:, None, None] * np.array([rng.random() for _ in range(3)]) * 120
+    img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(12):
+        x, y, r = rng.randrange(width), rng.randrange(height), rng.randrange(10, width // 3)
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=tuple(rng.randrange(256) for _ in range(3)))
+    img = img.filter(ImageFilter.GaussianBlur(2))
+    grain = np.random.default_rng(rng.randrange(2**31)).normal(0, 6, (height, width, 3))
+    img = Image.fromarray(np.clip(np.asarray(img) + grain, 0, 255).astype(np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def make_shards(root: Path, side: int, n: int) -> str:
+    rng = random.Random(side)
+    per = (n + 1) // 2
+    for s in range(2):
+        samples = []
+        for i in range(s * per, min(n, (s + 1) * per)):
+            w, h = side + rng.randrange(-side // 8, side // 8), side + rng.randrange(-side // 8, side // 8)
+            samples.append({"__key__": f"{i:06d}", "jpg": photo_like(rng, w, h), "txt": f"a photo number {i}"})
+        write_shard(root / f"{s:05d}.tar", samples)
+    write_sizes_file(root, {f"{s:05d}.tar": min(n, (s + 1) * per) - s * per for s in range(2)})
+    return str(root / "{00000..00001}.tar")
+
+
+def run_clipkit(spec: str, n: int, batch: int = 64) -> float:
+    import open_clip
+
+    from clipkit.data.loader import SampleDecoder, TrainLoader, resolve_shards
+
+    shards, weights = resolve_shards(spec)
+    decoder = SampleDecoder(("jpg",), "txt", 224, (0.9, 1.0), 0)
+    loader = TrainLoader(
+        shards,
+        weights,
+        decoder,
+        open_clip.get_tokenizer("ViT-B-32"),
+        mode="epoch",
+        seed=0,
+        rank=0,
+        world_size=1,
+        num_workers=0,
+        batch_size=batch,
+        window=256,
+    )
+    t0 = time.perf_counter()
+    seen = 0
+    while seen < n:
+        seen += next(loader)["image"].shape[0]
+    return seen / (time.perf_counter() - t0)
+
+
+def run_open_clip(spec: str, n: int) -> float:
+    import open_clip
+    import webdataset as wds
+    from open_clip.transform import image_transform
+
+    preprocess = image_transform(
+        224, is_train=True, mean=open_clip.OPENAI_DATASET_MEAN, std=open_clip.OPENAI_DATASET_STD
+    )
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")
+    ds = (
+        wds.WebDataset(spec, shardshuffle=False, empty_check=False)
+        .decode("pilrgb")
+        .to_tuple("jpg", "txt")
+        .map_tuple(preprocess, lambda t: tokenizer([t])[0])
+    )
+    t0 = time.perf_counter()
+    seen = 0
+    while seen < n:
+        for _ in ds:
+            seen += 1
+            if seen == n:
+                break
+    return seen / (time.perf_counter() - t0)
+
+
+def run_decode_only(spec: str, n: int) -> float:
+    from clipkit.data.shards import expand_spec
+    from clipkit.data.stream import iter_shard
+
+    urls = expand_spec(spec)[0].urls
+    t0 = time.perf_counter()
+    seen = 0
+    while seen < n:
+        for url in urls:
+            for sample in iter_shard(url, handler=lambda exn: False):
+                Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
+                seen += 1
+                if seen == n:
+                    break
+            if seen == n:
+                break
+    return seen / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--num-images", type=int, default=1500)
+    ap.add_argument("--sides", type=int, nargs="+", default=[512, 256])
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--out", default="benchmarks/out/loader_throughput.json")
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(1)  # one core per loader process, as in DataLoader workers
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for side in args.sides:
+            spec = make_shards(Path(tmp) / str(side), side, args.num_images)
+            row = {"source_px": side, "output_px": 224}
+            for name, fn in (("decode_only", run_decode_only), ("open_clip", run_open_clip), ("clipkit", run_clipkit)):
+                row[name] = max(fn(spec, args.num_images) for _ in range(args.repeats))
+            row["clipkit_vs_open_clip"] = row["clipkit"] / row["open_clip"]
+            row["clipkit_vs_decode_only"] = row["clipkit"] / row["decode_only"]
+            rows.append(row)
+    print(f"\nloader throughput, images/s per process (1 core), {args.num_images} JPEGs per size, 224 px output")
+    print(
+        f"{'source':>8} | {'decode-only':>11} | {'open_clip':>9} | {'clipkit':>8} | {'clipkit/open_clip':>17} | "
+        f"{'clipkit/decode-only':>19}"
+    )
+    for r in rows:
+        print(
+            f"{r['source_px']:>6}px | {r['decode_only']:>11.0f} | {r['open_clip']:>9.0f} | {r['clipkit']:>8.0f} | "
+            f"{r['clipkit_vs_open_clip']:>16.2f}x | {r['clipkit_vs_decode_only']:>18.2f}x"
+        )
+    meta = {"machine": platform.node(), "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d"), "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(meta, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
