@@ -77,6 +77,13 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+def _all_gather_flat(out: torch.Tensor, x: torch.Tensor) -> None:
+    """Concatenating all-gather into ``out``: the one place that knows the collective's name per torch version
+    (torch 2.14 deprecates ``all_gather_into_tensor`` in favour of ``all_gather_single``)."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, x)
+
+
 class _AllGatherWithGrad(torch.autograd.Function):
     """all_gather along dim 0 whose backward sums the gathered gradient over ranks and returns the local slice."""
 
@@ -84,7 +91,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
     def forward(ctx, x_BD: torch.Tensor) -> torch.Tensor:
         world = dist.get_world_size()
         out_ND = x_BD.new_empty((world * x_BD.shape[0], *x_BD.shape[1:]))
-        dist.all_gather_into_tensor(out_ND, x_BD.contiguous())
+        _all_gather_flat(out_ND, x_BD.contiguous())
         return out_ND
 
     @staticmethod
