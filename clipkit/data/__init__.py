@@ -10,15 +10,14 @@ from clipkit.config import DataConfig
 
 
 def demo_dir(cfg: DataConfig) -> Path:
-    from clipkit.data.demo import DemoSpec
+    from clipkit.data.demo import cache_name
 
-    spec = DemoSpec(**vars(cfg.demo)) if not isinstance(cfg.demo, DemoSpec) else cfg.demo
-    return Path(os.path.expanduser(cfg.cache_dir)) / spec.cache_name()
+    return Path(os.path.expanduser(cfg.cache_dir)) / cache_name(cfg.demo)
 
 
 def ensure_demo(cfg: DataConfig, num_procs: int = 2, say=print) -> Path:
     """Generates the demo data once (under a file lock, so concurrent ranks or runs wait) and returns its dir."""
-    from clipkit.data.demo import DemoSpec, generate
+    from clipkit.data.demo import generate
 
     out = demo_dir(cfg)
     done = out / ".complete"
@@ -29,7 +28,7 @@ def ensure_demo(cfg: DataConfig, num_procs: int = 2, say=print) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not done.exists():
             say(f"generating demo data in {out} (once) ...")
-            generate(DemoSpec(**vars(cfg.demo)), out, num_procs=num_procs)
+            generate(cfg.demo, out, num_procs=num_procs)
             done.touch()
     return out
 

@@ -22,6 +22,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+# What to generate is part of the data config (data.demo.*); every field changes the cache key.
+from clipkit.config import DemoDataConfig as DemoSpec
+
 # Bumped whenever the generator's output changes, so stale caches are never reused.
 DEMO_VERSION = 1
 
@@ -221,23 +224,12 @@ def make_sample(split: str, index: int, seed: int, image_size: int, num_captions
     return sample
 
 
-@dataclass
-class DemoSpec:
-    """What to generate; every field changes the cache key."""
-
-    seed: int = 0
-    image_size: int = 40
-    num_train: int = 24000
-    num_zeroshot: int = 1800
-    num_retrieval: int = 1000
-    shard_size: int = 2000
-    num_captions: int = 4
-
-    def cache_name(self) -> str:
-        return (
-            f"demo-v{DEMO_VERSION}-s{self.seed}-px{self.image_size}-n{self.num_train}-{self.num_zeroshot}"
-            f"-{self.num_retrieval}-sh{self.shard_size}-c{self.num_captions}"
-        )
+def cache_name(spec: DemoSpec) -> str:
+    """Cache folder name: every field of the spec and the generator version."""
+    return (
+        f"demo-v{DEMO_VERSION}-s{spec.seed}-px{spec.image_size}-n{spec.num_train}-{spec.num_zeroshot}"
+        f"-{spec.num_retrieval}-sh{spec.shard_size}-c{spec.num_captions}"
+    )
 
 
 def _write_split(args: tuple) -> tuple[str, int, int]:
