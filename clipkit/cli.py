@@ -17,6 +17,7 @@ USAGE = """usage: clipkit VERB [key=value ...] [--cfg] [--help]
 verbs:
   train   train (no overrides: the tiny model on the embedded demo data, a few minutes on a CPU)
   eval    zero-shot classification / retrieval of checkpoint=PATH (a run dir or a checkpoint dir)
+  export  checkpoint=PATH format=open_clip|hf out=DIR: encoder artifacts, verified by loading them back
   shards  write webdataset shards from local images + captions: clipkit shards INPUT OUTPUT [--help]
 
 overrides are Hydra's: model=vit_b32  data.train='/data/{00000..00099}.tar'  train.steps=1000
@@ -24,7 +25,7 @@ overrides are Hydra's: model=vit_b32  data.train='/data/{00000..00099}.tar'  tra
   --cfg               print the resolved config and exit
 """
 
-VERBS = ("train", "eval", "shards")
+VERBS = ("train", "eval", "export", "shards")
 EXIT_CONFIG = 2
 
 
@@ -134,6 +135,26 @@ def main(argv: list[str] | None = None) -> None:
         from clipkit.evaluate import evaluate_command
 
         evaluate_command(cfg, run_dir)
+    elif verb == "export":
+        _export(cfg)
+
+
+def _export(cfg) -> None:
+    import torch
+
+    from clipkit.evaluate import load_trained, resolve_checkpoint
+    from clipkit.export import ExportError, export
+
+    path = resolve_checkpoint(Path(cfg.checkpoint))
+    built, saved_cfg = load_trained(path, torch.device("cpu"))
+    try:
+        result = export(built, saved_cfg, cfg.format, Path(cfg.out))
+    except ExportError as err:
+        _fail(f"export error: {err}", 1)
+    print(
+        f"exported {path} as {cfg.format} to {cfg.out}; reloaded by its consumer, max abs embedding difference "
+        f"image {result['image_max_abs_diff']:.2e}, text {result['text_max_abs_diff']:.2e}"
+    )
 
 
 def _train(cfg, run_dir: Path) -> None:

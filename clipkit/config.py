@@ -175,7 +175,7 @@ class RootConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     # For ``clipkit eval`` / ``clipkit export``: a run dir, a checkpoint dir or an exported folder.
     checkpoint: Optional[str] = None
-    # For ``clipkit export``.
+    # For ``clipkit export``: ``open_clip`` (local-dir folder) or ``hf`` (transformers CLIPModel folder).
     format: str = "open_clip"
     out: Optional[str] = None
 
@@ -195,7 +195,7 @@ _CHOICES = {
     "train.resume": ("auto", "never"),
     "logging.wandb_mode": ("offline", "online", "disabled"),
     "parallel.engine": ("ddp",),
-    "format": ("open_clip",),
+    "format": ("open_clip", "hf"),
 }
 _POSITIVE = (
     "train.steps",
@@ -302,6 +302,11 @@ def validate(cfg: RootConfig, verb: str = "train", world_size: Optional[int] = N
             raise ConfigError("eval.zeroshot.classnames", None, f"required for dataset {cfg.eval.zeroshot.dataset!r}")
     if verb in ("eval", "export") and cfg.checkpoint is not None and not Path(cfg.checkpoint).expanduser().exists():
         raise ConfigError("checkpoint", cfg.checkpoint, "path not found")
+    if verb == "export":
+        if cfg.checkpoint is None:
+            raise ConfigError("checkpoint", None, "required: a run dir or a checkpoint dir to export")
+        if not cfg.out:
+            raise ConfigError("out", cfg.out, "required: the folder to write the export to")
 
 
 def known_model_names() -> set[str]:

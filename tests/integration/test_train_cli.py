@@ -90,3 +90,49 @@ def test_eval_verb_on_a_run_dir(finished_run, tmp_path):
 def test_resuming_a_different_config_is_refused(finished_run):
     proc = run_cli("train", f"hydra.run.dir={finished_run[0]}", *RUN_ARGS, "optim.lr=0.5")
     assert proc.returncode == 1 and "optim.lr" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("fmt", ["open_clip", "hf"])
+def test_export_verb_round_trip(finished_run, tmp_path, fmt):
+    """`clipkit export` writes the folder and checks it in its consumer; here it is loaded once more, independently."""
+    import open_clip
+    import torch
+
+    from clipkit.evaluate import load_trained, resolve_checkpoint
+
+    out = tmp_path / fmt
+    proc = run_cli("export", f"checkpoint={finished_run[0]}", f"format={fmt}", f"out={out}", check=True)
+    assert "reloaded by its consumer" in proc.stdout
+    built, _ = load_trained(resolve_checkpoint(finished_run[0]), torch.device("cpu"))
+    built.model.eval()
+    images = torch.randn(3, 3, built.image_size, built.image_size, generator=torch.Generator().manual_seed(5))
+    text = built.tokenizer(["a red circle", "two blue stars on a dark background", "a large green square"])
+    with torch.no_grad():
+        ref_img, ref_txt = built.model.encode_image(images), built.model.encode_text(text)
+        if fmt == "open_clip":
+            model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
+            got_img, got_txt = model.eval().encode_image(images), model.encode_text(text)
+        else:
+            from transformers import CLIPModel
+
+            hf = CLIPModel.from_pretrained(out).eval()
+            got_img, got_txt = hf.get_image_features(pixel_values=images), hf.get_text_features(input_ids=text)
+            got_img = got_img if isinstance(got_img, torch.Tensor) else got_img.pooler_output
+            got_txt = got_txt if isinstance(got_txt, torch.Tensor) else got_txt.pooler_output
+    assert (got_img - ref_img).abs().max() < 1e-4 and (got_txt - ref_txt).abs().max() < 1e-4
+
+
+def test_export_refuses_unmappable_architecture(finished_run, tmp_path):
+    from clipkit.config import RootConfig
+    from clipkit.export import ExportError, export
+    from clipkit.model import build
+
+    cfg = RootConfig()
+    cfg.model.init_logit_bias = -10.0  # a SigLIP head has no CLIPModel equivalent
+    with pytest.raises(ExportError, match="does not map to transformers' CLIPModel.*logit bias"):
+        export(build(cfg.model), cfg, "hf", tmp_path)
+
+
+def test_export_needs_checkpoint_and_out():
+    proc = run_cli("export", "format=hf")
+    assert proc.returncode == 2 and "checkpoint" in proc.stderr

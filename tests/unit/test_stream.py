@@ -114,3 +114,21 @@ def test_loader_refuses_other_worker_count(small_demo):
     state = _loader(small_demo, 2).state_dict()
     with pytest.raises(DataError, match="num_workers"):
         _loader(small_demo, 1).load_state_dict(state)
+
+
+def test_restore_decodes_only_what_it_delivers(small_demo, monkeypatch):
+    """Resuming deep into an epoch reads tar members to skip, but decodes only the images it delivers."""
+    from clipkit.data import transforms
+
+    loader = _loader(small_demo, 0)
+    for _ in range(40):  # 40 x 32 = 1280 samples into the 2000-sample epoch
+        next(loader)
+    state = loader.state_dict()
+    expected = next(loader)["keys"]
+    decodes = []
+    real = transforms.train_image
+    monkeypatch.setattr(transforms, "train_image", lambda *a, **k: decodes.append(1) or real(*a, **k))
+    restored = _loader(small_demo, 0)
+    restored.load_state_dict(state)
+    assert next(restored)["keys"] == expected
+    assert len(decodes) == 32
