@@ -175,7 +175,7 @@ class RootConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     # For ``clipkit eval`` / ``clipkit export``: a run dir, a checkpoint dir or an exported folder.
     checkpoint: Optional[str] = None
-    # For ``clipkit export``: ``open_clip`` (local-dir folder) or ``hf`` (transformers CLIPModel folder).
+    # For ``clipkit export``: ``open_clip`` (local-dir folder), ``hf`` (transformers CLIPModel folder), ``onnx``.
     format: str = "open_clip"
     out: Optional[str] = None
 
@@ -195,7 +195,7 @@ _CHOICES = {
     "train.resume": ("auto", "never"),
     "logging.wandb_mode": ("offline", "online", "disabled"),
     "parallel.engine": ("ddp",),
-    "format": ("open_clip", "hf"),
+    "format": ("open_clip", "hf", "onnx"),
 }
 _POSITIVE = (
     "train.steps",

@@ -6,6 +6,7 @@ formats
   hf         a transformers ``CLIPModel`` folder (``config.json``, ``model.safetensors``,
              ``preprocessor_config.json``), for a ViT image tower + standard text tower; ``CLIPVisionModel``
              loads its vision part. Other architectures are refused with the reason.
+  onnx       ``image_encoder.onnx`` + ``text_encoder.onnx`` (dynamic batch), checked with onnxruntime.
 After writing, each export is loaded by its consumer and its embeddings are compared with the checkpoint's on
 a fixed batch; the maximum absolute difference is printed and stored in ``export_check.json``.
 """
@@ -239,7 +240,61 @@ def _tensor(x) -> torch.Tensor:
     return x if isinstance(x, torch.Tensor) else x.pooler_output
 
 
-EXPORTERS = {"open_clip": export_open_clip, "hf": export_hf}
+# ------------------------------------------------------------------------------------------------------- ONNX
+
+
+class _Tower(torch.nn.Module):
+    """One encoder of the CLIP model as its own module (un-normalised embeddings, like encode_image/encode_text)."""
+
+    def __init__(self, model: torch.nn.Module, which: str):
+        super().__init__()
+        self.model, self.which = model, which
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(x) if self.which == "image" else self.model.encode_text(x)
+
+
+def export_onnx(built: Built, cfg: RootConfig, out: Path) -> dict:
+    """``image_encoder.onnx`` (pixel_values: float N x 3 x S x S, normalised) and ``text_encoder.onnx``
+    (input_ids: int64 N x context_length), dynamic batch, plus the open_clip config for preprocessing and the
+    tokenizer. Checked with onnxruntime at a batch size other than the one exported."""
+    import warnings
+
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ExportError("format=onnx needs onnx and onnxruntime: pip install 'clipkit[onnx]'") from None
+    out.mkdir(parents=True, exist_ok=True)
+    pre = dict(built.model.visual.preprocess_cfg)
+    (out / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": open_clip_model_cfg(cfg), "preprocess_cfg": pre}, indent=1, default=list)
+    )
+    built.model.eval()
+    images, text = _probe_inputs(built)
+    results = {}
+    for which, example, name in (("image", images[:2], "pixel_values"), ("text", text[:2], "input_ids")):
+        path = out / f"{which}_encoder.onnx"
+        with warnings.catch_warnings():  # the TorchScript-based exporter warns about its own deprecation
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                _Tower(built.model, which),
+                (example,),
+                str(path),
+                input_names=[name],
+                output_names=["embeddings"],
+                opset_version=17,
+                dynamo=False,
+                dynamic_axes={name: {0: "batch"}, "embeddings": {0: "batch"}},
+            )
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        probe = images if which == "image" else text  # 4 rows: not the exported batch of 2
+        got = torch.from_numpy(session.run(None, {name: probe.numpy()})[0])
+        results[which] = got
+    ref_img, ref_txt = _reference(built, images, text)
+    return _check("onnx", ref_img, ref_txt, results["image"], results["text"])
+
+
+EXPORTERS = {"open_clip": export_open_clip, "hf": export_hf, "onnx": export_onnx}
 
 
 def export(built: Built, cfg: RootConfig, fmt: str, out: Path) -> dict:

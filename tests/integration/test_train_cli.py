@@ -92,7 +92,7 @@ def test_resuming_a_different_config_is_refused(finished_run):
     assert proc.returncode == 1 and "optim.lr" in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("fmt", ["open_clip", "hf"])
+@pytest.mark.parametrize("fmt", ["open_clip", "hf", "onnx"])
 def test_export_verb_round_trip(finished_run, tmp_path, fmt):
     """`clipkit export` writes the folder and checks it in its consumer; here it is loaded once more, independently."""
     import open_clip
@@ -112,6 +112,14 @@ def test_export_verb_round_trip(finished_run, tmp_path, fmt):
         if fmt == "open_clip":
             model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
             got_img, got_txt = model.eval().encode_image(images), model.encode_text(text)
+        elif fmt == "onnx":
+            import onnxruntime as ort
+
+            def run(name, x):
+                sess = ort.InferenceSession(str(out / f"{name}_encoder.onnx"), providers=["CPUExecutionProvider"])
+                return torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+
+            got_img, got_txt = run("image", images), run("text", text)  # batch 3: the export used 2
         else:
             from transformers import CLIPModel
 
