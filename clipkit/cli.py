@@ -17,7 +17,7 @@ USAGE = """usage: clipkit VERB [key=value ...] [--cfg] [--help]
 verbs:
   train   train (no overrides: the tiny model on the embedded demo data, a few minutes on a CPU)
   eval    zero-shot classification / retrieval of checkpoint=PATH (a run dir or a checkpoint dir)
-  export  checkpoint=PATH format=open_clip|hf|onnx out=DIR: encoder artifacts, verified by loading them back
+  export  checkpoint=PATH format=open_clip|hf|onnx|towers out=DIR: encoder artifacts, verified by loading them back
   shards  write webdataset shards from local images + captions: clipkit shards INPUT OUTPUT [--help]
 
 overrides are Hydra's: model=vit_b32  data.train='/data/{00000..00099}.tar'  train.steps=1000

@@ -32,6 +32,9 @@ class ModelConfig:
     config: Optional[str] = None
     # Local weights file for ``name``; clipkit never downloads at run time.
     pretrained: Optional[str] = None
+    # Start from these weights (a clipkit run or checkpoint dir, an exported open_clip folder, or a .safetensors
+    # state dict), e.g. to continue pretraining. Ignored once the run has its own checkpoint to resume from.
+    init_from: Optional[str] = None
     grad_checkpointing: bool = False
     # Initial temperature log(t) and bias; None = open_clip's defaults (log(1/0.07), no bias). SigLIP: log(10), -10.
     init_logit_scale: Optional[float] = None
@@ -195,7 +198,7 @@ _CHOICES = {
     "train.resume": ("auto", "never"),
     "logging.wandb_mode": ("offline", "online", "disabled"),
     "parallel.engine": ("ddp",),
-    "format": ("open_clip", "hf", "onnx"),
+    "format": ("open_clip", "hf", "onnx", "towers"),
 }
 _POSITIVE = (
     "train.steps",
@@ -333,6 +336,17 @@ def _validate_model(cfg: RootConfig) -> None:
             "unknown open_clip model (see `python -c 'import open_clip; "
             "print(open_clip.list_models())'`, or pass model.config=FILE.json)",
         )
+    if m.init_from is not None:
+        path = Path(m.init_from).expanduser()
+        if not path.exists():
+            raise ConfigError("model.init_from", m.init_from, "path not found")
+        if path.is_file() and path.suffix != ".safetensors":
+            raise ConfigError(
+                "model.init_from",
+                m.init_from,
+                "expects safetensors, a run/checkpoint dir or an "
+                "open_clip export; for open_clip .pt/.bin weights use model.pretrained",
+            )
     if m.pretrained is not None and not Path(m.pretrained).expanduser().is_file():
         raise ConfigError(
             "model.pretrained",

@@ -7,6 +7,7 @@ formats
              ``preprocessor_config.json``), for a ViT image tower + standard text tower; ``CLIPVisionModel``
              loads its vision part. Other architectures are refused with the reason.
   onnx       ``image_encoder.onnx`` + ``text_encoder.onnx`` (dynamic batch), checked with onnxruntime.
+  towers     ``image_encoder/`` and ``text_encoder/``, each loadable alone with ``clipkit.export.load_tower``.
 After writing, each export is loaded by its consumer and its embeddings are compared with the checkpoint's on
 a fixed batch; the maximum absolute difference is printed and stored in ``export_check.json``.
 """
@@ -294,7 +295,62 @@ def export_onnx(built: Built, cfg: RootConfig, out: Path) -> dict:
     return _check("onnx", ref_img, ref_txt, results["image"], results["text"])
 
 
-EXPORTERS = {"open_clip": export_open_clip, "hf": export_hf, "onnx": export_onnx}
+# ------------------------------------------------------------------------------------------ separate towers
+
+TOWER_FILES = ("tower_config.json", "model.safetensors")
+
+
+def _tower_state(sd: dict[str, torch.Tensor], which: str) -> dict[str, torch.Tensor]:
+    if which == "image":
+        return {k[len("visual.") :]: v for k, v in sd.items() if k.startswith("visual.")}
+    return {k: v for k, v in sd.items() if not k.startswith("visual.") and k not in ("logit_scale", "logit_bias")}
+
+
+def load_tower(path: str | Path) -> torch.nn.Module:
+    """An exported tower as a standalone open_clip module: ``tower(images)`` or ``tower(token_ids)`` gives the
+    un-normalised embeddings (what ``encode_image`` / ``encode_text`` return)."""
+    from open_clip.model import _build_text_tower, _build_vision_tower
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    cfg = json.loads((path / "tower_config.json").read_text())
+    build = _build_vision_tower if cfg["tower"] == "image" else _build_text_tower
+    tower = build(cfg["embed_dim"], cfg["vision_cfg" if cfg["tower"] == "image" else "text_cfg"])
+    tower.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
+    return tower.eval()
+
+
+def export_towers(built: Built, cfg: RootConfig, out: Path) -> dict:
+    """``image_encoder/`` and ``text_encoder/``, each a config + safetensors loadable on its own (``load_tower``),
+    for services that serve one modality; the image config carries the preprocessing, the text one the tokenizer."""
+    model_cfg = open_clip_model_cfg(cfg)
+    if model_cfg["text_cfg"].get("hf_model_name"):
+        raise ExportError("format=towers supports open_clip's built-in text tower only")
+    sd = built.model.state_dict()
+    pre = dict(built.model.visual.preprocess_cfg)
+    for which, sub in (("image", "image_encoder"), ("text", "text_encoder")):
+        d = out / sub
+        d.mkdir(parents=True, exist_ok=True)
+        meta = {"tower": which, "embed_dim": model_cfg["embed_dim"], "source_model": built.name}
+        if which == "image":
+            meta.update(vision_cfg=model_cfg["vision_cfg"], preprocess_cfg=pre)
+        else:
+            meta.update(
+                text_cfg=model_cfg["text_cfg"],
+                tokenizer={"open_clip": built.name, "context_length": built.tokenizer.context_length},
+            )
+        (d / "tower_config.json").write_text(json.dumps(meta, indent=1, default=list))
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in _tower_state(sd, which).items()}, str(d / "model.safetensors")
+        )
+    images, text = _probe_inputs(built)
+    ref_img, ref_txt = _reference(built, images, text)
+    with torch.no_grad():
+        got_img, got_txt = load_tower(out / "image_encoder")(images), load_tower(out / "text_encoder")(text)
+    return _check("towers", ref_img, ref_txt, got_img, got_txt)
+
+
+EXPORTERS = {"open_clip": export_open_clip, "hf": export_hf, "onnx": export_onnx, "towers": export_towers}
 
 
 def export(built: Built, cfg: RootConfig, fmt: str, out: Path) -> dict:

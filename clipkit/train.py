@@ -175,6 +175,8 @@ def train(cfg: RootConfig, run_dir: Path) -> dict:
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     built = model_lib.build(cfg.model, env.device)
+    if cfg.model.init_from:  # a later resume overwrites these with the run's own checkpoint
+        built.model.load_state_dict(ckpt.load_tensors(ckpt.weights_file(Path(cfg.model.init_from)), env.device))
     engine = build_engine(built.model, cfg, env)
     loss_fn = build_loss(cfg.loss.name, cfg.loss.impl, cfg.loss.chunk_size)
     num_micro = cfg.train.global_batch_size // (env.world_size * micro_batch_size(cfg, env.world_size))

@@ -92,7 +92,7 @@ def test_resuming_a_different_config_is_refused(finished_run):
     assert proc.returncode == 1 and "optim.lr" in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("fmt", ["open_clip", "hf", "onnx"])
+@pytest.mark.parametrize("fmt", ["open_clip", "hf", "onnx", "towers"])
 def test_export_verb_round_trip(finished_run, tmp_path, fmt):
     """`clipkit export` writes the folder and checks it in its consumer; here it is loaded once more, independently."""
     import open_clip
@@ -112,6 +112,10 @@ def test_export_verb_round_trip(finished_run, tmp_path, fmt):
         if fmt == "open_clip":
             model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
             got_img, got_txt = model.eval().encode_image(images), model.encode_text(text)
+        elif fmt == "towers":
+            from clipkit.export import load_tower
+
+            got_img, got_txt = load_tower(out / "image_encoder")(images), load_tower(out / "text_encoder")(text)
         elif fmt == "onnx":
             import onnxruntime as ort
 
@@ -144,3 +148,41 @@ def test_export_refuses_unmappable_architecture(finished_run, tmp_path):
 def test_export_needs_checkpoint_and_out():
     proc = run_cli("export", "format=hf")
     assert proc.returncode == 2 and "checkpoint" in proc.stderr
+
+
+def test_init_from_every_source_form(finished_run, tmp_path):
+    """model.init_from accepts a run dir, a checkpoint dir, an open_clip export and a safetensors file."""
+    import torch
+    from safetensors.torch import load_file
+
+    from clipkit import checkpoint as ckpt
+
+    run = finished_run[0]
+    final = load_file(str(run / "checkpoints" / "step_00000040" / "model.safetensors"))
+    export_dir = tmp_path / "oc"
+    run_cli("export", f"checkpoint={run}", "format=open_clip", f"out={export_dir}", check=True)
+    for source in (
+        run,
+        run / "checkpoints" / "step_00000040",
+        export_dir,
+        run / "checkpoints" / "step_00000040" / "model.safetensors",
+    ):
+        weights = load_file(str(ckpt.weights_file(source)))
+        assert weights.keys() == final.keys() and all(torch.equal(weights[k], final[k]) for k in final), source
+
+
+def test_training_continues_from_init_from(finished_run, tmp_path):
+    args = [
+        *SMALL_DEMO,
+        "train.steps=4",
+        "train.log_every=1",
+        "optim.warmup_steps=1",
+        "logging.progress=false",
+        "eval.zeroshot.dataset=",
+        "eval.retrieval.dataset=",
+    ]
+    run_cli("train", f"hydra.run.dir={tmp_path}", f"model.init_from={finished_run[0]}", *args, check=True)
+    first = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    assert first < _losses(finished_run[0])[1] - 0.3  # starts where the finished run ended, not from scratch
+    bad = run_cli("train", f"hydra.run.dir={tmp_path / 'x'}", "model.init_from=/etc/hostname", *args)
+    assert bad.returncode == 2 and "model.init_from" in bad.stderr
