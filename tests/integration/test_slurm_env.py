@@ -1,0 +1,68 @@
+"""The SLURM path: tasks started by a fake `srun` (local processes with only SLURM's variables) form one job."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+from tests.conftest import SMALL_DEMO
+
+
+def fake_srun(ntasks: int, args: list[str], timeout: float = 600) -> list[subprocess.CompletedProcess]:
+    """What `srun --ntasks=N python -m clipkit ...` does on one node: N tasks, SLURM variables, no torchrun ones."""
+    job_id = str(random.randint(1000, 9999))
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
+    procs = []
+    for task in range(ntasks):
+        env = {
+            **base,
+            "SLURM_PROCID": str(task),
+            "SLURM_NTASKS": str(ntasks),
+            "SLURM_LOCALID": str(task),
+            "SLURM_JOB_NODELIST": "localhost",
+            "SLURM_JOB_ID": job_id,
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "clipkit", *args],
+                env=env,
+                text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+        )
+    return [subprocess.CompletedProcess(p.args, p.wait(timeout), *p.communicate()) for p in procs]
+
+
+def test_srun_tasks_form_a_two_rank_job(small_demo, tmp_path):
+    args = [
+        "train",
+        f"hydra.run.dir={tmp_path}",
+        *SMALL_DEMO,
+        "train.steps=6",
+        "train.checkpoint_every=6",
+        "train.log_every=3",
+        "optim.warmup_steps=2",
+        "logging.progress=false",
+        "eval.zeroshot.dataset=",
+        "eval.retrieval.dataset=",
+    ]
+    results = fake_srun(2, args)
+    for r in results:
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert "world size 2" in results[0].stderr
+    trainer = json.loads((tmp_path / "checkpoints" / "step_00000006" / "trainer.json").read_text())
+    assert trainer["world_size"] == 2 and len(trainer["data"]) == 2
+
+
+def test_srun_world_size_enters_validation(tmp_path):
+    """A batch that does not divide over the SLURM tasks is refused by every task before anything starts."""
+    results = fake_srun(2, ["train", f"hydra.run.dir={tmp_path}", "train.global_batch_size=127"], timeout=120)
+    assert all(r.returncode == 2 and "train.global_batch_size=127" in r.stderr for r in results)
