@@ -105,24 +105,27 @@ def find_latest(root: Path) -> Path | None:
     return None
 
 
+def resolve(path: Path) -> Path:
+    """A verified checkpoint dir from a checkpoint dir or a run dir (its newest complete checkpoint)."""
+    path = Path(path).expanduser()
+    if (path / MANIFEST).is_file():
+        verify(path)
+        return path
+    latest = find_latest(path / "checkpoints")
+    if latest is None:
+        raise FileNotFoundError(f"no complete checkpoint in {path} (looked for {path / 'checkpoints'}/step_*)")
+    return latest
+
+
 def weights_file(path: Path) -> Path:
-    """The model weights behind ``path``: a .safetensors file, an exported open_clip folder, a checkpoint dir
-    (verified), or a run dir (its newest complete checkpoint)."""
+    """The model weights behind ``path``: a .safetensors file, an exported open_clip folder, or what ``resolve``
+    accepts (a checkpoint dir or a run dir)."""
     path = Path(path).expanduser()
     if path.is_file():
         return path
     if (path / "open_clip_model.safetensors").is_file():
         return path / "open_clip_model.safetensors"
-    if (path / MANIFEST).is_file():
-        verify(path)
-        return path / "model.safetensors"
-    latest = find_latest(path / "checkpoints")
-    if latest is None:
-        raise FileNotFoundError(
-            f"no weights in {path}: not a .safetensors file, an open_clip export, a checkpoint "
-            "or a run dir with a complete checkpoint"
-        )
-    return latest / "model.safetensors"
+    return resolve(path) / "model.safetensors"
 
 
 # --------------------------------------------------------------------------------------------- file helpers

@@ -142,10 +142,11 @@ def main(argv: list[str] | None = None) -> None:
 def _export(cfg) -> None:
     import torch
 
-    from clipkit.evaluate import load_trained, resolve_checkpoint
+    from clipkit.checkpoint import resolve
+    from clipkit.evaluate import load_trained
     from clipkit.export import ExportError, export
 
-    path = resolve_checkpoint(Path(cfg.checkpoint))
+    path = resolve(Path(cfg.checkpoint))
     built, saved_cfg = load_trained(path, torch.device("cpu"))
     try:
         result = export(built, saved_cfg, cfg.format, Path(cfg.out))

@@ -13,23 +13,11 @@ from omegaconf import OmegaConf
 
 from clipkit import checkpoint as ckpt
 from clipkit import model as model_lib
-from clipkit.config import DataConfig, ModelConfig, RootConfig
+from clipkit.config import DataConfig, RootConfig
 from clipkit.data import ensure_demo
 from clipkit.eval import format_table, run_evals
 
 log = logging.getLogger("clipkit")
-
-
-def resolve_checkpoint(path: Path) -> Path:
-    """A checkpoint dir (verified) from a checkpoint dir or a run dir (its newest complete checkpoint)."""
-    path = Path(path).expanduser()
-    if (path / ckpt.MANIFEST).is_file():
-        ckpt.verify(path)
-        return path
-    latest = ckpt.find_latest(path / "checkpoints")
-    if latest is None:
-        raise FileNotFoundError(f"no complete checkpoint in {path} (looked for {path / 'checkpoints'}/step_*)")
-    return latest
 
 
 def load_trained(path: Path, device: torch.device) -> tuple[model_lib.Built, RootConfig]:
@@ -49,7 +37,7 @@ def evaluate_command(cfg: RootConfig, run_dir: Path) -> dict:
     )
     data_cfg: DataConfig = cfg.data
     if cfg.checkpoint:
-        path = resolve_checkpoint(Path(cfg.checkpoint))
+        path = ckpt.resolve(Path(cfg.checkpoint))
         built, saved_cfg = load_trained(path, device)
         data_cfg = replace(cfg.data, cache_dir=saved_cfg.data.cache_dir, demo=saved_cfg.data.demo)
         source = str(path)
@@ -65,6 +53,3 @@ def evaluate_command(cfg: RootConfig, run_dir: Path) -> dict:
     out.write_text(json.dumps({"model": source, "eval": results, "eval_time_s": time.perf_counter() - t0}, indent=1))
     print(f"evaluation of {source}:\n{format_table(results)}\nwritten to {out}", flush=True)
     return results
-
-
-__all__ = ["evaluate_command", "load_trained", "resolve_checkpoint", "ModelConfig"]

@@ -98,12 +98,13 @@ def test_export_verb_round_trip(finished_run, tmp_path, fmt):
     import open_clip
     import torch
 
-    from clipkit.evaluate import load_trained, resolve_checkpoint
+    from clipkit.checkpoint import resolve
+    from clipkit.evaluate import load_trained
 
     out = tmp_path / fmt
     proc = run_cli("export", f"checkpoint={finished_run[0]}", f"format={fmt}", f"out={out}", check=True)
     assert "reloaded by its consumer" in proc.stdout
-    built, _ = load_trained(resolve_checkpoint(finished_run[0]), torch.device("cpu"))
+    built, _ = load_trained(resolve(finished_run[0]), torch.device("cpu"))
     built.model.eval()
     images = torch.randn(3, 3, built.image_size, built.image_size, generator=torch.Generator().manual_seed(5))
     text = built.tokenizer(["a red circle", "two blue stars on a dark background", "a large green square"])
