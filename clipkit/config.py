@@ -178,7 +178,7 @@ class RootConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     # For ``clipkit eval`` / ``clipkit export``: a run dir, a checkpoint dir or an exported folder.
     checkpoint: Optional[str] = None
-    # For ``clipkit export``: ``open_clip`` (local-dir folder), ``hf`` (transformers CLIPModel folder), ``onnx``.
+    # For ``clipkit export``: ``open_clip`` (local-dir folder), ``hf`` (transformers CLIPModel), ``onnx``, ``towers``.
     format: str = "open_clip"
     out: Optional[str] = None
 

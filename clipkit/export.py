@@ -31,11 +31,14 @@ class ExportError(ValueError):
     pass
 
 
-def _probe_inputs(built: Built, n: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+PROBE_CAPTIONS = [f"a photo of thing number {i}" for i in range(4)]
+
+
+def _probe_inputs(built: Built) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed batch (4 images, 4 captions) on which an export must reproduce the checkpoint's embeddings."""
     g = torch.Generator().manual_seed(0)
-    images = torch.randn(n, 3, built.image_size, built.image_size, generator=g)
-    text = built.tokenizer([f"a photo of thing number {i}" for i in range(n)])
-    return images, text
+    images = torch.randn(len(PROBE_CAPTIONS), 3, built.image_size, built.image_size, generator=g)
+    return images, built.tokenizer(PROBE_CAPTIONS)
 
 
 @torch.no_grad()
@@ -52,13 +55,15 @@ def open_clip_model_cfg(cfg: RootConfig) -> dict:
     return model_cfg
 
 
-def export_open_clip(built: Built, cfg: RootConfig, out: Path) -> dict:
+def write_open_clip_config(built: Built, cfg: RootConfig, out: Path) -> None:
+    """``open_clip_config.json``: the model config and the preprocessing (what ``local-dir:`` loading reads)."""
     out.mkdir(parents=True, exist_ok=True)
-    pre = dict(built.model.visual.preprocess_cfg)
-    pre["size"] = list(pre["size"]) if isinstance(pre["size"], tuple) else pre["size"]
-    (out / "open_clip_config.json").write_text(
-        json.dumps({"model_cfg": open_clip_model_cfg(cfg), "preprocess_cfg": pre}, indent=1, default=list)
-    )
+    meta = {"model_cfg": open_clip_model_cfg(cfg), "preprocess_cfg": dict(built.model.visual.preprocess_cfg)}
+    (out / "open_clip_config.json").write_text(json.dumps(meta, indent=1))
+
+
+def export_open_clip(built: Built, cfg: RootConfig, out: Path) -> dict:
+    write_open_clip_config(built, cfg, out)
     save_file(
         {k: v.detach().contiguous().cpu() for k, v in built.model.state_dict().items()},
         str(out / "open_clip_model.safetensors"),
@@ -73,7 +78,7 @@ def export_open_clip(built: Built, cfg: RootConfig, out: Path) -> dict:
         tok = open_clip.get_tokenizer(f"local-dir:{out}")
         got_img, got_txt = (
             loaded.encode_image(images),
-            loaded.encode_text(tok([f"a photo of thing number {i}" for i in range(len(images))])),
+            loaded.encode_text(tok(PROBE_CAPTIONS)),
         )
     return _check("open_clip", ref_img, ref_txt, got_img, got_txt)
 
@@ -265,11 +270,7 @@ def export_onnx(built: Built, cfg: RootConfig, out: Path) -> dict:
         import onnxruntime as ort
     except ImportError:
         raise ExportError("format=onnx needs onnx and onnxruntime: pip install 'clipkit[onnx]'") from None
-    out.mkdir(parents=True, exist_ok=True)
-    pre = dict(built.model.visual.preprocess_cfg)
-    (out / "open_clip_config.json").write_text(
-        json.dumps({"model_cfg": open_clip_model_cfg(cfg), "preprocess_cfg": pre}, indent=1, default=list)
-    )
+    write_open_clip_config(built, cfg, out)
     built.model.eval()
     images, text = _probe_inputs(built)
     results = {}
