@@ -61,16 +61,11 @@ class _TiledLogSumExp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_lse_B):
         rows_BD, cols_ND, scale, lse_B = ctx.saved_tensors
-        grad_rows = torch.zeros_like(rows_BD)
-        grad_cols = torch.zeros_like(cols_ND)
-        grad_scale = torch.zeros_like(scale)
-        for a, b in _chunks(cols_ND.shape[0], ctx.chunk):
-            dots_BC = rows_BD @ cols_ND[a:b].T
-            # d lse_i / d logit_ij = softmax_ij, weighted by the incoming gradient of row i.
-            weights_BC = torch.exp(scale * dots_BC - lse_B[:, None]) * grad_lse_B[:, None]
-            grad_rows += scale * (weights_BC @ cols_ND[a:b])
-            grad_cols[a:b] = scale * (weights_BC.T @ rows_BD)
-            grad_scale += (weights_BC * dots_BC).sum()
+
+        def dlogits(dots_BC, a, b):  # d lse_i / d logit_ij = softmax_ij, weighted by row i's incoming gradient
+            return torch.exp(scale * dots_BC - lse_B[:, None]) * grad_lse_B[:, None]
+
+        grad_rows, grad_cols, grad_scale, _ = _chunked_backward(rows_BD, cols_ND, scale, ctx.chunk, dlogits)
         return grad_rows, grad_cols, grad_scale, None
 
 
@@ -93,22 +88,33 @@ class _TiledSigmoidLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):
         rows_BD, cols_ND, scale, bias = ctx.saved_tensors
-        grad_rows = torch.zeros_like(rows_BD)
-        grad_cols = torch.zeros_like(cols_ND)
-        grad_scale = torch.zeros_like(scale)
-        grad_bias = torch.zeros_like(bias)
-        for a, b in _chunks(cols_ND.shape[0], ctx.chunk):
-            dots_BC = rows_BD @ cols_ND[a:b].T
-            # d/dz of -logsigmoid(y z) = -y * sigmoid(-y z): sigmoid(z) for negatives, sigmoid(z) - 1 for positives.
+
+        def dlogits(dots_BC, a, b):  # d/dz -logsigmoid(y z) = sigmoid(z) for negatives, sigmoid(z) - 1 for positives
             dz_BC = torch.sigmoid(scale * dots_BC + bias)
             i, j = _positives_in(ctx.offset, rows_BD.shape[0], a, b, rows_BD.device)
             dz_BC[i, j] -= 1
-            dz_BC *= grad_total
-            grad_rows += scale * (dz_BC @ cols_ND[a:b])
-            grad_cols[a:b] = scale * (dz_BC.T @ rows_BD)
-            grad_scale += (dz_BC * dots_BC).sum()
-            grad_bias += dz_BC.sum()
+            return dz_BC * grad_total
+
+        grad_rows, grad_cols, grad_scale, grad_bias = _chunked_backward(rows_BD, cols_ND, scale, ctx.chunk, dlogits)
         return grad_rows, grad_cols, grad_scale, grad_bias, None, None
+
+
+def _chunked_backward(rows_BD, cols_ND, scale, chunk: int, dlogits):
+    """Backward through logits ``z = scale * rows @ cols.T (+ bias)``, recomputed ``chunk`` columns at a time.
+
+    ``dlogits(dots_BC, a, b)`` gives dL/dz for columns [a, b). Returns the gradients of rows, cols and scale,
+    and the sum of dL/dz (the gradient of an additive bias).
+    """
+    grad_rows, grad_cols = torch.zeros_like(rows_BD), torch.zeros_like(cols_ND)
+    grad_scale, grad_shift = torch.zeros_like(scale), torch.zeros_like(scale)
+    for a, b in _chunks(cols_ND.shape[0], chunk):
+        dots_BC = rows_BD @ cols_ND[a:b].T
+        dz_BC = dlogits(dots_BC, a, b)
+        grad_rows += scale * (dz_BC @ cols_ND[a:b])
+        grad_cols[a:b] = scale * (dz_BC.T @ rows_BD)
+        grad_scale += (dz_BC * dots_BC).sum()
+        grad_shift += dz_BC.sum()
+    return grad_rows, grad_cols, grad_scale, grad_shift
 
 
 def _positives_in(offset: int, num_rows: int, a: int, b: int, device) -> tuple[torch.Tensor, torch.Tensor]:
