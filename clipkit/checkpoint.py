@@ -43,26 +43,49 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save(root: Path, step: int, write: Callable[[Path], None], keep_last: int = 0, meta: dict | None = None) -> Path:
-    """Runs ``write(tmp_dir)``, adds the manifest, renames into place, prunes to ``keep_last``; returns the dir."""
+def save(
+    root: Path,
+    step: int,
+    write: Callable[[Path], None],
+    keep_last: int = 0,
+    meta: dict | None = None,
+    *,
+    is_main: bool = True,
+    barrier: Callable[[], None] = lambda: None,
+) -> Path:
+    """Writes checkpoint ``step`` under ``root``; returns its dir. Called by every rank of a job.
+
+    The main rank creates the temporary dir; every rank runs ``write(tmp_dir)`` (sharded engines write their
+    own shards; the shared dir must be on a file system all ranks see); then the main rank adds the manifest
+    (every file, subfolders included), renames the dir into place and prunes to ``keep_last``.
+    """
     root = Path(root)
     final = step_dir(root, step)
-    tmp = root / f".tmp_{final.name}_{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = root / f".tmp_{final.name}"  # the same name on every rank and node
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a run killed mid-save
+        tmp.mkdir(parents=True)
+    barrier()
     write(tmp)
-    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir()) if p.is_file()}
-    manifest = {"step": step, "files": files, **(meta or {})}
-    with open(tmp / MANIFEST, "w") as f:
-        json.dump(manifest, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    if keep_last > 0:
-        for old in list_steps(root)[:-keep_last]:
-            shutil.rmtree(step_dir(root, old), ignore_errors=True)
+    barrier()
+    if is_main:
+        files = {
+            p.relative_to(tmp).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+            for p in sorted(tmp.rglob("*"))
+            if p.is_file()
+        }
+        manifest = {"step": step, "files": files, **(meta or {})}
+        with open(tmp / MANIFEST, "w") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if keep_last > 0:
+            for old in list_steps(root)[:-keep_last]:
+                shutil.rmtree(step_dir(root, old), ignore_errors=True)
+    barrier()
     return final
 
 

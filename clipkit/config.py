@@ -160,9 +160,20 @@ class LoggingConfig:
 
 @dataclass
 class ParallelConfig:
+    # ``ddp`` (torch DDP; a single process needs no wrapper) or DeepSpeed ``zero1`` / ``zero2`` / ``zero3``.
     engine: str = "ddp"
-    # Collective timeout: a dead rank makes the others fail after this long instead of hanging.
+    # Collective timeout: a rank that dies or stalls makes the others fail after this long instead of hanging.
     timeout_s: int = 600
+    # DeepSpeed only (the JSON is generated from these and from train/optim; there is no second file):
+    # keep optimizer state (and, for zero3, parameters) in CPU memory.
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    # Overlap gradient reduction with backward (DeepSpeed supports it with clipkit's accumulation on zero2 only).
+    overlap_comm: bool = True
+    # Gradient reduce / parameter all-gather bucket size, in millions of elements.
+    bucket_size_m: int = 200
+    # On SIGUSR1 (SLURM's --signal) after the checkpoint: ``scontrol requeue $SLURM_JOB_ID`` from rank 0.
+    requeue: bool = True
 
 
 @dataclass
@@ -197,7 +208,7 @@ _CHOICES = {
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.resume": ("auto", "never"),
     "logging.wandb_mode": ("offline", "online", "disabled"),
-    "parallel.engine": ("ddp",),
+    "parallel.engine": ("ddp", "zero1", "zero2", "zero3"),
     "format": ("open_clip", "hf", "onnx", "towers"),
 }
 _POSITIVE = (
@@ -210,6 +221,7 @@ _POSITIVE = (
     "optim.lr",
     "optim.eps",
     "parallel.timeout_s",
+    "parallel.bucket_size_m",
     "data.prefetch_factor",
     "data.demo.image_size",
     "data.demo.num_train",
@@ -286,6 +298,7 @@ def validate(cfg: RootConfig, verb: str = "train", world_size: Optional[int] = N
         )
     _validate_loss(cfg)
     _validate_model(cfg)
+    _validate_parallel(cfg)
     if verb == "train":
         sources = _validate_shards("data.train", cfg.data.train, allow_pipe=cfg.data.allow_pipe)
         if cfg.data.mode == "epoch" and any(s.weight != 1.0 for s in sources):
@@ -353,6 +366,18 @@ def _validate_model(cfg: RootConfig) -> None:
             m.pretrained,
             "not a local file: clipkit loads weights offline only; download the weights and pass their path",
         )
+
+
+def _validate_parallel(cfg: RootConfig) -> None:
+    p = cfg.parallel
+    if p.engine == "ddp":
+        for key in ("offload_optimizer", "offload_params"):
+            if getattr(p, key):
+                raise ConfigError(f"parallel.{key}", True, "offload needs a DeepSpeed engine (parallel=zero1|2|3)")
+    elif cfg.train.precision == "fp16":
+        raise ConfigError("train.precision", "fp16", "ZeRO engines run bf16 or fp32 (no fp16 loss scaler)")
+    elif p.offload_params and p.engine != "zero3":
+        raise ConfigError("parallel.offload_params", True, f"parameter offload needs parallel=zero3, not {p.engine}")
 
 
 def _validate_loss(cfg: RootConfig) -> None:

@@ -1,17 +1,26 @@
 """Engines: how the model is wrapped, how backward/step run, and what they checkpoint.
 
-The training loop talks only to ``Engine``; data-parallel strategies are siblings behind it, so the loop has
-no per-strategy branches. ``LocalEngine`` (one process) and ``DDPEngine`` (torch DDP) live here.
+The training loop talks only to this interface; data-parallel strategies are siblings behind it, so the loop
+has no per-strategy branches:
+
+    forward(images, text) -> outputs        backward(outputs, grads)    no_sync()  (accumulation)
+    check_finite(loss)                      step() -> grad norm         lr
+    save(dir) / load(dir)  (collective)     full_params()  (a context in which ``model`` holds every weight)
+
+``LocalEngine`` (one process) and ``DDPEngine`` (torch DDP) live here; ``clipkit.zero.DeepSpeedEngine``
+(ZeRO-1/2/3) is the third sibling.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from clipkit import checkpoint as ckpt
 from clipkit.config import RootConfig
 from clipkit.distributed import DistEnv
 from clipkit.optim import build_optimizer, build_scheduler
@@ -99,6 +108,21 @@ class LocalEngine:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
+    def full_params(self):
+        """Context in which ``self.model`` holds all of its weights (eval, export); trivial when unsharded."""
+        return contextlib.nullcontext()
+
+    def save(self, path: Path) -> None:
+        """Writes the model and the engine state into checkpoint dir ``path``; called on every rank."""
+        if self.rank == 0:
+            ckpt.save_tensors(path / "model.safetensors", self.model.state_dict())
+            ckpt.save_torch(path / "engine.pt", self.state_dict())
+
+    def load(self, path: Path) -> None:
+        """Restores what ``save`` wrote (the checkpoint was verified before)."""
+        self.model.load_state_dict(ckpt.load_tensors(path / "model.safetensors", self.device))
+        self.load_state_dict(ckpt.load_torch(path / "engine.pt"))
+
     def state_dict(self) -> dict:
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
         if self.scaler:
@@ -123,4 +147,9 @@ class DDPEngine(LocalEngine):
 
 
 def build_engine(model: torch.nn.Module, cfg: RootConfig, env: DistEnv) -> LocalEngine:
+    """The engine ``parallel.engine`` names (DeepSpeed is imported only when asked for)."""
+    if cfg.parallel.engine.startswith("zero"):
+        from clipkit.zero import DeepSpeedEngine
+
+        return DeepSpeedEngine(model, cfg, env)
     return (DDPEngine if env.world_size > 1 else LocalEngine)(model, cfg, env.device, env.rank)

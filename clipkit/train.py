@@ -41,6 +41,7 @@ RESUME_MUTABLE = (
     "format",
     "out",
     "parallel.timeout_s",
+    "parallel.requeue",
 )
 
 
@@ -82,17 +83,16 @@ def build_loader(cfg: RootConfig, built: model_lib.Built, env: distributed.DistE
 
 
 def save_checkpoint(run_dir: Path, cfg: RootConfig, env, engine, loader: TrainLoader, state: TrainState) -> Path:
-    """Every rank contributes its data position and RNG; rank 0 writes the directory."""
+    """A collective: every rank contributes its data position and RNG (and, for sharded engines, its shards);
+    rank 0 writes the shared files."""
     data_states = distributed.all_gather_object(loader.state_dict())
     rng_states = distributed.all_gather_object(
         {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if env.device.type == "cuda" else None}
     )
-    path = None
-    if env.is_main:
 
-        def write(tmp: Path) -> None:
-            ckpt.save_tensors(tmp / "model.safetensors", engine.model.state_dict())
-            ckpt.save_torch(tmp / "engine.pt", engine.state_dict())
+    def write(tmp: Path) -> None:
+        engine.save(tmp)
+        if env.is_main:
             ckpt.save_torch(tmp / "rng.pt", rng_states)
             ckpt.save_json(
                 tmp / "trainer.json",
@@ -105,15 +105,15 @@ def save_checkpoint(run_dir: Path, cfg: RootConfig, env, engine, loader: TrainLo
             )
             (tmp / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
-        path = ckpt.save(
-            run_dir / "checkpoints",
-            state.step,
-            write,
-            keep_last=cfg.train.keep_last,
-            meta={"clipkit_version": clipkit.__version__},
-        )
-    distributed.barrier()
-    return path or ckpt.step_dir(run_dir / "checkpoints", state.step)
+    return ckpt.save(
+        run_dir / "checkpoints",
+        state.step,
+        write,
+        keep_last=cfg.train.keep_last,
+        meta={"clipkit_version": clipkit.__version__},
+        is_main=env.is_main,
+        barrier=distributed.barrier,
+    )
 
 
 def _config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
@@ -149,8 +149,7 @@ def resume(run_dir: Path, cfg: RootConfig, env, engine, loader: TrainLoader, sta
             f"checkpoint {path} was written by {trainer['world_size']} ranks, this run has "
             f"{env.world_size}: the data stream cannot resume exactly; relaunch with the same world size"
         )
-    engine.model.load_state_dict(ckpt.load_tensors(path / "model.safetensors", env.device))
-    engine.load_state_dict(ckpt.load_torch(path / "engine.pt"))
+    engine.load(path)
     loader.load_state_dict(trainer["data"][env.rank])
     rng = ckpt.load_torch(path / "rng.pt")[env.rank]
     torch.set_rng_state(rng["torch"])
@@ -160,10 +159,11 @@ def resume(run_dir: Path, cfg: RootConfig, env, engine, loader: TrainLoader, sta
     return path
 
 
-def evaluate(cfg: RootConfig, built, env, demo: Path | None) -> dict:
+def evaluate(cfg: RootConfig, built, env, engine, demo: Path | None) -> dict:
     """Rank 0 evaluates; the others wait (distributed eval comes with the eval suite)."""
-    results = run_evals(built, cfg.eval, env.device, demo) if env.is_main else {}
-    distributed.barrier()
+    with engine.full_params():
+        results = run_evals(built, cfg.eval, env.device, demo) if env.is_main else {}
+        distributed.barrier()
     return results
 
 
@@ -224,6 +224,7 @@ def train(cfg: RootConfig, run_dir: Path) -> dict:
         meter.add(global_batch, data_wait)
 
         if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
+            loss_value = distributed.mean_over_ranks(loss_value, env.device)  # each rank's loss covers its rows
             samples_per_s, wait_pct = meter.rate()
             record = {
                 "step": state.step,
@@ -245,14 +246,14 @@ def train(cfg: RootConfig, run_dir: Path) -> dict:
             save_checkpoint(run_dir, cfg, env, engine, loader, state)
             last_saved = state.step
         if cfg.eval.every and state.step % cfg.eval.every == 0 and state.step < cfg.train.steps:
-            results = evaluate(cfg, built, env, demo)
+            results = evaluate(cfg, built, env, engine, demo)
             logger.log({"step": state.step, "samples_seen": state.samples_seen, "eval": results})
             logger.write(f"eval @ step {state.step}:\n{format_table(results)}")
 
     if last_saved != state.step:
         save_checkpoint(run_dir, cfg, env, engine, loader, state)
     logger.close()
-    results = evaluate(cfg, built, env, demo)
+    results = evaluate(cfg, built, env, engine, demo)
     summary = {
         "step": state.step,
         "samples_seen": state.samples_seen,

@@ -1,0 +1,227 @@
+"""DeepSpeed ZeRO-1/2/3: the third engine, a sibling of ``LocalEngine`` / ``DDPEngine`` (``parallel=zero1|2|3``).
+
+What DeepSpeed does here: partitions optimizer state (1), gradients (2) and parameters (3) over the ranks,
+reduces gradients, clips, and steps the *client* torch AdamW (so no fused_adam op has to be compiled). What
+stays clipkit's: the forward under torch autocast with fp32 weights (the same numerics as DDP: bf16 matmuls,
+fp32 master weights, fp32 gradient reduction), the loss, gradient caching and the schedule.
+
+Choices worth knowing:
+- The DeepSpeed JSON is generated from the typed config (``deepspeed_config``) and written into each
+  checkpoint for the record; there is no second hand-edited file that could disagree with it.
+- Accumulation uses DeepSpeed's unmanaged mode: every ``backward`` only accumulates locally and ``step``
+  reduces once, which is what gradient caching's K re-forwards need (``no_sync`` is then a no-op).
+- Gradients of several outputs (gradient caching) enter DeepSpeed's ``backward(loss)`` as the surrogate
+  scalar sum(output * grad), whose gradient with respect to each output is exactly ``grad``.
+- ZeRO-3 runs ``encode_image`` / ``encode_text`` inside the model's ``forward``, so DeepSpeed's hooks gather
+  every weight, top-level ones (``logit_scale``, ``positional_embedding``, ``text_projection``) included.
+  Eval and export wrap the model in ``full_params()``; checkpoints hold DeepSpeed's own shards (optimizer
+  state, fp32 partitions) under ``deepspeed/`` plus the consolidated ``model.safetensors`` that ``clipkit
+  eval`` / ``export`` / ``model.init_from`` read without DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from clipkit import checkpoint as ckpt
+from clipkit.config import RootConfig, micro_batch_size
+from clipkit.distributed import DistEnv
+from clipkit.optim import build_optimizer, build_scheduler
+from clipkit.parallel import MAX_LOGIT_SCALE, LocalEngine, NonFiniteLossError, autocast_dtype
+
+log = logging.getLogger("clipkit")
+TAG = "deepspeed"  # the DeepSpeed checkpoint's folder inside clipkit's checkpoint dir
+
+
+def deepspeed_config(cfg: RootConfig, world_size: int) -> dict:
+    """The DeepSpeed JSON for ``parallel=zero1|2|3``, derived from clipkit's config alone."""
+    stage = int(cfg.parallel.engine.removeprefix("zero"))
+    micro = micro_batch_size(cfg, world_size)
+    bucket = cfg.parallel.bucket_size_m * 1_000_000
+    zero: dict = {
+        "stage": stage,
+        # DeepSpeed accepts overlap with unmanaged accumulation on stage 2 only.
+        "overlap_comm": cfg.parallel.overlap_comm and stage == 2,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": bucket,
+    }
+    if stage < 3:
+        zero["allgather_bucket_size"] = bucket
+    else:
+        zero["stage3_prefetch_bucket_size"] = bucket
+        zero["stage3_param_persistence_threshold"] = 10_000
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if cfg.parallel.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if cfg.parallel.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return {
+        "train_batch_size": cfg.train.global_batch_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": cfg.train.global_batch_size // (micro * world_size),
+        "managed_gradient_accumulation": False,
+        "gradient_clipping": cfg.optim.grad_clip_norm,
+        "zero_optimization": zero,
+        # Mixed precision is torch autocast around the forward (LocalEngine.autocast), weights stay fp32:
+        # DeepSpeed's own bf16/fp16 modes would keep half-precision weights and change the numerics.
+        "bf16": {"enabled": False},
+        "fp16": {"enabled": False},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _hold_scalars_as_vectors(model: torch.nn.Module) -> list[str]:
+    """Re-registers the model's 0-d parameters (``logit_scale``, ``logit_bias``) as 1-element vectors.
+
+    DeepSpeed 0.19 cannot broadcast (``view(uint8)``) or partition 0-d tensors. Inside the engine they are
+    shape [1]; ``state_dict()`` / ``load_state_dict()`` (hooks) keep open_clip's 0-d shapes for checkpoints
+    and exports, and ``forward`` hands the loss 0-d views.
+    """
+    names = []
+    for name, param in list(model.named_parameters()):
+        if param.dim() == 0:
+            owner_name, _, attr = name.rpartition(".")
+            owner = model.get_submodule(owner_name) if owner_name else model
+            setattr(owner, attr, torch.nn.Parameter(param.detach().reshape(1), requires_grad=param.requires_grad))
+            names.append(name)
+
+    def to_scalars(module, state, prefix, local_metadata):
+        for name in names:
+            if prefix + name in state and state[prefix + name].numel() == 1:  # (ZeRO-3 partitions are empty)
+                state[prefix + name] = state[prefix + name].reshape(())
+
+    def to_vectors(module, state, prefix, *args):
+        for name in names:
+            if prefix + name in state and state[prefix + name].dim() == 0:
+                state[prefix + name] = state[prefix + name].reshape(1)
+
+    model.register_state_dict_post_hook(to_scalars)
+    model.register_load_state_dict_pre_hook(to_vectors)
+    return names
+
+
+def _ensure_process_group(env: DistEnv, timeout_s: int) -> None:
+    """DeepSpeed always needs a process group and the torchrun variables, also for a single process."""
+    import datetime
+
+    defaults = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    if not dist.is_initialized():
+        dist.init_process_group(
+            "nccl" if env.device.type == "cuda" else "gloo",
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+
+
+class DeepSpeedEngine(LocalEngine):
+    """``deepspeed.initialize`` around the open_clip model and a client AdamW + warmup/cosine schedule."""
+
+    def __init__(self, model: torch.nn.Module, cfg: RootConfig, env: DistEnv):
+        import deepspeed
+
+        _ensure_process_group(env, cfg.parallel.timeout_s)
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), timeout=None)
+        self.rank, self.device, self.model = env.rank, env.device, model
+        self.amp_dtype = autocast_dtype(cfg.train.precision, env.device)
+        self.scaler = None  # fp16 is refused for ZeRO by config validation; bf16 needs no loss scaling
+        self.grad_clip_norm = cfg.optim.grad_clip_norm
+        self.stage = int(cfg.parallel.engine.removeprefix("zero"))
+        self.ds_config = deepspeed_config(cfg, env.world_size)
+        self.scalar_names = _hold_scalars_as_vectors(model)  # before the optimizer sees the parameters
+        optimizer = build_optimizer(model, cfg.optim, env.device)
+        scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+        self.module, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config, dist_init_required=False
+        )
+        self.module.train()
+
+    def forward(self, images: torch.Tensor, text: torch.Tensor) -> dict:
+        out = super().forward(images, text)
+        for key in ("logit_scale", "logit_bias"):
+            if out.get(key) is not None:
+                out[key] = out[key].reshape(())
+        return out
+
+    def backward(self, outputs: list[torch.Tensor], grads: list[torch.Tensor] | None = None) -> None:
+        if grads is None:
+            (loss,) = outputs
+        else:
+            loss = sum((o * g.detach()).sum() for o, g in zip(outputs, grads, strict=True))
+        self.module.backward(loss, scale_wrt_gas=False)
+
+    def no_sync(self):
+        return contextlib.nullcontext()  # unmanaged accumulation: backward never reduces; step does
+
+    def check_finite(self, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss.detach()).all():
+            raise NonFiniteLossError(
+                f"non-finite loss {loss.item()} at step {self.module.global_steps + 1} "
+                f"on rank {self.rank}; no update was applied"
+            )
+
+    def step(self) -> float:
+        self.module.step()  # reduce (scatter), clip, AdamW, schedule, zero_grad
+        grad_norm = self.module.get_global_grad_norm()
+        self._clamp_logit_scale()
+        return float(grad_norm) if grad_norm is not None else float("nan")
+
+    def _clamp_logit_scale(self) -> None:
+        """Clamps the temperature in DeepSpeed's fp32 master copy and in the module's working copy."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+        param = self.model.logit_scale
+        master = safe_get_full_fp32_param(param)  # collective under ZeRO-3
+        if master is None or 0 <= float(master) <= MAX_LOGIT_SCALE:
+            return
+        safe_set_full_fp32_param(param, master.clamp(0, MAX_LOGIT_SCALE))
+        with self.full_params(modifier_rank=0), torch.no_grad():
+            param.clamp_(0, MAX_LOGIT_SCALE)
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def full_params(self, modifier_rank: int | None = None):
+        if self.stage < 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=modifier_rank)
+
+    def save(self, path: Path) -> None:
+        """DeepSpeed's shards (every rank) under ``deepspeed/``; rank 0 adds the full fp32 weights."""
+        self.module.save_checkpoint(str(path), tag=TAG, save_latest=False)
+        if self.stage == 3:
+            weights = self.module._zero3_consolidated_16bit_state_dict()  # collective; fp32 here (no half mode)
+            if weights is not None:  # built from the parameters, not state_dict(): restore the 0-d shapes
+                weights = {k: v.reshape(()) if k in self.scalar_names else v for k, v in weights.items()}
+        else:
+            weights = self.model.state_dict() if self.rank == 0 else None
+        if self.rank == 0:
+            ckpt.save_tensors(path / "model.safetensors", weights)
+            ckpt.save_json(path / "deepspeed_config.json", self.ds_config)
+
+    def load(self, path: Path) -> None:
+        loaded, _ = self.module.load_checkpoint(
+            str(path), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if loaded is None:
+            raise ckpt.CorruptCheckpoint(f"{path / TAG}: DeepSpeed could not load its checkpoint")
+
+    def state_dict(self) -> dict:
+        raise NotImplementedError("DeepSpeed state is saved by save(); see DeepSpeedEngine.save")
