@@ -298,7 +298,7 @@ def validate(cfg: RootConfig, verb: str = "train", world_size: Optional[int] = N
         )
     _validate_loss(cfg)
     _validate_model(cfg)
-    _validate_parallel(cfg)
+    _validate_parallel(cfg, world_size)
     if verb == "train":
         sources = _validate_shards("data.train", cfg.data.train, allow_pipe=cfg.data.allow_pipe)
         if cfg.data.mode == "epoch" and any(s.weight != 1.0 for s in sources):
@@ -368,7 +368,7 @@ def _validate_model(cfg: RootConfig) -> None:
         )
 
 
-def _validate_parallel(cfg: RootConfig) -> None:
+def _validate_parallel(cfg: RootConfig, world_size: int) -> None:
     p = cfg.parallel
     if p.engine == "ddp":
         for key in ("offload_optimizer", "offload_params"):
@@ -376,6 +376,14 @@ def _validate_parallel(cfg: RootConfig) -> None:
                 raise ConfigError(f"parallel.{key}", True, "offload needs a DeepSpeed engine (parallel=zero1|2|3)")
     elif cfg.train.precision == "fp16":
         raise ConfigError("train.precision", "fp16", "ZeRO engines run bf16 or fp32 (no fp16 loss scaler)")
+    elif p.engine == "zero3" and micro_batch_size(cfg, world_size) * world_size < cfg.train.global_batch_size:
+        # Measured: DeepSpeed 0.19.8's stage 3 gives wrong gradients from the second step on when one step
+        # runs several backward passes (gradient caching); stages 1 and 2 match one process.
+        raise ConfigError(
+            "train.micro_batch_size",
+            cfg.train.micro_batch_size,
+            "gradient caching (micro-batches) is not supported with parallel=zero3; use zero2 or a larger micro-batch",
+        )
     elif p.offload_params and p.engine != "zero3":
         raise ConfigError("parallel.offload_params", True, f"parameter offload needs parallel=zero3, not {p.engine}")
 

@@ -78,10 +78,13 @@ def runs(tmp_path_factory, cache_dir) -> dict[str, Path]:
     for engine in ("ddp", "zero1", "zero2", "zero3"):
         torchrun(root / engine, f"parallel={engine}")
         out[engine] = root / engine
+    # Gradient caching under ZeRO-2: 2 micro-batches of 64 per rank make the same global batch of 256.
+    torchrun(root / "zero2_cached", "parallel=zero2", "train.micro_batch_size=64")
+    out["zero2_cached"] = root / "zero2_cached"
     return out
 
 
-@pytest.mark.parametrize("engine", ["ddp", "zero1", "zero2", "zero3"])
+@pytest.mark.parametrize("engine", ["ddp", "zero1", "zero2", "zero3", "zero2_cached"])
 def test_engine_matches_single_process(runs, engine):
     ref, got = final_weights(runs["single"]), final_weights(runs[engine])
     assert got.keys() == ref.keys()

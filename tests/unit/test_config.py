@@ -33,6 +33,13 @@ BAD_CONFIGS = [
     (["loss.chunk_size=-5"], "loss.chunk_size='-5'"),
     (["loss.impl=ring"], "loss.impl='ring'"),
     (["train.global_batch_size=128", "train.micro_batch_size=48"], "train.global_batch_size=128"),  # K not integral
+    (["parallel=zero4"], "parallel/zero4"),  # unknown engine preset
+    (["parallel.engine=fsdp"], "parallel.engine='fsdp'"),
+    (["parallel.offload_optimizer=true"], "parallel.offload_optimizer"),  # offload without DeepSpeed
+    (["parallel=zero2", "parallel.offload_params=true"], "parallel.offload_params"),  # param offload needs zero3
+    (["parallel=zero2", "train.precision=fp16"], "train.precision='fp16'"),
+    (["parallel=zero3", "train.micro_batch_size=32"], "train.micro_batch_size=32"),  # caching under zero3
+    (["parallel.timeout_s=0"], "parallel.timeout_s=0"),
 ]
 
 
