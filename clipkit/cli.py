@@ -172,6 +172,19 @@ def _train(cfg, run_dir: Path) -> None:
         train(cfg, run_dir)
     except (DataError, ResumeError, ShardSpecError) as err:
         _fail(f"error: {err}", 1)
+    except RuntimeError as err:
+        from clipkit.distributed import is_peer_failure
+
+        if not is_peer_failure(err):
+            raise
+        rank = os.environ.get("RANK", "?")
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        _fail(
+            f"error on rank {rank}: a collective failed or exceeded parallel.timeout_s={cfg.parallel.timeout_s}: "
+            f"another rank died, stalled or was killed (see its log); the last complete checkpoint resumes. "
+            f"[{first_line}]",
+            1,
+        )
 
 
 if __name__ == "__main__":

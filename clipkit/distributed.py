@@ -145,6 +145,15 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def is_peer_failure(err: BaseException) -> bool:
+    """Whether ``err`` is a collective that failed because another rank died, stalled or timed out."""
+    if isinstance(err, getattr(dist, "DistError", ())):
+        return True
+    text = str(err)
+    markers = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer", "NCCL", "gloo/transport")
+    return isinstance(err, RuntimeError) and any(m in text for m in markers)
+
+
 def destroy() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

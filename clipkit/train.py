@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from clipkit.eval import format_table, run_evals
 from clipkit.loss import build_loss
 from clipkit.metrics import RunLogger, Throughput
 from clipkit.parallel import build_engine
+from clipkit.preempt import Preemption, requeue_slurm_job
 
 log = logging.getLogger("clipkit")
 
@@ -168,6 +170,16 @@ def evaluate(cfg: RootConfig, built, env, engine, demo: Path | None) -> dict:
 
 
 def train(cfg: RootConfig, run_dir: Path) -> dict:
+    """Builds, resumes and runs the loop; on any error the loader's workers are stopped before it propagates."""
+    loaders: list[TrainLoader] = []
+    try:
+        return _train(cfg, Path(run_dir), loaders)
+    finally:
+        for loader in loaders:
+            loader.close()
+
+
+def _train(cfg: RootConfig, run_dir: Path, loaders: list) -> dict:
     env = distributed.init(cfg.train.device, cfg.parallel.timeout_s)
     run_dir = Path(run_dir)
     uses_demo = "demo" in (cfg.data.train, cfg.eval.zeroshot.dataset, cfg.eval.retrieval.dataset)
@@ -183,6 +195,7 @@ def train(cfg: RootConfig, run_dir: Path) -> dict:
     step_fn = make_step(num_micro)
     normalize = DeviceNormalize(built.mean, built.std).to(env.device)
     loader = build_loader(cfg, built, env, demo)
+    loaders.append(loader)
     state = TrainState()
     resumed = resume(run_dir, cfg, env, engine, loader, state)
     global_batch = cfg.train.global_batch_size
@@ -206,6 +219,7 @@ def train(cfg: RootConfig, run_dir: Path) -> dict:
     )
 
     meter, t_start, last_saved = Throughput(), time.perf_counter(), state.step if resumed else -1
+    preemption, stop_signal = Preemption(), 0
     built.model.train()
     while state.step < cfg.train.steps:
         t0 = time.perf_counter()
@@ -249,9 +263,21 @@ def train(cfg: RootConfig, run_dir: Path) -> dict:
             results = evaluate(cfg, built, env, engine, demo)
             logger.log({"step": state.step, "samples_seen": state.samples_seen, "eval": results})
             logger.write(f"eval @ step {state.step}:\n{format_table(results)}")
+        stop_signal = preemption.agreed(env.device)  # any rank's SIGTERM/SIGUSR1 stops every rank here
+        if stop_signal:
+            break
 
     if last_saved != state.step:
         save_checkpoint(run_dir, cfg, env, engine, loader, state)
+    preemption.close()
+    if stop_signal:
+        name = signal.Signals(stop_signal).name
+        logger.write(f"{name}: stopped after step {state.step} with a complete checkpoint; the same command resumes")
+        logger.close()
+        if stop_signal == signal.SIGUSR1 and cfg.parallel.requeue and env.is_main:
+            requeue_slurm_job()
+        distributed.destroy()
+        return {"step": state.step, "samples_seen": state.samples_seen, "stopped_by": name}
     logger.close()
     results = evaluate(cfg, built, env, engine, demo)
     summary = {

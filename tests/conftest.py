@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -50,3 +51,25 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600, check: bo
     if check and proc.returncode != 0:
         raise AssertionError(f"clipkit {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def srun_tasks(ntasks: int, args: list[str], extra_env: dict | None = None) -> list[subprocess.Popen]:
+    """Starts what `srun --ntasks=N python -m clipkit ARGS` starts on one node: N tasks with SLURM's variables
+    (and none of torchrun's), stdout/stderr piped."""
+    job_id = str(random.randint(1000, 9999))
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
+    slurm = {"SLURM_NTASKS": str(ntasks), "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": job_id}
+    return [
+        subprocess.Popen(
+            [sys.executable, "-m", "clipkit", *args],
+            env={**base, **slurm, "SLURM_PROCID": str(task), "SLURM_LOCALID": str(task), **(extra_env or {})},
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for task in range(ntasks)
+    ]

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from clipkit.data import transforms
 from clipkit.data.shards import ShardSpecError, expand_spec, shard_size
 from clipkit.data.stream import MISSING, Shard, StreamPlan, iter_slot
+from clipkit.preempt import ignore_in_worker
 
 STATE_VERSION = 1
 
@@ -196,7 +197,9 @@ class TrainLoader:
         )
         kwargs = dict(num_workers=self.num_workers, batch_size=None, pin_memory=self.pin_memory)
         if self.num_workers:
-            kwargs.update(prefetch_factor=self.prefetch_factor, persistent_workers=False)
+            kwargs.update(
+                prefetch_factor=self.prefetch_factor, persistent_workers=False, worker_init_fn=ignore_in_worker
+            )
         return iter(DataLoader(dataset, **kwargs))
 
     def __iter__(self):
@@ -247,6 +250,13 @@ class TrainLoader:
             "bad_urls": dict(self.bad_urls.most_common(100)),
             "samples_delivered": self.samples_delivered,
         }
+
+    def close(self) -> None:
+        """Stops the worker processes now (they ignore SIGTERM, so they must not be left to interpreter exit)."""
+        it, self._iter = self._iter, None
+        shutdown = getattr(it, "_shutdown_workers", None)  # torch's graceful path: done event, join
+        if shutdown is not None:
+            shutdown()
 
     def load_state_dict(self, state: dict) -> None:
         mine = self.state_dict()

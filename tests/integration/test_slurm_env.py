@@ -3,41 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import random
 import subprocess
-import sys
 
-from tests.conftest import SMALL_DEMO
+from tests.conftest import SMALL_DEMO, srun_tasks
 
 
 def fake_srun(ntasks: int, args: list[str], timeout: float = 600) -> list[subprocess.CompletedProcess]:
     """What `srun --ntasks=N python -m clipkit ...` does on one node: N tasks, SLURM variables, no torchrun ones."""
-    job_id = str(random.randint(1000, 9999))
-    base = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    }
-    procs = []
-    for task in range(ntasks):
-        env = {
-            **base,
-            "SLURM_PROCID": str(task),
-            "SLURM_NTASKS": str(ntasks),
-            "SLURM_LOCALID": str(task),
-            "SLURM_JOB_NODELIST": "localhost",
-            "SLURM_JOB_ID": job_id,
-        }
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "clipkit", *args],
-                env=env,
-                text=True,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-            )
-        )
+    procs = srun_tasks(ntasks, args)
     return [subprocess.CompletedProcess(p.args, p.wait(timeout), *p.communicate()) for p in procs]
 
 

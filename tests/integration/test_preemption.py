@@ -1,0 +1,102 @@
+"""Preemption and failure: a signal on one rank checkpoints every rank and resumes exactly; a stalled rank does not
+hang the others past parallel.timeout_s. Ranks are started as SLURM tasks (fake srun), i.e. without torchrun's
+agent, so nothing but clipkit itself reacts to the signal or the stall."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import time
+from pathlib import Path
+
+from tests.conftest import SMALL_DEMO, srun_tasks
+
+STEPS = 24
+ARGS = [
+    *SMALL_DEMO,
+    f"train.steps={STEPS}",
+    "train.global_batch_size=64",
+    "train.checkpoint_every=1000",
+    "train.log_every=1",
+    "optim.warmup_steps=2",
+    "logging.progress=false",
+    "eval.zeroshot.dataset=",
+    "eval.retrieval.dataset=",
+]
+
+
+def logged_steps(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def wait_for_step(run_dir: Path, step: int, procs, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(r["step"] >= step for r in logged_steps(run_dir)):
+        assert time.monotonic() < deadline, "run did not reach the step in time"
+        assert all(p.poll() is None for p in procs), "a rank exited early"
+        time.sleep(0.2)
+
+
+def finish(procs, timeout: float = 300) -> list[tuple[int, str]]:
+    return [(p.wait(timeout), p.communicate()[1]) for p in procs]
+
+
+def checkpoints(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+
+
+def test_sigterm_on_one_rank_checkpoints_all_and_resumes_exactly(small_demo, tmp_path):
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    for rc, err in finish(srun_tasks(2, ["train", f"hydra.run.dir={ref_dir}", *ARGS])):
+        assert rc == 0, err[-2000:]
+
+    procs = srun_tasks(2, ["train", f"hydra.run.dir={run_dir}", *ARGS])
+    wait_for_step(run_dir, 5, procs)
+    procs[1].send_signal(signal.SIGTERM)  # rank 1 only: rank 0 learns it from the step-boundary agreement
+    (rc0, err0), (rc1, err1) = finish(procs)
+    assert rc0 == 0 and rc1 == 0, err0[-2000:] + err1[-2000:]
+    assert "SIGTERM: stopped after step" in err0
+    (saved,) = checkpoints(run_dir)
+    stopped_at = int(saved.removeprefix("step_"))
+    assert 5 <= stopped_at < STEPS
+
+    for rc, err in finish(srun_tasks(2, ["train", f"hydra.run.dir={run_dir}", *ARGS])):
+        assert rc == 0, err[-2000:]
+    assert [r["loss"] for r in logged_steps(run_dir)] == [r["loss"] for r in logged_steps(ref_dir)]
+
+
+def test_sigusr1_checkpoints_and_requeues_the_slurm_job(small_demo, tmp_path):
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    scontrol = fake_bin / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
+    scontrol.chmod(scontrol.stat().st_mode | stat.S_IEXEC)
+    env = {"PATH": f"{fake_bin}:{os.environ['PATH']}"}
+    (proc,) = srun_tasks(1, ["train", f"hydra.run.dir={tmp_path / 'run'}", *ARGS], extra_env=env)
+    wait_for_step(tmp_path / "run", 3, [proc])
+    proc.send_signal(signal.SIGUSR1)
+    ((rc, err),) = finish([proc])
+    assert rc == 0 and "SIGUSR1: stopped after step" in err, err[-2000:]
+    assert len(checkpoints(tmp_path / "run")) == 1
+    assert (tmp_path / "scontrol.log").read_text().split()[0] == "requeue"
+
+
+def test_a_stalled_rank_does_not_hang_the_others(small_demo, tmp_path):
+    timeout_s = 10
+    args = ["train", f"hydra.run.dir={tmp_path}", *ARGS, "train.steps=100000", f"parallel.timeout_s={timeout_s}"]
+    procs = srun_tasks(2, args)
+    try:
+        wait_for_step(tmp_path, 3, procs)
+        procs[1].send_signal(signal.SIGSTOP)  # alive but stuck: only a collective timeout can notice
+        t0 = time.monotonic()
+        rc0 = procs[0].wait(timeout=timeout_s + 120)
+        waited = time.monotonic() - t0
+    finally:
+        procs[1].kill()
+    err0 = procs[0].communicate()[1]
+    assert rc0 != 0
+    assert waited < timeout_s + 60, waited
+    assert "parallel.timeout_s=10" in err0, err0[-2000:]
