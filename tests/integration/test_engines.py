@@ -44,6 +44,7 @@ COMMON = [
     "eval.retrieval.dataset=",
 ]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+LAUNCH = Path(__file__).resolve().parents[2] / "launch"
 
 
 def free_port() -> int:
@@ -113,34 +114,33 @@ def test_zero3_resume_and_export(runs, tmp_path):
     assert (out / "open_clip_model.safetensors").is_file()
 
 
+def assert_same_run(run_dir: Path, ref_dir: Path) -> None:
+    for name, ref in final_weights(ref_dir).items():
+        assert torch.equal(final_weights(run_dir)[name], ref), name
+    assert losses(run_dir) == losses(ref_dir)
+
+
+def launch_env(**extra: str) -> dict:
+    venv_bin = str(Path(sys.executable).parent)  # torchrun / deepspeed of this environment
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{venv_bin}:{os.environ['PATH']}", **extra}
+
+
 def test_two_loopback_nodes_equal_one_node(runs, tmp_path):
-    """Two torchrun invocations (--nnodes=2, one process each, 127.0.0.1) = one 2-process node, bit for bit."""
-    port = free_port()
-    procs = [
-        subprocess.Popen(
-            [
-                *TORCHRUN,
-                "--nnodes=2",
-                f"--node_rank={node}",
-                "--nproc_per_node=1",
-                "--master_addr=127.0.0.1",
-                f"--master_port={port}",
-                "-m",
-                "clipkit",
-                "train",
-                f"hydra.run.dir={tmp_path}",
-                *COMMON,
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )
-        for node in (0, 1)
-    ]
+    """launch/torchrun_multi_node.sh on two "nodes" (one process each, c10d rendezvous on 127.0.0.1) computes
+    what one 2-process node computes, bit for bit."""
+    env = launch_env(NNODES="2", NPROC="1", RDZV_ENDPOINT=f"127.0.0.1:{free_port()}", RUN_ID="loopback")
+    cmd = ["bash", str(LAUNCH / "torchrun_multi_node.sh"), f"hydra.run.dir={tmp_path}", *COMMON]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in "ab"]
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
-    for name, ref in final_weights(runs["ddp"]).items():
-        assert torch.equal(final_weights(tmp_path)[name], ref), name
-    assert losses(tmp_path) == losses(runs["ddp"])
+    assert_same_run(tmp_path, runs["ddp"])
+
+
+def test_deepspeed_launcher_equals_torchrun(runs, tmp_path):
+    """launch/deepspeed.sh (the DeepSpeed launcher, which appends --local_rank) = the same engine under torchrun."""
+    env = launch_env(NPROC="2", MASTER_PORT=str(free_port()))
+    cmd = ["bash", str(LAUNCH / "deepspeed.sh"), f"hydra.run.dir={tmp_path}", *COMMON, "parallel=zero2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_run(tmp_path, runs["zero2"])
