@@ -107,7 +107,8 @@ def main() -> None:
         for r in rows:
             print(
                 f"| {r['world']} | {r['batch'] // 1024}k | {r['compute_s']:.2f} | {r['embed_comm_gb']:.2f} "
-                f"| {r['ddp_comm_gb']:.2f} ({r['ddp_comm_s']:.2f}) | {r['zero3_comm_gb']:.2f} ({r['zero3_comm_s']:.2f}) "
+                f"| {r['ddp_comm_gb']:.2f} ({r['ddp_comm_s']:.2f}) "
+                f"| {r['zero3_comm_gb']:.2f} ({r['zero3_comm_s']:.2f}) "
                 f"| {r['ddp_states_gb']:.1f} / {r['zero1_states_gb']:.1f} / {r['zero2_states_gb']:.2f} / "
                 f"{r['zero3_states_gb']:.2f} | {r['logits_gathered_gb']:.1f} / {r['logits_tiled_gb']:.2f} |"
             )

@@ -132,9 +132,13 @@ def main(argv: list[str] | None = None) -> None:
     if verb == "train":
         _train(cfg, run_dir)
     elif verb == "eval":
+        from clipkit.eval.data import EvalDataError
         from clipkit.evaluate import evaluate_command
 
-        evaluate_command(cfg, run_dir)
+        try:
+            evaluate_command(cfg, run_dir)
+        except EvalDataError as err:
+            _fail(f"eval error: {err}", 1)
     elif verb == "export":
         _export(cfg)
 

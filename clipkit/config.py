@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 
 class ConfigError(ValueError):
@@ -124,16 +125,30 @@ class TrainConfig:
 
 @dataclass
 class ZeroShotConfig:
-    # Shard spec with a ``cls`` member, or ``demo``; empty disables.
+    # Shards with a ``cls`` member, an image folder (one sub-folder per class), a CSV/parquet table (image
+    # path, label), or ``demo``; empty disables.
     dataset: str = "demo"
+    # A built-in set (imagenet1k, cifar10, cifar100) or a .txt/.json/.yaml file; an image folder's default is
+    # its sub-folder names.
     classnames: Optional[str] = None
+    # A built-in set (openai_imagenet, simple_imagenet, cifar) or a file of templates with ``{c}``; default:
+    # the class-name set's own, else "a photo of a {c}."
     templates: Optional[str] = None
+    image_column: str = "image"
+    label_column: str = "label"
 
 
 @dataclass
 class RetrievalConfig:
-    # Shard spec with captions, or ``demo``; empty disables.
+    # Shards with captions, a CSV/parquet table (image path, caption; repeated paths = several captions),
+    # a COCO captions or Karpathy-style JSON, or ``demo``; empty disables.
     dataset: str = "demo"
+    image_column: str = "image"
+    caption_column: str = "caption"
+    # JSON datasets: folder the image file names are relative to (default: the JSON's folder), and the
+    # Karpathy split to use.
+    image_root: Optional[str] = None
+    split: str = "test"
 
 
 @dataclass
@@ -142,8 +157,12 @@ class EvalConfig:
     every: int = 0
     batch_size: int = 256
     num_workers: int = 1
+    # ``auto`` = bf16 autocast on GPU, fp32 on CPU; or ``fp32`` / ``bf16``.
+    precision: str = "auto"
     zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    # A YAML file listing more tasks: [{name, task: zeroshot|retrieval, dataset, ...}], run in one call.
+    suite: Optional[str] = None
     # JSON output of ``clipkit eval`` (default: eval.json in the run dir).
     output: Optional[str] = None
 
@@ -194,6 +213,31 @@ class RootConfig:
     out: Optional[str] = None
 
 
+@dataclass
+class EvalTask:
+    name: str
+    kind: str  # "zeroshot" | "retrieval"
+    cfg: Any  # ZeroShotConfig | RetrievalConfig
+
+
+def load_eval_suite(path: str | Path) -> list[EvalTask]:
+    """An ``eval.suite`` YAML file: a list of {name, task: zeroshot|retrieval, dataset, ...that task's fields}.
+    Unknown fields fail with their name (merged into the typed configs)."""
+    entries = OmegaConf.load(Path(path).expanduser())
+    if not OmegaConf.is_list(entries):
+        raise ValueError(f"{path}: expected a list of tasks")
+    tasks = []
+    for i, entry in enumerate(entries):
+        entry = OmegaConf.to_container(entry)
+        name, kind = entry.pop("name", None), entry.pop("task", None)
+        if kind not in ("zeroshot", "retrieval"):
+            raise ValueError(f"{path}: task {i} needs task: zeroshot or retrieval (got {kind!r})")
+        schema = ZeroShotConfig if kind == "zeroshot" else RetrievalConfig
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), entry))
+        tasks.append(EvalTask(name or f"{kind}_{i}", kind, cfg))
+    return tasks
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="clipkit_schema", node=RootConfig)
 
@@ -208,6 +252,7 @@ _CHOICES = {
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.resume": ("auto", "never"),
     "logging.wandb_mode": ("offline", "online", "disabled"),
+    "eval.precision": ("auto", "fp32", "bf16"),
     "parallel.engine": ("ddp", "zero1", "zero2", "zero3"),
     "format": ("open_clip", "hf", "onnx", "towers"),
 }
@@ -308,14 +353,7 @@ def validate(cfg: RootConfig, verb: str = "train", world_size: Optional[int] = N
                 "source weights (@W) need data.mode=resampled; an epoch visits every sample exactly once",
             )
     if verb in ("train", "eval"):
-        for key in ("eval.zeroshot.dataset", "eval.retrieval.dataset"):
-            _validate_shards(key, get(cfg, key), allow_empty=True, allow_pipe=cfg.data.allow_pipe)
-        for key in ("eval.zeroshot.classnames", "eval.zeroshot.templates"):
-            value = get(cfg, key)
-            if value is not None and not Path(value).expanduser().is_file():
-                raise ConfigError(key, value, "file not found")
-        if cfg.eval.zeroshot.dataset not in ("", "demo") and cfg.eval.zeroshot.classnames is None:
-            raise ConfigError("eval.zeroshot.classnames", None, f"required for dataset {cfg.eval.zeroshot.dataset!r}")
+        _validate_eval(cfg)
     if verb in ("eval", "export") and cfg.checkpoint is not None and not Path(cfg.checkpoint).expanduser().exists():
         raise ConfigError("checkpoint", cfg.checkpoint, "path not found")
     if verb == "export":
@@ -366,6 +404,46 @@ def _validate_model(cfg: RootConfig) -> None:
             m.pretrained,
             "not a local file: clipkit loads weights offline only; download the weights and pass their path",
         )
+
+
+def _validate_eval_task(prefix: str, kind: str, task, allow_pipe: bool) -> None:
+    from clipkit.eval import prompts
+
+    dataset = task.dataset
+    if dataset not in ("", "demo"):
+        if ".tar" in dataset or "::" in dataset or dataset.startswith(("pipe:", "file:")):
+            _validate_shards(f"{prefix}.dataset", dataset, allow_empty=True, allow_pipe=allow_pipe)
+        elif not Path(dataset).expanduser().exists():
+            raise ConfigError(f"{prefix}.dataset", dataset, "not found (shards, a folder, a table or a JSON file)")
+    if kind != "zeroshot":
+        return
+    for key in ("classnames", "templates"):
+        value = getattr(task, key)
+        builtin = prompts.BUILTIN_CLASSNAMES if key == "classnames" else prompts.BUILTIN_TEMPLATES
+        if value is not None and value not in builtin and not Path(value).expanduser().is_file():
+            raise ConfigError(f"{prefix}.{key}", value, f"neither a file nor a built-in set ({', '.join(builtin)})")
+    try:
+        prompts.templates(task.templates, task.classnames)
+    except ValueError as err:
+        raise ConfigError(f"{prefix}.templates", task.templates, str(err)) from None
+    is_folder = Path(dataset).expanduser().is_dir() and not list(Path(dataset).expanduser().glob("*.tar"))
+    if dataset not in ("", "demo") and not is_folder and task.classnames is None:
+        raise ConfigError(f"{prefix}.classnames", None, f"required for dataset {dataset!r}")
+
+
+def _validate_eval(cfg: RootConfig) -> None:
+    _validate_eval_task("eval.zeroshot", "zeroshot", cfg.eval.zeroshot, cfg.data.allow_pipe)
+    _validate_eval_task("eval.retrieval", "retrieval", cfg.eval.retrieval, cfg.data.allow_pipe)
+    if cfg.eval.suite is None:
+        return
+    if not Path(cfg.eval.suite).expanduser().is_file():
+        raise ConfigError("eval.suite", cfg.eval.suite, "file not found")
+    try:
+        tasks = load_eval_suite(cfg.eval.suite)
+    except Exception as err:  # OmegaConf names the unknown or mistyped field
+        raise ConfigError("eval.suite", cfg.eval.suite, str(err).splitlines()[0]) from None
+    for task in tasks:
+        _validate_eval_task(f"eval.suite[{task.name}]", task.kind, task.cfg, cfg.data.allow_pipe)
 
 
 def _validate_parallel(cfg: RootConfig, world_size: int) -> None:

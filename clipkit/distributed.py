@@ -137,6 +137,16 @@ def all_gather_object(obj) -> list:
     return out
 
 
+def gather_to_main(obj) -> list | None:
+    """Every rank's ``obj`` on rank 0 (in rank order); None on the other ranks."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return [obj]
+    out = [None] * world if rank == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
 def broadcast_object(obj, src: int = 0):
     if rank_and_world()[1] == 1:
         return obj

@@ -12,10 +12,11 @@ import torch
 from omegaconf import OmegaConf
 
 from clipkit import checkpoint as ckpt
+from clipkit import distributed
 from clipkit import model as model_lib
 from clipkit.config import DataConfig, RootConfig
 from clipkit.data import ensure_demo
-from clipkit.eval import format_table, run_evals
+from clipkit.eval.runner import format_table, run_evals
 
 log = logging.getLogger("clipkit")
 
@@ -30,13 +31,14 @@ def load_trained(path: Path, device: torch.device) -> tuple[model_lib.Built, Roo
 
 
 def evaluate_command(cfg: RootConfig, run_dir: Path) -> dict:
-    device = torch.device(
-        "cuda"
-        if cfg.train.device == "auto" and torch.cuda.is_available()
-        else (cfg.train.device if cfg.train.device != "auto" else "cpu")
-    )
+    """Evaluates on every rank of the job (torchrun / SLURM / one process); rank 0 prints and writes JSON."""
+    env = distributed.init(cfg.train.device, cfg.parallel.timeout_s)
+    device = env.device
     data_cfg: DataConfig = cfg.data
-    if cfg.checkpoint:
+    if cfg.checkpoint and (Path(cfg.checkpoint).expanduser() / "open_clip_config.json").is_file():
+        built = model_lib.from_open_clip_folder(Path(cfg.checkpoint), device)
+        source = f"open_clip folder {cfg.checkpoint}"
+    elif cfg.checkpoint:
         path = ckpt.resolve(Path(cfg.checkpoint))
         built, saved_cfg = load_trained(path, device)
         data_cfg = replace(cfg.data, cache_dir=saved_cfg.data.cache_dir, demo=saved_cfg.data.demo)
@@ -45,11 +47,19 @@ def evaluate_command(cfg: RootConfig, run_dir: Path) -> dict:
         built = model_lib.build(cfg.model, device)
         source = f"{cfg.model.name}" + (f" ({cfg.model.pretrained})" if cfg.model.pretrained else " (random init)")
     uses_demo = "demo" in (cfg.eval.zeroshot.dataset, cfg.eval.retrieval.dataset)
-    demo = ensure_demo(data_cfg, say=lambda m: log.info(m)) if uses_demo else None
+    demo = ensure_demo(data_cfg, say=lambda m: log.info(m)) if uses_demo else None  # file-locked across ranks
     t0 = time.perf_counter()
-    results = run_evals(built, cfg.eval, device, demo)
-    out = Path(cfg.eval.output) if cfg.eval.output else Path(run_dir) / "eval.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": source, "eval": results, "eval_time_s": time.perf_counter() - t0}, indent=1))
-    print(f"evaluation of {source}:\n{format_table(results)}\nwritten to {out}", flush=True)
+    results = run_evals(built, cfg.eval, device, demo, progress=cfg.logging.progress)
+    if env.is_main:
+        out = Path(cfg.eval.output) if cfg.eval.output else Path(run_dir) / "eval.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        record = {
+            "model": source,
+            "world_size": env.world_size,
+            "eval": results,
+            "eval_time_s": time.perf_counter() - t0,
+        }
+        out.write_text(json.dumps(record, indent=1))
+        print(f"evaluation of {source}:\n{format_table(results)}\nwritten to {out}", flush=True)
+    distributed.destroy()
     return results

@@ -80,11 +80,23 @@ def build(cfg: ModelConfig, device: torch.device | str = "cpu") -> Built:
         model = open_clip.create_model(name, pretrained=cfg.pretrained, device=device, output_dict=True, **init)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    return _built(model, open_clip.get_tokenizer(name), name)
+
+
+def from_open_clip_folder(path: Path, device: torch.device | str = "cpu") -> Built:
+    """An exported open_clip folder (``open_clip_config.json`` + weights), loaded by open_clip itself."""
+    name = f"local-dir:{Path(path).expanduser().resolve()}"
+    with quiet_root_logger():
+        model = open_clip.create_model(name, device=device, output_dict=True)
+    return _built(model, open_clip.get_tokenizer(name), name)
+
+
+def _built(model: torch.nn.Module, tokenizer, name: str) -> Built:
     pre = model.visual.preprocess_cfg
     size = pre["size"]
     return Built(
         model=model,
-        tokenizer=open_clip.get_tokenizer(name),
+        tokenizer=tokenizer,
         name=name,
         image_size=size if isinstance(size, int) else size[0],
         mean=tuple(pre["mean"]),

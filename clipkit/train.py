@@ -21,7 +21,7 @@ from clipkit.config import RootConfig, micro_batch_size
 from clipkit.data import ensure_demo, train_spec
 from clipkit.data.loader import SampleDecoder, TrainLoader, resolve_shards
 from clipkit.data.transforms import DeviceNormalize
-from clipkit.eval import format_table, run_evals
+from clipkit.eval.runner import format_table, run_evals
 from clipkit.loss import build_loss
 from clipkit.metrics import RunLogger, Throughput
 from clipkit.parallel import build_engine
@@ -162,11 +162,9 @@ def resume(run_dir: Path, cfg: RootConfig, env, engine, loader: TrainLoader, sta
 
 
 def evaluate(cfg: RootConfig, built, env, engine, demo: Path | None) -> dict:
-    """Rank 0 evaluates; the others wait (distributed eval comes with the eval suite)."""
+    """Every rank embeds its share of each eval set; rank 0 gets the metrics (the others an empty dict)."""
     with engine.full_params():
-        results = run_evals(built, cfg.eval, env.device, demo) if env.is_main else {}
-        distributed.barrier()
-    return results
+        return run_evals(built, cfg.eval, env.device, demo, progress=cfg.logging.progress)
 
 
 def train(cfg: RootConfig, run_dir: Path) -> dict:

@@ -10,7 +10,6 @@ column and a caption column (paths relative to the table's folder). Output per s
 from __future__ import annotations
 
 import argparse
-import csv
 import io
 import json
 import multiprocessing as mp
@@ -20,6 +19,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from clipkit.data.tables import read_records
 from clipkit.data.writer import write_shard, write_sizes_file
 
 IMAGE_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
@@ -34,19 +34,10 @@ def read_folder(folder: Path) -> list[tuple[str, str]]:
 
 
 def read_table(path: Path, image_column: str, caption_column: str) -> list[tuple[str, str]]:
-    if path.suffix == ".parquet":
-        try:
-            import pandas as pd
-        except ImportError:
-            raise SystemExit("clipkit shards: reading parquet needs pandas and pyarrow") from None
-        records = pd.read_parquet(path, columns=[image_column, caption_column]).to_dict("records")
-    else:
-        with open(path, newline="") as f:
-            records = list(csv.DictReader(f))
-    if records and (image_column not in records[0] or caption_column not in records[0]):
-        raise SystemExit(
-            f"clipkit shards: {path} needs columns {image_column!r} and {caption_column!r}; found {sorted(records[0])}"
-        )
+    try:
+        records = read_records(path, [image_column, caption_column])
+    except ValueError as err:
+        raise SystemExit(f"clipkit shards: {err}") from None
     base = path.parent
     return [(str(base / str(r[image_column])), str(r[caption_column] or "").strip()) for r in records]
 

@@ -1,72 +1,91 @@
-"""Eval datasets read in a fixed order: webdataset shards with a class (``cls``) or caption members."""
+"""Eval datasets: any supported source as an indexed stream, split over ranks and loader workers.
+
+Sources (``open_source`` picks one from the dataset string):
+  classification  webdataset shards with a ``cls`` member; an image folder (one sub-folder per class, classes
+                  sorted by name); a CSV / parquet table (image path, label as class index or class name)
+  retrieval       webdataset shards with a caption list (``json`` ``captions``, or ``txt``); a CSV / parquet
+                  table (image path, caption; an image on several rows has several captions); a COCO captions
+                  JSON (``images`` + ``annotations``) or a Karpathy-style JSON (``images`` with ``sentences``)
+Every record has a global index (its position in the source). With W ranks x K workers, slot s handles the
+records whose index % (W*K) == s, so each record is decoded once, by one process, whatever W; the evaluators
+gather (index, embedding) pairs and restore the order: results equal one process, with no padding duplicates.
+Images go through open_clip's own eval preprocessing (resize the short side, centre crop, normalise). Records
+that cannot be used are skipped and counted by kind (``bad_image``, ``no_image``, ``no_label``,
+``unknown_label``, ``no_caption``), by the slot that owns them, so counts are independent of W as well.
+"""
 
 from __future__ import annotations
 
+import collections
+import io
 import json
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from clipkit.data import transforms
 from clipkit.data.shards import expand_spec
 from clipkit.data.stream import iter_shard
+from clipkit.data.tables import read_records
 
-IMAGE_KEYS = ("jpg", "png", "webp", "jpeg")
+SHARD_IMAGE_KEYS = ("jpg", "png", "webp", "jpeg")
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+TABLE_EXTS = {".csv", ".tsv", ".parquet"}
+
+
+class EvalDataError(ValueError):
+    """A dataset that cannot be evaluated at all (as opposed to single records, which are skipped)."""
+
+
+# A record: (index, image loader, target) or (index, None, skip kind).
+Record = tuple[int, Callable[[], bytes] | None, object]
 
 
 @dataclass
-class EvalSkips:
-    """Samples an evaluator could not use, by kind (reported with the metrics, never silent)."""
+class Source:
+    """An indexed record stream; ``classnames`` are the source's own (image folder) names, if any."""
 
-    counts: dict = field(default_factory=dict)
-
-    def add(self, kind: str) -> None:
-        self.counts[kind] = self.counts.get(kind, 0) + 1
-
-
-def iter_samples(spec: str) -> Iterator[dict]:
-    for source in expand_spec(spec, check_exists=True):
-        for url in source.urls:
-            yield from iter_shard(url, handler=lambda exn: True)
+    records: Callable[[], Iterator[Record]]
+    classnames: list[str] | None = None
+    description: str = ""
 
 
-def _image(sample: dict, size: int, skips: EvalSkips) -> torch.Tensor | None:
-    data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
-    if data is None:
-        skips.add("no_image")
-        return None
+def _file(path: Path) -> Callable[[], bytes]:
+    return lambda: path.read_bytes()
+
+
+def _is_shards(spec: str) -> bool:
+    return ".tar" in spec or "::" in spec or spec.startswith(("pipe:", "file:"))
+
+
+def _shard_records(spec: str, target: Callable[[dict], object]) -> Callable[[], Iterator[Record]]:
+    def records():
+        index = 0
+        for source in expand_spec(spec, check_exists=True):
+            for url in source.urls:
+                for sample in iter_shard(url, handler=lambda exn: True):
+                    data = next((sample[k] for k in SHARD_IMAGE_KEYS if k in sample), None)
+                    if data is None:
+                        yield index, None, "no_image"
+                    else:
+                        yield index, (lambda d=data: d), target(sample)
+                    index += 1
+
+    return records
+
+
+def _shard_label(sample: dict) -> object:
     try:
-        return transforms.eval_image(data, size)
-    except Exception:
-        skips.add("bad_image")
-        return None
-
-
-def classification_batches(
-    spec: str, size: int, batch_size: int, skips: EvalSkips, label_key: str = "cls"
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(uint8 images, int64 labels) batches."""
-    images, labels = [], []
-    for sample in iter_samples(spec):
-        if label_key not in sample:
-            skips.add("no_label")
-            continue
-        image = _image(sample, size, skips)
-        if image is None:
-            continue
-        images.append(image)
-        labels.append(int(sample[label_key]))
-        if len(images) == batch_size:
-            yield torch.stack(images), torch.tensor(labels)
-            images, labels = [], []
-    if images:
-        yield torch.stack(images), torch.tensor(labels)
+        return int(sample["cls"])
+    except (KeyError, ValueError):
+        return "no_label"
 
 
 def sample_captions(sample: dict) -> list[str]:
-    """All captions of a sample: ``json`` ``captions`` list (or ``caption``), else ``txt``."""
+    """All captions of a shard sample: ``json`` ``captions`` list (or ``caption``), else ``txt``."""
     if "json" in sample:
         meta = json.loads(sample["json"])
         caps = meta.get("captions") or ([meta["caption"]] if meta.get("caption") else [])
@@ -78,27 +97,148 @@ def sample_captions(sample: dict) -> list[str]:
     return []
 
 
-def retrieval_batches(
-    spec: str, size: int, batch_size: int, skips: EvalSkips
-) -> Iterator[tuple[torch.Tensor, list[list[str]]]]:
-    """(uint8 images, per-image caption lists) batches; images without a caption are skipped and counted."""
-    images, captions = [], []
-    for sample in iter_samples(spec):
-        caps = sample_captions(sample)
-        if not caps:
-            skips.add("no_caption")
-            continue
-        image = _image(sample, size, skips)
-        if image is None:
-            continue
-        images.append(image)
-        captions.append(caps)
-        if len(images) == batch_size:
-            yield torch.stack(images), captions
-            images, captions = [], []
-    if images:
-        yield torch.stack(images), captions
+def _captions_or_skip(caps: list[str]) -> object:
+    caps = [c.strip() for c in caps if isinstance(c, str) and c.strip()]
+    return tuple(caps) if caps else "no_caption"
 
 
-def read_lines(path: str | Path) -> list[str]:
-    return [ln.strip() for ln in Path(path).expanduser().read_text().splitlines() if ln.strip()]
+def image_folder(root: Path) -> Source:
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise EvalDataError(f"{root}: no class sub-folders (expected ROOT/<class>/<image files>)")
+    items = []
+    for label, name in enumerate(classes):
+        files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+        if not files:
+            raise EvalDataError(f"{root / name}: class folder has no images ({', '.join(sorted(IMAGE_EXTS))})")
+        items += [(f, label) for f in files]
+
+    def records():
+        for index, (path, label) in enumerate(items):
+            yield index, _file(path), label
+
+    return Source(records, [c.replace("_", " ") for c in classes], f"{len(items)} images in {len(classes)} folders")
+
+
+def table_classification(path: Path, image_column: str, label_column: str, classnames: list[str]) -> Source:
+    rows = read_records(path, [image_column, label_column])
+    by_name = {name: i for i, name in enumerate(classnames)}
+
+    def label(value) -> object:
+        text = str(value).strip()
+        if text.lstrip("-").isdigit():
+            return int(text) if 0 <= int(text) < len(classnames) else "unknown_label"
+        return by_name.get(text, "unknown_label")
+
+    def records():
+        for index, row in enumerate(rows):
+            yield index, _file(path.parent / str(row[image_column])), label(row[label_column])
+
+    return Source(records, None, f"{len(rows)} rows of {path.name}")
+
+
+def table_retrieval(path: Path, image_column: str, caption_column: str) -> Source:
+    captions: dict[str, list[str]] = collections.OrderedDict()
+    for row in read_records(path, [image_column, caption_column]):
+        captions.setdefault(str(row[image_column]), []).append(str(row[caption_column] or ""))
+    return _grouped(path.parent, list(captions.items()), f"{len(captions)} images of {path.name}")
+
+
+def json_retrieval(path: Path, image_root: Path | None, split: str | None) -> Source:
+    """COCO captions (``images`` [{id, file_name}] + ``annotations`` [{image_id, caption}]) or Karpathy-style
+    (``images`` [{filename, [filepath], sentences [{raw}], [split]}]) JSON."""
+    meta = json.loads(path.read_text())
+    root = image_root or path.parent
+    images = meta.get("images") if isinstance(meta, dict) else None
+    if not isinstance(images, list):
+        raise EvalDataError(f"{path}: expected a COCO or Karpathy-style JSON with an 'images' list")
+    if "annotations" in meta:  # COCO
+        caps: dict[int, list[str]] = collections.defaultdict(list)
+        for ann in meta["annotations"]:
+            caps[ann["image_id"]].append(ann.get("caption", ""))
+        items = [(img["file_name"], caps.get(img["id"], [])) for img in images]
+    else:  # Karpathy / Flickr
+        if split and any("split" in img for img in images):
+            images = [img for img in images if img.get("split") == split]
+        items = [
+            (str(Path(img.get("filepath", "")) / img["filename"]), [s.get("raw", "") for s in img.get("sentences", [])])
+            for img in images
+        ]
+    return _grouped(root, items, f"{len(items)} images of {path.name}")
+
+
+def _grouped(root: Path, items: list[tuple[str, list[str]]], description: str) -> Source:
+    def records():
+        for index, (name, caps) in enumerate(items):
+            yield index, _file(root / name), _captions_or_skip(caps)
+
+    return Source(records, None, description)
+
+
+def open_source(task: str, dataset: str, cfg, classnames: list[str] | None = None) -> Source:
+    """The ``Source`` behind a dataset string for ``task`` (``zeroshot`` or ``retrieval``)."""
+    if _is_shards(dataset):
+        target = _shard_label if task == "zeroshot" else (lambda s: _captions_or_skip(sample_captions(s)))
+        return Source(_shard_records(dataset, target), None, dataset)
+    path = Path(dataset).expanduser()
+    if path.is_dir():
+        if list(path.glob("*.tar")):
+            from clipkit.data import dir_spec
+
+            return open_source(task, dir_spec(path), cfg, classnames)
+        if task == "zeroshot":
+            return image_folder(path)
+        raise EvalDataError(f"{path}: a retrieval dataset is shards, a CSV/parquet table or a COCO/Karpathy JSON")
+    if path.suffix in TABLE_EXTS:
+        if task == "zeroshot":
+            if classnames is None:
+                raise EvalDataError(f"{path}: a classification table needs eval.zeroshot.classnames")
+            return table_classification(path, cfg.image_column, cfg.label_column, classnames)
+        return table_retrieval(path, cfg.image_column, cfg.caption_column)
+    if path.suffix == ".json" and task == "retrieval":
+        return json_retrieval(path, Path(cfg.image_root) if cfg.image_root else None, cfg.split)
+    raise EvalDataError(f"{dataset}: not a shard spec, image folder, CSV/parquet table or (retrieval) JSON")
+
+
+class EvalStream(IterableDataset):
+    """This rank's (and this worker's) share of a source, preprocessed; skipped records pass through marked."""
+
+    def __init__(self, source: Source, transform, rank: int, world_size: int):
+        self.source, self.transform, self.rank, self.world_size = source, transform, rank, world_size
+
+    def __iter__(self):
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        slot, num_slots = self.rank * workers + worker, self.world_size * workers
+        for index, load, target in self.source.records():
+            if index % num_slots != slot:
+                continue
+            if load is None or isinstance(target, str):
+                yield {"index": index, "skip": target if isinstance(target, str) else "no_image"}
+                continue
+            try:
+                with Image.open(io.BytesIO(load())) as img:
+                    image = self.transform(img)
+            except Exception:  # unreadable, truncated or not an image: counted, never fatal
+                yield {"index": index, "skip": "bad_image"}
+                continue
+            yield {"index": index, "image": image, "target": target}
+
+
+def collate(items: list[dict]) -> dict:
+    good = [it for it in items if "skip" not in it]
+    return {
+        "index": [it["index"] for it in good],
+        "image": torch.stack([it["image"] for it in good]) if good else None,
+        "target": [it["target"] for it in good],
+        "skips": [it["skip"] for it in items if "skip" in it],
+    }
+
+
+def loader(source: Source, transform, rank: int, world_size: int, batch_size: int, num_workers: int) -> DataLoader:
+    return DataLoader(
+        EvalStream(source, transform, rank, world_size),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=collate,
+    )

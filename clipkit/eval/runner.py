@@ -1,65 +1,128 @@
-"""Runs the configured evaluators on a model and formats their results."""
+"""Runs the configured evaluators (``eval.zeroshot``, ``eval.retrieval`` and an ``eval.suite`` file) on a model,
+on every rank of a job, and formats their results."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-from clipkit.config import EvalConfig
+from clipkit import distributed
+from clipkit.config import EvalConfig, EvalTask, load_eval_suite
 from clipkit.data import dir_spec
-from clipkit.data.transforms import DeviceNormalize
-from clipkit.eval.data import read_lines
+from clipkit.eval import prompts
+from clipkit.eval.data import open_source
 from clipkit.eval.zeroshot import zeroshot_classification, zeroshot_retrieval
 
 
-def _resolve(spec: str, demo_dir: Path | None, split: str) -> str:
-    if spec != "demo":
-        return spec
+@dataclass
+class EvalOptions:
+    batch_size: int
+    num_workers: int
+    amp_dtype: torch.dtype | None
+
+
+def tasks_of(cfg: EvalConfig) -> list[EvalTask]:
+    out = []
+    if cfg.zeroshot.dataset:
+        out.append(EvalTask("zeroshot", "zeroshot", cfg.zeroshot))
+    if cfg.retrieval.dataset:
+        out.append(EvalTask("retrieval", "retrieval", cfg.retrieval))
+    if cfg.suite:
+        out += load_eval_suite(cfg.suite)
+    names = [t.name for t in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"eval task names must be unique: {names}")
+    return out
+
+
+def _resolve_demo(task: EvalTask, demo_dir: Path | None) -> EvalTask:
+    if task.cfg.dataset != "demo":
+        return task
     if demo_dir is None:
         raise ValueError("the demo eval split needs the demo data")
-    return dir_spec(demo_dir / split)
+    split = demo_dir / ("zeroshot" if task.kind == "zeroshot" else "retrieval")
+    cfg = replace(task.cfg, dataset=dir_spec(split))
+    if task.kind == "zeroshot":
+        cfg = replace(
+            cfg,
+            classnames=cfg.classnames or str(split / "classnames.txt"),
+            templates=cfg.templates or str(split / "templates.txt"),
+        )
+    return replace(task, cfg=cfg)
 
 
-def run_evals(built, cfg: EvalConfig, device: torch.device, demo_dir: Path | None) -> dict:
-    """``{"zeroshot": {...}, "retrieval": {...}}`` for the evaluators whose dataset is set."""
+def eval_transform(model):
+    """open_clip's own eval preprocessing for this model (resize short side, centre crop, normalise)."""
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    return image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
+
+
+def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"fp32": None, "bf16": torch.bfloat16}[precision]
+
+
+def run_evals(built, cfg: EvalConfig, device: torch.device, demo_dir: Path | None, progress: bool = False) -> dict:
+    """``{task name: metrics}`` on rank 0 ({} elsewhere). Every rank of a job must call it (collective)."""
     model = built.model
     was_training = model.training
-    normalize = DeviceNormalize(built.mean, built.std).to(device)
+    transform = eval_transform(model)
+    opts = EvalOptions(cfg.batch_size, cfg.num_workers, amp_dtype(cfg.precision, device))
     results = {}
-    if cfg.zeroshot.dataset:
-        spec = _resolve(cfg.zeroshot.dataset, demo_dir, "zeroshot")
-        default_dir = demo_dir / "zeroshot" if cfg.zeroshot.dataset == "demo" else None
-        classnames = read_lines(cfg.zeroshot.classnames or default_dir / "classnames.txt")
-        templates = read_lines(cfg.zeroshot.templates or default_dir / "templates.txt")
-        results["zeroshot"] = zeroshot_classification(
-            model, built.tokenizer, normalize, spec, classnames, templates, built.image_size, device, cfg.batch_size
-        )
-    if cfg.retrieval.dataset:
-        spec = _resolve(cfg.retrieval.dataset, demo_dir, "retrieval")
-        results["retrieval"] = zeroshot_retrieval(
-            model, built.tokenizer, normalize, spec, built.image_size, device, cfg.batch_size
-        )
+    for task in tasks_of(cfg):
+        task = _resolve_demo(task, demo_dir)
+        bar = tqdm(desc=f"eval {task.name}", unit="img", leave=False, disable=not (progress and _is_main()))
+        if task.kind == "zeroshot":
+            c = task.cfg
+            source = open_source("zeroshot", c.dataset, c, prompts.classnames(c.classnames) if c.classnames else None)
+            classnames = prompts.classnames(c.classnames, source.classnames)
+            templates = prompts.templates(c.templates, c.classnames)
+            out = zeroshot_classification(
+                model, built.tokenizer, source, transform, classnames, templates, device, opts, bar.update
+            )
+        else:
+            source = open_source("retrieval", task.cfg.dataset, task.cfg)
+            out = zeroshot_retrieval(model, built.tokenizer, source, transform, device, opts, bar.update)
+        bar.close()
+        if out is not None:
+            results[task.name] = {"task": task.kind, "dataset": task.cfg.dataset, **out}
     model.train(was_training)
     return results
 
 
+def _is_main() -> bool:
+    return distributed.rank_and_world()[0] == 0
+
+
 def format_table(results: dict) -> str:
     rows = []
-    if "zeroshot" in results:
-        z = results["zeroshot"]
-        rows += [
-            ("zero-shot top-1", f"{100 * z['acc1']:.1f}%"),
-            ("zero-shot top-5", f"{100 * z['acc5']:.1f}%"),
-            ("mean per-class recall", f"{100 * z['mean_per_class_recall']:.1f}%"),
-            ("chance (top-1)", f"{100 * z['chance']:.1f}%  ({z['num_classes']} classes, {z['num_samples']} images)"),
-        ]
-    if "retrieval" in results:
-        r = results["retrieval"]
-        for d in ("image_to_text", "text_to_image"):
-            rows.append(
-                (f"{d.replace('_', ' ')} R@1/5/10", " / ".join(f"{100 * r[f'{d}_R@{k}']:.1f}%" for k in (1, 5, 10)))
-            )
-        rows.append(("retrieval set", f"{r['num_images']} images, {r['num_texts']} captions"))
+    for name, r in results.items():
+        label = "" if name == r.get("task") else f"{name}: "
+        if r.get("task") == "zeroshot":
+            rows += [
+                (f"{label}zero-shot top-1", f"{100 * r['acc1']:.1f}%"),
+                (f"{label}zero-shot top-5", f"{100 * r['acc5']:.1f}%"),
+                (f"{label}mean per-class recall", f"{100 * r['mean_per_class_recall']:.1f}%"),
+                (
+                    f"{label}chance (top-1)",
+                    f"{100 * r['chance']:.1f}%  ({r['num_classes']} classes, {r['num_samples']} images)",
+                ),
+            ]
+        elif r.get("task") == "retrieval":
+            for d in ("image_to_text", "text_to_image"):
+                rows.append(
+                    (
+                        f"{label}{d.replace('_', ' ')} R@1/5/10",
+                        " / ".join(f"{100 * r[f'{d}_R@{k}']:.1f}%" for k in (1, 5, 10)),
+                    )
+                )
+            rows.append((f"{label}retrieval set", f"{r['num_images']} images, {r['num_texts']} captions"))
+        if r.get("skipped"):
+            rows.append((f"{label}skipped", ", ".join(f"{k}: {v}" for k, v in r["skipped"].items())))
     width = max((len(k) for k, _ in rows), default=0)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)

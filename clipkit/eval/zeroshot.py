@@ -1,35 +1,140 @@
-"""Zero-shot classification and image<->text retrieval, with CLIP_benchmark's metric definitions.
+"""Zero-shot classification and image<->text retrieval, with CLIP_benchmark's metric definitions, on any number
+of ranks.
 
 Classification: class embeddings are the re-normalised mean of the normalised template embeddings
-(open_clip's ``build_zero_shot_classifier``); logits are 100 x cosine; top-1, top-5, mean per-class recall.
+(open_clip's ``build_zero_shot_classifier``); logits are 100 x cosine; top-1, top-5, mean per-class recall
+(balanced accuracy over the classes present) and each class's recall.
 Retrieval: recall@k is the fraction of queries with at least one correct item in their top k (image->text:
 any of the image's captions; text->image: its image); also mean and median rank of the first correct item.
+Similarities are computed in query chunks, so memory is O(chunk x items), never items x items.
+
+Distributed: each rank embeds its share of the records (and of the classes' prompts); rank 0 gathers
+(index, embedding) pairs, restores the source order and computes the metrics, which therefore equal one
+process's. Only rank 0 returns results; the other ranks return None.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import math
 
 import open_clip
 import torch
 
-from clipkit.data.transforms import DeviceNormalize
-from clipkit.eval.data import EvalSkips, classification_batches, retrieval_batches
+from clipkit import distributed
+from clipkit.eval import data as eval_data
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 @torch.no_grad()
-def embed_images(model, normalize: DeviceNormalize, images_u8: torch.Tensor, device) -> torch.Tensor:
-    x = normalize(images_u8.to(device, non_blocking=True))
-    return torch.nn.functional.normalize(model.encode_image(x).float(), dim=-1)
-
-
-@torch.no_grad()
-def embed_texts(model, tokenizer, texts: list[str], device, batch_size: int = 512) -> torch.Tensor:
+def embed_texts(model, tokenizer, texts: list[str], device, batch_size: int = 512, amp=None) -> torch.Tensor:
     out = []
     for i in range(0, len(texts), batch_size):
         tokens = tokenizer(texts[i : i + batch_size]).to(device)
-        out.append(torch.nn.functional.normalize(model.encode_text(tokens).float(), dim=-1))
+        with _autocast(device, amp):
+            out.append(torch.nn.functional.normalize(model.encode_text(tokens).float(), dim=-1))
     return torch.cat(out) if out else torch.empty(0)
+
+
+@torch.no_grad()
+def _embed_share(model, loader, device, amp, on_batch=None):
+    """This rank's (index, image embedding, target) lists and skip counts; ``on_batch`` sees each batch."""
+    indices, embs, targets, skips = [], [], [], collections.Counter()
+    for batch in loader:
+        skips.update(batch["skips"])
+        if batch["image"] is None:
+            continue
+        with _autocast(device, amp):
+            emb = model.encode_image(batch["image"].to(device, non_blocking=True))
+        embs.append(torch.nn.functional.normalize(emb.float(), dim=-1).cpu())
+        indices += batch["index"]
+        targets += batch["target"]
+        if on_batch:
+            on_batch(len(batch["index"]) + len(batch["skips"]))
+    return indices, embs, targets, skips
+
+
+def _merge(shares: list) -> tuple[torch.Tensor, list, dict]:
+    """Rank 0: every rank's share, back in source order."""
+    indices = [i for share in shares for i in share[0]]
+    if not indices:
+        return torch.empty(0), [], dict(sum((collections.Counter(s[3]) for s in shares), collections.Counter()))
+    embs = torch.cat([e for share in shares for e in share[1]])
+    targets = [t for share in shares for t in share[2]]
+    order = sorted(range(len(indices)), key=indices.__getitem__)
+    skips = sum((collections.Counter(s[3]) for s in shares), collections.Counter())
+    return embs[order], [targets[i] for i in order], dict(sorted(skips.items()))
+
+
+def template_fn(template: str):
+    return lambda c: template.replace("{c}", c)
+
+
+@torch.no_grad()
+def build_classifier(model, tokenizer, classnames: list[str], templates: list[str], device, amp=None) -> torch.Tensor:
+    """[D, C] class embeddings; with W ranks each builds the classes c with c % W == rank, all ranks get all."""
+    rank, world = distributed.rank_and_world()
+    mine = list(range(rank, len(classnames), world))
+    with _autocast(device, amp):
+        part = open_clip.build_zero_shot_classifier(
+            model,
+            tokenizer,
+            [classnames[c] for c in mine],
+            [template_fn(t) for t in templates],
+            num_classes_per_batch=10,
+            device=device,
+            use_tqdm=False,
+        ).float()
+    parts = distributed.all_gather_object(part.cpu())
+    classifier = torch.empty(part.shape[0], len(classnames))
+    for r, p in enumerate(parts):
+        classifier[:, r::world] = p
+    return classifier.to(device)
+
+
+def zeroshot_classification(model, tokenizer, source, transform, classnames, templates, device, cfg, progress=None):
+    model.eval()
+    amp = cfg.amp_dtype
+    rank, world = distributed.rank_and_world()
+    classifier_DC = build_classifier(model, tokenizer, classnames, templates, device, amp)
+    loader = eval_data.loader(source, transform, rank, world, cfg.batch_size, cfg.num_workers)
+    share = _embed_share(model, loader, device, amp, progress)
+    shares = distributed.gather_to_main(share)
+    if shares is None:
+        return None
+    img_emb_ND, labels, skips = _merge(shares)
+    if not labels:
+        raise eval_data.EvalDataError(f"no usable images in {source.description} (skipped: {skips})")
+    logits_NC = 100.0 * img_emb_ND.to(device) @ classifier_DC
+    metrics = classification_metrics(logits_NC, torch.tensor(labels, device=device), len(classnames))
+    metrics["per_class_recall"] = {classnames[c]: v for c, v in metrics["per_class_recall"].items()}
+    metrics["skipped"] = skips
+    return metrics
+
+
+def zeroshot_retrieval(model, tokenizer, source, transform, device, cfg, progress=None):
+    model.eval()
+    amp = cfg.amp_dtype
+    rank, world = distributed.rank_and_world()
+    loader = eval_data.loader(source, transform, rank, world, cfg.batch_size, cfg.num_workers)
+    indices, embs, captions, skips = _embed_share(model, loader, device, amp, progress)
+    # Each rank embeds its own images' captions too; they travel with the image embeddings.
+    txt = embed_texts(model, tokenizer, [c for caps in captions for c in caps], device, amp=amp).cpu()
+    txt_per_image = list(txt.split([len(caps) for caps in captions])) if captions else []
+    shares = distributed.gather_to_main((indices, embs, txt_per_image, skips))
+    if shares is None:
+        return None
+    img_emb_ND, txt_parts, skips = _merge(shares)
+    if not txt_parts:
+        raise eval_data.EvalDataError(f"no usable image-caption pairs in {source.description} (skipped: {skips})")
+    owner_M = torch.cat([torch.full((len(t),), i) for i, t in enumerate(txt_parts)])
+    metrics = retrieval_metrics(img_emb_ND.to(device), torch.cat(txt_parts).to(device), owner_M.to(device))
+    metrics.update(num_images=img_emb_ND.shape[0], num_texts=int(owner_M.numel()), skipped=skips)
+    return metrics
 
 
 def classification_metrics(logits_NC: torch.Tensor, labels_N: torch.Tensor, num_classes: int) -> dict:
@@ -50,44 +155,6 @@ def classification_metrics(logits_NC: torch.Tensor, labels_N: torch.Tensor, num_
         "num_classes": num_classes,
         "chance": 1.0 / num_classes,
     }
-
-
-def template_fn(template: str):
-    """``{c}`` (or a bare ``{}``) is the class name; anything else raises a clear error."""
-    if "{c}" in template:
-        return lambda c: template.replace("{c}", c)
-    if "{}" in template:
-        return lambda c: template.replace("{}", c)
-    raise ValueError(f"prompt template {template!r} has no {{c}} placeholder for the class name")
-
-
-@torch.no_grad()
-def zeroshot_classification(
-    model,
-    tokenizer,
-    normalize,
-    spec: str,
-    classnames: list[str],
-    templates: list[str],
-    image_size: int,
-    device,
-    batch_size: int = 256,
-) -> dict:
-    model.eval()
-    classifier_DC = open_clip.build_zero_shot_classifier(
-        model, tokenizer, classnames, [template_fn(t) for t in templates], num_classes_per_batch=10, device=device
-    ).float()
-    skips = EvalSkips()
-    logits, labels = [], []
-    for images_u8, labels_B in classification_batches(spec, image_size, batch_size, skips):
-        logits.append(100.0 * embed_images(model, normalize, images_u8, device) @ classifier_DC)
-        labels.append(labels_B.to(device))
-    if not logits:
-        raise ValueError(f"no usable samples in {spec!r} (skipped: {skips.counts})")
-    metrics = classification_metrics(torch.cat(logits), torch.cat(labels), len(classnames))
-    metrics["per_class_recall"] = {classnames[c]: v for c, v in metrics["per_class_recall"].items()}
-    metrics["skipped"] = skips.counts
-    return metrics
 
 
 def retrieval_metrics(
@@ -120,23 +187,3 @@ def retrieval_metrics(
         out[f"{name}_median_rank"] = ranks.double().median().item()
     out["mean_R@1"] = (out["image_to_text_R@1"] + out["text_to_image_R@1"]) / 2
     return out
-
-
-@torch.no_grad()
-def zeroshot_retrieval(model, tokenizer, normalize, spec: str, image_size: int, device, batch_size: int = 256) -> dict:
-    model.eval()
-    skips = EvalSkips()
-    img_embs, texts, owner = [], [], []
-    for images_u8, caption_lists in retrieval_batches(spec, image_size, batch_size, skips):
-        base = sum(e.shape[0] for e in img_embs)
-        img_embs.append(embed_images(model, normalize, images_u8, device))
-        for i, caps in enumerate(caption_lists):
-            texts.extend(caps)
-            owner.extend([base + i] * len(caps))
-    if not img_embs:
-        raise ValueError(f"no usable samples in {spec!r} (skipped: {skips.counts})")
-    metrics = retrieval_metrics(
-        torch.cat(img_embs), embed_texts(model, tokenizer, texts, device), torch.tensor(owner, device=device)
-    )
-    metrics.update(num_images=sum(e.shape[0] for e in img_embs), num_texts=len(texts), skipped=skips.counts)
-    return metrics
