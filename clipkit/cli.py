@@ -19,13 +19,14 @@ verbs:
   eval    zero-shot classification / retrieval of checkpoint=PATH (a run dir or a checkpoint dir)
   export  checkpoint=PATH format=open_clip|hf|onnx|towers out=DIR: encoder artifacts, verified by loading them back
   shards  write webdataset shards from local images + captions: clipkit shards INPUT OUTPUT [--help]
+  bench   samples/s, MFU, data-wait, peak memory of clipkit's training step vs open_clip's (model=..., bench.*)
 
 overrides are Hydra's: model=vit_b32  data.train='/data/{00000..00099}.tar'  train.steps=1000
   hydra.run.dir=DIR   run directory (default runs/${name}); re-running a command resumes its run
   --cfg               print the resolved config and exit
 """
 
-VERBS = ("train", "eval", "export", "shards")
+VERBS = ("train", "eval", "export", "shards", "bench")
 EXIT_CONFIG = 2
 
 
@@ -141,6 +142,11 @@ def main(argv: list[str] | None = None) -> None:
             _fail(f"eval error: {err}", 1)
     elif verb == "export":
         _export(cfg)
+    elif verb == "bench":
+        from clipkit.bench import bench_command
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        bench_command(cfg, run_dir)
 
 
 def _export(cfg) -> None:

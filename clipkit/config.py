@@ -37,6 +37,8 @@ class ModelConfig:
     # state dict), e.g. to continue pretraining. Ignored once the run has its own checkpoint to resume from.
     init_from: Optional[str] = None
     grad_checkpointing: bool = False
+    # FLIP-style patch dropout: the fraction of image patches dropped in training (0 = off; eval sees all).
+    patch_dropout: float = 0.0
     # Initial temperature log(t) and bias; None = open_clip's defaults (log(1/0.07), no bias). SigLIP: log(10), -10.
     init_logit_scale: Optional[float] = None
     init_logit_bias: Optional[float] = None
@@ -119,6 +121,10 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 400
     keep_last: int = 2
+    # torch.compile the model for training (falls back to eager, with a warning, if compilation fails).
+    compile: bool = False
+    # Channels-last memory format for images and the patch-embedding conv (can help convolutional stems on GPU).
+    channels_last: bool = False
     # ``auto`` resumes from the newest complete checkpoint in the run dir; ``never`` starts fresh.
     resume: str = "auto"
 
@@ -175,6 +181,8 @@ class LoggingConfig:
     wandb_entity: Optional[str] = None
     # ``offline`` needs no account; ``online`` needs credentials and network.
     wandb_mode: str = "offline"
+    # Peak dense TFLOP/s of one device at the precision in use, for MFU; 0 = known GPUs from a table, none on CPU.
+    peak_tflops: float = 0.0
 
 
 @dataclass
@@ -196,6 +204,18 @@ class ParallelConfig:
 
 
 @dataclass
+class BenchConfig:
+    """``clipkit bench``: timed steps after ``warmup`` ones, on ``synthetic`` or ``train`` data, with open_clip's
+    training step as the baseline (``baseline=false`` skips it)."""
+
+    steps: int = 20
+    warmup: int = 5
+    data: str = "synthetic"
+    baseline: bool = True
+    output: Optional[str] = None
+
+
+@dataclass
 class RootConfig:
     name: str = "demo"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -206,6 +226,7 @@ class RootConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
     # For ``clipkit eval`` / ``clipkit export``: a run dir, a checkpoint dir or an exported folder.
     checkpoint: Optional[str] = None
     # For ``clipkit export``: ``open_clip`` (local-dir folder), ``hf`` (transformers CLIPModel), ``onnx``, ``towers``.
@@ -253,6 +274,7 @@ _CHOICES = {
     "train.resume": ("auto", "never"),
     "logging.wandb_mode": ("offline", "online", "disabled"),
     "eval.precision": ("auto", "fp32", "bf16"),
+    "bench.data": ("synthetic", "train"),
     "parallel.engine": ("ddp", "zero1", "zero2", "zero3"),
     "format": ("open_clip", "hf", "onnx", "towers"),
 }
@@ -267,6 +289,8 @@ _POSITIVE = (
     "optim.eps",
     "parallel.timeout_s",
     "parallel.bucket_size_m",
+    "bench.steps",
+    "bench.warmup",
     "data.prefetch_factor",
     "data.demo.image_size",
     "data.demo.num_train",
@@ -320,6 +344,10 @@ def validate(cfg: RootConfig, verb: str = "train", world_size: Optional[int] = N
     for key in _NON_NEGATIVE:
         if get(cfg, key) < 0:
             raise ConfigError(key, get(cfg, key), "must be >= 0")
+    if not 0 <= cfg.model.patch_dropout < 1:
+        raise ConfigError("model.patch_dropout", cfg.model.patch_dropout, "must be in [0, 1)")
+    if cfg.logging.peak_tflops < 0:
+        raise ConfigError("logging.peak_tflops", cfg.logging.peak_tflops, "must be >= 0")
     if not 0 <= cfg.data.max_bad_fraction <= 1:
         raise ConfigError("data.max_bad_fraction", cfg.data.max_bad_fraction, "must be in [0, 1]")
     if not 0 < cfg.data.crop_scale_min <= cfg.data.crop_scale_max <= 1:
@@ -344,7 +372,7 @@ def validate(cfg: RootConfig, verb: str = "train", world_size: Optional[int] = N
     _validate_loss(cfg)
     _validate_model(cfg)
     _validate_parallel(cfg, world_size)
-    if verb == "train":
+    if verb == "train" or (verb == "bench" and cfg.bench.data == "train"):
         sources = _validate_shards("data.train", cfg.data.train, allow_pipe=cfg.data.allow_pipe)
         if cfg.data.mode == "epoch" and any(s.weight != 1.0 for s in sources):
             raise ConfigError(
@@ -454,6 +482,9 @@ def _validate_parallel(cfg: RootConfig, world_size: int) -> None:
                 raise ConfigError(f"parallel.{key}", True, "offload needs a DeepSpeed engine (parallel=zero1|2|3)")
     elif cfg.train.precision == "fp16":
         raise ConfigError("train.precision", "fp16", "ZeRO engines run bf16 or fp32 (no fp16 loss scaler)")
+    elif cfg.train.compile or cfg.train.channels_last:
+        key = "train.compile" if cfg.train.compile else "train.channels_last"
+        raise ConfigError(key, True, f"supported with parallel=ddp only, not {p.engine}")
     elif p.engine == "zero3" and micro_batch_size(cfg, world_size) * world_size < cfg.train.global_batch_size:
         # Measured: DeepSpeed 0.19.8's stage 3 gives wrong gradients from the second step on when one step
         # runs several backward passes (gradient caching); stages 1 and 2 match one process.

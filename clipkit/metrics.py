@@ -1,4 +1,5 @@
-"""Run logging: console progress bar, ``metrics.jsonl``, and wandb (optional; never fatal)."""
+"""Run logging: console progress bar, ``metrics.jsonl``, and wandb (optional; never fatal); throughput, MFU and
+peak-memory meters."""
 
 from __future__ import annotations
 
@@ -9,9 +10,62 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 log = logging.getLogger("clipkit")
+
+# Dense peak TFLOP/s per device (bf16/fp16 tensor cores; fp32 = TF32 tensor cores where torch allows TF32,
+# else plain fp32), from the vendors' data sheets. Matched as substrings of torch.cuda.get_device_name().
+PEAK_TFLOPS = {
+    "H200": {"bf16": 989.0, "fp32": 67.0},
+    "H100": {"bf16": 989.0, "fp32": 67.0},  # SXM; the PCIe card is ~756 bf16
+    "A100": {"bf16": 312.0, "fp32": 19.5},
+    "L40S": {"bf16": 362.0, "fp32": 91.6},
+    "A10": {"bf16": 125.0, "fp32": 31.2},
+    "V100": {"bf16": 125.0, "fp32": 15.7},  # fp16 tensor cores (V100 has no bf16)
+}
+
+
+def forward_flops_per_sample(model: torch.nn.Module, image_size: int, context_length: int, device) -> float:
+    """FLOPs of one (image, caption) forward, counted by torch's FlopCounterMode on the real model (train mode,
+    so patch dropout counts as configured; autograd on, so attention takes the path training takes)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.train()
+    image = torch.zeros(1, 3, image_size, image_size, device=device)
+    text = torch.zeros(1, context_length, dtype=torch.long, device=device)
+    with FlopCounterMode(display=False) as counter:
+        model(image, text)
+    model.train(was_training)
+    return float(counter.get_total_flops())
+
+
+def peak_flops(device: torch.device, amp_dtype: torch.dtype | None, override_tflops: float = 0.0) -> float | None:
+    """Peak FLOP/s of one device for MFU: the override, else the table for known GPUs, else None (CPU)."""
+    if override_tflops > 0:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peaks in PEAK_TFLOPS.items():
+        if key in name:
+            return peaks["bf16" if amp_dtype is not None else "fp32"] * 1e12
+    return None
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory of this process: allocated on a GPU, resident (VmHWM) on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1024**3
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024**2
+    except OSError:
+        pass
+    return float("nan")
 
 
 class Throughput:

@@ -66,6 +66,7 @@ class Built:
     image_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    context_length: int = 77
 
 
 def build(cfg: ModelConfig, device: torch.device | str = "cpu") -> Built:
@@ -76,6 +77,8 @@ def build(cfg: ModelConfig, device: torch.device | str = "cpu") -> Built:
         for k, v in (("init_logit_scale", cfg.init_logit_scale), ("init_logit_bias", cfg.init_logit_bias))
         if v is not None
     }
+    if cfg.patch_dropout:
+        init["force_patch_dropout"] = cfg.patch_dropout
     with quiet_root_logger():  # open_clip warns that no weights were loaded: random init is what pretraining wants
         model = open_clip.create_model(name, pretrained=cfg.pretrained, device=device, output_dict=True, **init)
     if cfg.grad_checkpointing:
@@ -101,6 +104,7 @@ def _built(model: torch.nn.Module, tokenizer, name: str) -> Built:
         image_size=size if isinstance(size, int) else size[0],
         mean=tuple(pre["mean"]),
         std=tuple(pre["std"]),
+        context_length=int(getattr(model, "context_length", 77)),
     )
 
 

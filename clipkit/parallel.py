@@ -14,6 +14,7 @@ has no per-strategy branches:
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from clipkit.config import RootConfig
 from clipkit.distributed import DistEnv
 from clipkit.optim import build_optimizer, build_scheduler
 
+log = logging.getLogger("clipkit")
 MAX_LOGIT_SCALE = math.log(100)
 
 
@@ -44,8 +46,14 @@ class LocalEngine:
 
     def __init__(self, model: torch.nn.Module, cfg: RootConfig, device: torch.device, rank: int = 0):
         self.rank = rank
+        self.channels_last = cfg.train.channels_last
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
         self.model = model  # the unwrapped open_clip model (checkpoints, eval, export use this)
         self.module = self.wrap(model, device)  # what forward calls
+        # torch.compile is lazy: the first forward compiles; if that fails, training goes on in eager mode.
+        self._compiled = torch.compile(self.module) if cfg.train.compile else None
+        self._compile_checked = False
         self.optimizer = build_optimizer(model, cfg.optim, device)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
         self.grad_clip_norm = cfg.optim.grad_clip_norm
@@ -62,8 +70,21 @@ class LocalEngine:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def forward(self, images: torch.Tensor, text: torch.Tensor) -> dict:
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         with self.autocast():
-            return self.module(images, text)
+            if self._compiled is None:
+                return self.module(images, text)
+            if self._compile_checked:
+                return self._compiled(images, text)
+            try:
+                out = self._compiled(images, text)
+                self._compile_checked = True
+                return out
+            except Exception as err:  # dynamo / inductor failures surface at the first call
+                log.warning("torch.compile failed (%s: %s); training in eager mode", type(err).__name__, err)
+                self._compiled = None
+                return self.module(images, text)
 
     def backward(self, outputs: list[torch.Tensor], grads: list[torch.Tensor] | None = None) -> None:
         """Backpropagates a scalar loss (``grads=None``) or given gradients of several outputs (fp16-scaled)."""

@@ -23,7 +23,7 @@ from clipkit.data.loader import SampleDecoder, TrainLoader, resolve_shards
 from clipkit.data.transforms import DeviceNormalize
 from clipkit.eval.runner import format_table, run_evals
 from clipkit.loss import build_loss
-from clipkit.metrics import RunLogger, Throughput
+from clipkit.metrics import RunLogger, Throughput, forward_flops_per_sample, peak_flops, peak_memory_gb
 from clipkit.parallel import build_engine
 from clipkit.preempt import Preemption, requeue_slurm_job
 
@@ -44,6 +44,7 @@ RESUME_MUTABLE = (
     "out",
     "parallel.timeout_s",
     "parallel.requeue",
+    "bench",
 )
 
 
@@ -187,7 +188,13 @@ def _train(cfg: RootConfig, run_dir: Path, loaders: list) -> dict:
     built = model_lib.build(cfg.model, env.device)
     if cfg.model.init_from:  # a later resume overwrites these with the run's own checkpoint
         built.model.load_state_dict(ckpt.load_tensors(ckpt.weights_file(Path(cfg.model.init_from)), env.device))
+    try:  # counted once on the real model, before any wrapper; MFU = achieved / peak model FLOP/s
+        train_flops = 3 * forward_flops_per_sample(built.model, built.image_size, built.context_length, env.device)
+    except Exception as err:  # an exotic model the counter cannot trace: no MFU, training goes on
+        log.warning("could not count the model's FLOPs (%s); MFU will not be reported", err)
+        train_flops = None
     engine = build_engine(built.model, cfg, env)
+    peak = peak_flops(env.device, engine.amp_dtype, cfg.logging.peak_tflops)
     loss_fn = build_loss(cfg.loss.name, cfg.loss.impl, cfg.loss.chunk_size)
     num_micro = cfg.train.global_batch_size // (env.world_size * micro_batch_size(cfg, env.world_size))
     step_fn = make_step(num_micro)
@@ -214,6 +221,8 @@ def _train(cfg: RootConfig, run_dir: Path, loaders: list) -> dict:
     logger.write(
         f"model {built.name}: {sum(p.numel() for p in built.model.parameters()) / 1e6:.2f}M params; "
         f"world size {env.world_size}, device {env.device}, global batch {global_batch}"
+        + (f"; {train_flops / 3e9:.2f} GFLOPs forward per sample" if train_flops else "")
+        + (f", peak {peak / 1e12:.0f} TFLOP/s per device" if peak else "")
     )
 
     meter, t_start, last_saved = Throughput(), time.perf_counter(), state.step if resumed else -1
@@ -238,6 +247,8 @@ def _train(cfg: RootConfig, run_dir: Path, loaders: list) -> dict:
         if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
             loss_value = distributed.mean_over_ranks(loss_value, env.device)  # each rank's loss covers its rows
             samples_per_s, wait_pct = meter.rate()
+            per_rank = samples_per_s / env.world_size
+            mfu = per_rank * train_flops / peak if train_flops and peak else None
             record = {
                 "step": state.step,
                 "samples_seen": state.samples_seen,
@@ -247,13 +258,16 @@ def _train(cfg: RootConfig, run_dir: Path, loaders: list) -> dict:
                 "logit_scale": float(out["logit_scale"].detach()),
                 "grad_norm": grad_norm,
                 "samples_per_s": samples_per_s,
+                "samples_per_s_per_rank": per_rank,
+                "mfu": mfu,
                 "data_wait_pct": wait_pct,
+                "peak_mem_gb": peak_memory_gb(env.device),
                 "data_errors": dict(loader.errors),
             }
             logger.log(record)
-            logger.progress(
-                state.step, {"loss": f"{loss_value:.3f}", "lr": f"{lr:.2e}", "samples/s": f"{samples_per_s:.0f}"}
-            )
+            shown = {"loss": f"{loss_value:.3f}", "lr": f"{lr:.2e}", "samples/s": f"{samples_per_s:.0f}"}
+            shown.update({"mfu": f"{100 * mfu:.1f}%"} if mfu is not None else {}, wait=f"{wait_pct:.0f}%")
+            logger.progress(state.step, shown)
         if state.step % cfg.train.checkpoint_every == 0:
             save_checkpoint(run_dir, cfg, env, engine, loader, state)
             last_saved = state.step

@@ -137,6 +137,7 @@ class DeepSpeedEngine(LocalEngine):
         _ensure_process_group(env, cfg.parallel.timeout_s)
         deepspeed.init_distributed(dist_backend=dist.get_backend(), timeout=None)
         self.rank, self.device, self.model = env.rank, env.device, model
+        self.channels_last, self._compiled = False, None  # refused for ZeRO by config validation
         self.amp_dtype = autocast_dtype(cfg.train.precision, env.device)
         self.scaler = None  # fp16 is refused for ZeRO by config validation; bf16 needs no loss scaling
         self.grad_clip_norm = cfg.optim.grad_clip_norm

@@ -162,22 +162,36 @@ def retrieval_metrics(
     txt_emb_MD: torch.Tensor,
     txt_to_img_M: torch.Tensor,
     ks: tuple[int, ...] = (1, 5, 10),
-    chunk: int = 4096,
+    chunk: int | None = None,
+    budget_bytes: int = 256 << 20,
 ) -> dict:
-    """Recall@k both ways plus mean/median rank (1-based) of the first correct item; chunked over queries."""
-    n_img = img_emb_ND.shape[0]
+    """Recall@k both ways plus mean/median rank (1-based) of the first correct item.
+
+    Queries are processed in chunks whose similarity block stays within ``budget_bytes`` (or ``chunk`` rows),
+    so 100k images x 500k captions never builds the full matrix. A rank is 1 + the number of items scoring
+    strictly higher than the best correct one. Captions must be grouped by image (``txt_to_img_M``
+    non-decreasing), so an image chunk's own captions are one contiguous column range.
+    """
+    n_img, n_txt = img_emb_ND.shape[0], txt_emb_MD.shape[0]
+    if n_txt > 1 and bool((txt_to_img_M[1:] < txt_to_img_M[:-1]).any()):
+        raise ValueError("captions must be grouped by image (txt_to_img_M non-decreasing)")
+    first_caption = torch.searchsorted(txt_to_img_M, torch.arange(n_img + 1, device=txt_to_img_M.device))
     # image -> text: the rank of the best-ranked caption of the image.
+    rows = chunk or max(1, budget_bytes // (4 * max(n_txt, 1)))
     i2t_ranks = []
-    for s in range(0, n_img, chunk):
-        sim_CM = img_emb_ND[s : s + chunk] @ txt_emb_MD.T
-        own = txt_to_img_M[None, :] == torch.arange(s, s + sim_CM.shape[0], device=sim_CM.device)[:, None]
-        best_own = sim_CM.masked_fill(~own, -math.inf).max(dim=1, keepdim=True).values
+    for s in range(0, n_img, rows):
+        e = min(s + rows, n_img)
+        sim_CM = img_emb_ND[s:e] @ txt_emb_MD.T
+        c0, c1 = int(first_caption[s]), int(first_caption[e])
+        own_CK = txt_to_img_M[None, c0:c1] == torch.arange(s, e, device=sim_CM.device)[:, None]
+        best_own = sim_CM[:, c0:c1].masked_fill(~own_CK, -math.inf).max(dim=1, keepdim=True).values
         i2t_ranks.append((sim_CM > best_own).sum(dim=1) + 1)
     # text -> image: the rank of the caption's own image.
+    rows = chunk or max(1, budget_bytes // (4 * max(n_img, 1)))
     t2i_ranks = []
-    for s in range(0, txt_emb_MD.shape[0], chunk):
-        sim_CN = txt_emb_MD[s : s + chunk] @ img_emb_ND.T
-        own_sim = sim_CN.gather(1, txt_to_img_M[s : s + chunk, None])
+    for s in range(0, n_txt, rows):
+        sim_CN = txt_emb_MD[s : s + rows] @ img_emb_ND.T
+        own_sim = sim_CN.gather(1, txt_to_img_M[s : s + rows, None])
         t2i_ranks.append((sim_CN > own_sim).sum(dim=1) + 1)
     out = {}
     for name, ranks in (("image_to_text", torch.cat(i2t_ranks)), ("text_to_image", torch.cat(t2i_ranks))):

@@ -137,6 +137,7 @@ def test_two_loopback_nodes_equal_one_node(runs, tmp_path):
     assert_same_run(tmp_path, runs["ddp"])
 
 
+@pytest.mark.slow  # ~40 s of launcher start-up; `make test-all` runs it
 def test_deepspeed_launcher_equals_torchrun(runs, tmp_path):
     """launch/deepspeed.sh (the DeepSpeed launcher, which appends --local_rank) = the same engine under torchrun."""
     env = launch_env(NPROC="2", MASTER_PORT=str(free_port()))

@@ -1,0 +1,254 @@
+"""``clipkit bench``: clipkit's training step and open_clip's own, back to back, on the same model, batch,
+precision and data; samples/s, MFU, data-wait and peak memory of each, and the ratio.
+
+- clipkit: the engine, loss and (cached) step function ``clipkit train`` uses; uint8 images shipped to the device
+  and normalised there.
+- open_clip: ``open_clip_train.train.train_one_epoch`` itself (the reference trainer's step: autocast, ClipLoss,
+  backward, clipping, AdamW, logit-scale clamp), fed float images normalised on the host, as its loader does.
+Data: ``bench.data=synthetic`` (random images and tokens) or ``bench.data=train`` (batches of the configured
+training data, decoded by clipkit's loader). Either way the batches are prepared up front and both trainers get
+the same ones, so the figures compare the training steps; data-wait is then the host-to-device hand-over
+(``benchmarks/loader_throughput.py`` compares the loaders themselves). Single process (one device).
+MFU = samples/s x 3 x forward FLOPs per sample / peak FLOP/s. The peak is ``logging.peak_tflops``, the data-sheet
+value of a known GPU, or, on a CPU, the fp32 matmul rate measured here (labelled "measured matmul peak").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from clipkit import model as model_lib
+from clipkit.accumulate import make_step
+from clipkit.config import RootConfig, micro_batch_size
+from clipkit.data.transforms import DeviceNormalize
+from clipkit.distributed import DistEnv
+from clipkit.loss import build_loss
+from clipkit.metrics import forward_flops_per_sample, peak_flops, peak_memory_gb
+from clipkit.optim import build_optimizer
+from clipkit.parallel import MAX_LOGIT_SCALE, autocast_dtype, build_engine
+
+log = logging.getLogger("clipkit")
+
+
+def measured_matmul_flops(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
+    """Achieved fp32 FLOP/s of an n x n matmul on ``device`` (a stand-in peak where no data sheet applies)."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    _sync(device)
+    return 2 * n**3 * repeats / (time.perf_counter() - t0)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        with contextlib.suppress(OSError):
+            Path("/proc/self/clear_refs").write_text("5")
+
+
+def synthetic_batches(num: int, batch: int, image_size: int, context_length: int, seed: int) -> list[tuple]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (
+            torch.randint(0, 256, (batch, 3, image_size, image_size), dtype=torch.uint8, generator=g),
+            torch.randint(1, 49407, (batch, context_length), generator=g),
+        )
+        for _ in range(num)
+    ]
+
+
+def train_batches(cfg: RootConfig, built, num: int) -> list[tuple]:
+    """``num`` global batches of the configured training data, decoded by clipkit's loader."""
+    from clipkit.data import ensure_demo
+    from clipkit.train import build_loader
+
+    demo = ensure_demo(cfg.data, say=lambda m: log.info(m)) if cfg.data.train == "demo" else None
+    loader = build_loader(cfg, built, DistEnv(), demo)
+    micro = micro_batch_size(cfg, 1)
+    out = []
+    for _ in range(num):
+        parts = [next(loader) for _ in range(cfg.train.global_batch_size // micro)]
+        out.append((torch.cat([p["image"] for p in parts]), torch.cat([p["text"] for p in parts])))
+    loader.close()
+    return out
+
+
+def bench_clipkit(cfg: RootConfig, batches: list[tuple], device: torch.device, warmup: int) -> dict:
+    torch.manual_seed(cfg.train.seed)
+    built = model_lib.build(cfg.model, device)
+    engine = build_engine(built.model, cfg, DistEnv(device=device))
+    loss_fn = build_loss(cfg.loss.name, cfg.loss.impl, cfg.loss.chunk_size)
+    micro = micro_batch_size(cfg, 1)
+    step_fn = make_step(cfg.train.global_batch_size // micro)
+    normalize = DeviceNormalize(built.mean, built.std).to(device)
+    built.model.train()
+    wait = 0.0
+    for i, (images_u8, text) in enumerate(batches):
+        if i == warmup:
+            _sync(device)
+            _reset_peak(device)
+            t0, wait = time.perf_counter(), 0.0
+        t_fetch = time.perf_counter()
+        pairs = [
+            (normalize(im.to(device, non_blocking=True)), tx.to(device, non_blocking=True))
+            for im, tx in zip(images_u8.split(micro), text.split(micro), strict=True)
+        ]
+        wait += time.perf_counter() - t_fetch
+        step_fn(engine, loss_fn, pairs)
+        engine.step()
+    _sync(device)
+    elapsed = time.perf_counter() - t0
+    return {"seconds": elapsed, "data_wait_s": wait, "peak_mem_gb": peak_memory_gb(device)}
+
+
+class _DataInfo:
+    """open_clip_train.data.DataInfo's interface (its module needs pandas, which clipkit does not)."""
+
+    def __init__(self, dataloader):
+        self.dataloader = dataloader
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+
+class _Loader:
+    """What open_clip_train's loop needs of a dataloader; times the waits for the next batch."""
+
+    def __init__(self, batches: list[tuple], batch_size: int):
+        self.batches, self.num_batches = batches, len(batches)
+        self.num_samples = len(batches) * batch_size
+        self.wait = 0.0
+
+    def __iter__(self):
+        it = iter(self.batches)
+        while True:
+            t0 = time.perf_counter()
+            item = next(it, None)
+            self.wait += time.perf_counter() - t0
+            if item is None:
+                return
+            yield item
+
+
+def bench_open_clip(cfg: RootConfig, batches: list[tuple], device: torch.device, warmup: int) -> dict:
+    import open_clip
+    from open_clip_train.params import parse_args
+    from open_clip_train.train import train_one_epoch
+
+    torch.manual_seed(cfg.train.seed)
+    built = model_lib.build(cfg.model, device)  # the same open_clip model and initial weights
+    model = built.model.train()
+    amp = autocast_dtype(cfg.train.precision, device)
+    args = parse_args([])
+    args.device, args.batch_size, args.world_size, args.rank, args.local_rank = str(device), len(batches[0][0]), 1, 0, 0
+    args.precision = {None: "fp32", torch.bfloat16: "amp_bf16", torch.float16: "amp"}[amp]
+    args.accum_freq = cfg.train.global_batch_size // micro_batch_size(cfg, 1)
+    args.grad_clip_norm = cfg.optim.grad_clip_norm or None
+    args.log_every_n_steps, args.distill, args.skip_scheduler, args.wandb, args.save_logs = (
+        10**9,
+        False,
+        True,
+        False,
+        False,
+    )
+    loss = open_clip.SigLipLoss() if cfg.loss.name == "siglip" else open_clip.ClipLoss()
+    optimizer = build_optimizer(model, cfg.optim, device)
+    scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
+    mean = torch.tensor(built.mean).view(1, -1, 1, 1)
+    std = torch.tensor(built.std).view(1, -1, 1, 1)
+    host = [((im.float() / 255 - mean) / std, tx) for im, tx in batches]  # open_clip's loader yields float images
+    warm, timed = _Loader(host[:warmup], args.batch_size), _Loader(host[warmup:], args.batch_size)
+    quiet = logging.getLogger()
+    level, quiet.level = quiet.level, logging.WARNING  # its per-step INFO lines
+    try:
+        train_one_epoch(model, {"train": _DataInfo(warm)}, loss, 0, optimizer, scaler, None, None, args)
+        _sync(device)
+        _reset_peak(device)
+        t0 = time.perf_counter()
+        train_one_epoch(model, {"train": _DataInfo(timed)}, loss, 1, optimizer, scaler, None, None, args)
+        _sync(device)
+    finally:
+        quiet.level = level
+    assert float(model.logit_scale) <= MAX_LOGIT_SCALE + 1e-6
+    return {"seconds": time.perf_counter() - t0, "data_wait_s": timed.wait, "peak_mem_gb": peak_memory_gb(device)}
+
+
+def bench_command(cfg: RootConfig, run_dir: Path) -> dict:
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if cfg.train.device == "auto" else cfg.train.device)
+    b = cfg.bench
+    built = model_lib.build(cfg.model, device)
+    fwd = forward_flops_per_sample(built.model, built.image_size, built.context_length, device)
+    amp = autocast_dtype(cfg.train.precision, device)
+    peak, peak_kind = peak_flops(device, amp, cfg.logging.peak_tflops), "data sheet / logging.peak_tflops"
+    if peak is None:
+        peak, peak_kind = measured_matmul_flops(device), "measured fp32 matmul peak"
+    batch = cfg.train.global_batch_size
+    if b.data == "train":
+        batches = train_batches(cfg, built, b.warmup + b.steps)
+    else:
+        batches = synthetic_batches(b.warmup + b.steps, batch, built.image_size, built.context_length, cfg.train.seed)
+    del built
+    sides = {"clipkit": bench_clipkit(cfg, batches, device, b.warmup)}
+    if b.baseline:
+        sides["open_clip"] = bench_open_clip(cfg, batches, device, b.warmup)
+    rows = {}
+    for name, r in sides.items():
+        rate = b.steps * batch / r["seconds"]
+        rows[name] = {
+            "samples_per_s": rate,
+            "mfu": rate * 3 * fwd / peak,
+            "data_wait_pct": 100 * r["data_wait_s"] / r["seconds"],
+            "peak_mem_gb": r["peak_mem_gb"],
+        }
+    result = {
+        "model": cfg.model.name,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp],
+        "batch": batch,
+        "steps": b.steps,
+        "forward_gflops_per_sample": fwd / 1e9,
+        "peak_tflops": peak / 1e12,
+        "peak_kind": peak_kind,
+        "results": rows,
+    }
+    if "open_clip" in rows:
+        result["speedup"] = rows["clipkit"]["samples_per_s"] / rows["open_clip"]["samples_per_s"]
+    out = Path(b.output) if b.output else Path(run_dir) / "bench.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(format_bench(result) + f"\nwritten to {out}", flush=True)
+    return result
+
+
+def format_bench(r: dict) -> str:
+    lines = [
+        f"{r['model']} on {r['device']}, {r['precision']}, batch {r['batch']}, {r['steps']} timed steps; "
+        f"{r['forward_gflops_per_sample']:.2f} GFLOPs forward/sample; peak {r['peak_tflops']:.2f} TFLOP/s "
+        f"({r['peak_kind']})",
+        "| trainer | samples/s | MFU | data-wait | peak memory |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, row in r["results"].items():
+        lines.append(
+            f"| {name} | {row['samples_per_s']:.1f} | {100 * row['mfu']:.1f}% | {row['data_wait_pct']:.1f}% "
+            f"| {row['peak_mem_gb']:.2f} GB |"
+        )
+    if "speedup" in r:
+        lines.append(f"clipkit / open_clip samples/s: {r['speedup']:.2f}x")
+    return "\n".join(lines)
