@@ -45,6 +45,8 @@ def test_train_writes_metrics_summary_checkpoints(finished_run):
     assert last < first - 0.3, (first, last)
     record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
     assert {"step", "samples_seen", "loss", "lr", "logit_scale", "samples_per_s"} <= set(record)
+    assert {"samples_per_s_per_rank", "mfu", "data_wait_pct", "peak_mem_gb"} <= set(record)
+    assert record["mfu"] is None and record["peak_mem_gb"] > 0.1  # no peak FLOP/s known for a CPU
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["step"] == 40 and summary["samples_seen"] == 40 * 128
     zs = summary["eval"]["zeroshot"]
