@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: install demo test test-all lint format clean
+.PHONY: install demo test test-all reliability-long lint format clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,9 +22,15 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/clipkit train
 
-# Lint + the default test suite (unit, distributed on gloo, CLI integration); slow tests are opt-in.
+# Lint + the default test suite (unit, distributed on gloo, CLI integration) + the fault-injection suite in its
+# fast mode (prints the reliability table); slow tests are opt-in.
 test: install lint
-	$(VENV)/bin/python -m pytest -q -m "not slow and not gpu"
+	$(VENV)/bin/python -m pytest -q -m "not slow and not gpu and not reliability"
+	$(VENV)/bin/python -m pytest -q -m reliability tests/reliability
+
+# The fault-injection suite with its full trial counts (10 kill -9 trials, every bad config as a process, ...).
+reliability-long: install
+	CLIPKIT_RELIABILITY=long $(VENV)/bin/python -m pytest -q -m reliability tests/reliability
 
 test-all: install lint
 	$(VENV)/bin/python -m pytest -q

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from clipkit import faults
+
 log = logging.getLogger("clipkit")
 
 MANIFEST = "manifest.json"
@@ -65,10 +67,12 @@ def save(
     if is_main:
         shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a run killed mid-save
         tmp.mkdir(parents=True)
+        faults.at("save_start", step)
     barrier()
     write(tmp)
     barrier()
     if is_main:
+        faults.at("save_written", step)
         files = {
             p.relative_to(tmp).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
             for p in sorted(tmp.rglob("*"))
@@ -79,9 +83,11 @@ def save(
             json.dump(manifest, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
+        faults.at("save_manifest", step)
         if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
             shutil.rmtree(final)
         os.replace(tmp, final)
+        faults.at("save_done", step)
         if keep_last > 0:
             for old in list_steps(root)[:-keep_last]:
                 shutil.rmtree(step_dir(root, old), ignore_errors=True)
@@ -167,7 +173,14 @@ def save_torch(path: Path, obj) -> None:
 
 
 def load_torch(path: Path):
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A ``torch.save`` file of tensors and plain containers; anything that would run code is refused."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CorruptCheckpoint(f"{path}: refused to unpickle (more than tensors and plain data): {first}") from None
 
 
 def save_json(path: Path, obj) -> None:

@@ -171,8 +171,10 @@ def _export(cfg) -> None:
 def _train(cfg, run_dir: Path) -> None:
     from omegaconf import OmegaConf
 
+    from clipkit.checkpoint import CorruptCheckpoint
     from clipkit.data.loader import DataError
     from clipkit.data.shards import ShardSpecError
+    from clipkit.parallel import NonFiniteError
     from clipkit.train import ResumeError, train
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -180,8 +182,8 @@ def _train(cfg, run_dir: Path) -> None:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     try:
         train(cfg, run_dir)
-    except (DataError, ResumeError, ShardSpecError) as err:
-        _fail(f"error: {err}", 1)
+    except (DataError, ResumeError, ShardSpecError, CorruptCheckpoint, NonFiniteError) as err:
+        _fail(f"error on rank {os.environ.get('RANK', '0')}: {err}", 1)
     except RuntimeError as err:
         from clipkit.distributed import is_peer_failure
 

@@ -74,6 +74,9 @@ class DataConfig:
     max_bad_fraction: float = 0.1
     # False refuses ``pipe:`` shard URLs (shell commands): set it when running configs you did not write.
     allow_pipe: bool = True
+    # A shard of the spec that does not exist: refused up front (False), or, when True, warned about and its
+    # announced samples (sizes.json) counted as ``missing`` while the run goes on.
+    allow_missing_shards: bool = False
     crop_scale_min: float = 0.9
     crop_scale_max: float = 1.0
     prefetch_factor: int = 4
@@ -121,6 +124,12 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 400
     keep_last: int = 2
+    # A NaN/inf loss or gradient: ``fail`` stops before the update (naming step and rank); ``skip`` drops the
+    # step on every rank (parameters and optimizer untouched) and stops after ``max_nonfinite_skips`` in a row.
+    nonfinite: str = "fail"
+    max_nonfinite_skips: int = 3
+    # Debug/verification: every rank appends the (epoch, key) of each trained sample to keys/rank_NNN.jsonl.
+    record_keys: bool = False
     # torch.compile the model for training (falls back to eager, with a warning, if compilation fails).
     compile: bool = False
     # Channels-last memory format for images and the patch-embedding conv (can help convolutional stems on GPU).
@@ -272,6 +281,7 @@ _CHOICES = {
     "optim.schedule": ("cosine", "constant"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.resume": ("auto", "never"),
+    "train.nonfinite": ("fail", "skip"),
     "logging.wandb_mode": ("offline", "online", "disabled"),
     "eval.precision": ("auto", "fp32", "bf16"),
     "bench.data": ("synthetic", "train"),
@@ -299,6 +309,7 @@ _POSITIVE = (
 )
 _NON_NEGATIVE = (
     "train.micro_batch_size",
+    "train.max_nonfinite_skips",
     "optim.weight_decay",
     "optim.warmup_steps",
     "optim.grad_clip_norm",
@@ -373,7 +384,12 @@ def validate(cfg: RootConfig, verb: str = "train", world_size: Optional[int] = N
     _validate_model(cfg)
     _validate_parallel(cfg, world_size)
     if verb == "train" or (verb == "bench" and cfg.bench.data == "train"):
-        sources = _validate_shards("data.train", cfg.data.train, allow_pipe=cfg.data.allow_pipe)
+        sources = _validate_shards(
+            "data.train",
+            cfg.data.train,
+            allow_pipe=cfg.data.allow_pipe,
+            check_exists=not cfg.data.allow_missing_shards,
+        )
         if cfg.data.mode == "epoch" and any(s.weight != 1.0 for s in sources):
             raise ConfigError(
                 "data.train",
@@ -513,12 +529,14 @@ def _validate_loss(cfg: RootConfig) -> None:
             raise ConfigError("loss.impl", cfg.loss.impl, "applies to InfoNCE only; SigLIP is always blockwise")
 
 
-def _validate_shards(key: str, spec: str, allow_empty: bool = False, allow_pipe: bool = True) -> list:
+def _validate_shards(
+    key: str, spec: str, allow_empty: bool = False, allow_pipe: bool = True, check_exists: bool = True
+) -> list:
     from clipkit.data.shards import ShardSpecError, expand_spec
 
     if spec == "demo" or (allow_empty and spec == ""):
         return []
     try:
-        return expand_spec(spec, check_exists=True, allow_pipe=allow_pipe)
+        return expand_spec(spec, check_exists=check_exists, allow_pipe=allow_pipe)
     except ShardSpecError as err:
         raise ConfigError(key, spec, str(err)) from None

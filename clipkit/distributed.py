@@ -123,6 +123,17 @@ def mean_over_ranks(value: float, device: torch.device) -> float:
     return float(t.item()) / world
 
 
+def flags_of_all_ranks(flag: bool, device: torch.device) -> list[bool]:
+    """Every rank's boolean, in rank order (one tiny all-gather)."""
+    world = rank_and_world()[1]
+    if world == 1:
+        return [flag]
+    mine = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+    out = torch.empty(world, dtype=torch.int32, device=device)
+    _all_gather_flat(out, mine)
+    return [bool(x) for x in out.tolist()]
+
+
 def barrier() -> None:
     if rank_and_world()[1] > 1:
         dist.barrier()

@@ -187,3 +187,43 @@ def _start_wandb(run_dir: Path, cfg: dict, config: dict):
     except Exception as err:
         log.warning("wandb disabled: %s", err)
         return None
+
+
+class SpikeDetector:
+    """Flags a loss far above its recent level: > mean + ``k`` std and > ``ratio`` x mean of an exponential
+    moving average, after ``warmup`` steps. Only upward jumps count (a falling loss never alarms)."""
+
+    def __init__(self, k: float = 6.0, ratio: float = 1.5, alpha: float = 0.05, warmup: int = 10):
+        self.k, self.ratio, self.alpha, self.warmup = k, ratio, alpha, warmup
+        self.mean, self.var, self.n = 0.0, 0.0, 0
+
+    def update(self, loss: float) -> bool:
+        spike = self.n >= self.warmup and loss > self.mean + self.k * self.var**0.5 and loss > self.ratio * self.mean
+        if spike:
+            return True  # a spike does not enter the statistics
+        if self.n == 0:
+            self.mean = loss
+        else:
+            delta = loss - self.mean
+            self.mean += self.alpha * delta
+            self.var = (1 - self.alpha) * (self.var + self.alpha * delta * delta)
+        self.n += 1
+        return False
+
+
+class KeyLog:
+    """``train.record_keys``: each rank appends ``{"step", "keys": [[epoch, key], ...]}`` per update to
+    ``keys/rank_NNN.jsonl``; on resume, lines past the resumed step are dropped (as in metrics.jsonl)."""
+
+    def __init__(self, run_dir: Path, rank: int, start_step: int):
+        self.path = Path(run_dir) / "keys" / f"rank_{rank:03d}.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if self.path.exists():
+            kept = [ln for ln in self.path.read_text().splitlines() if json.loads(ln)["step"] <= start_step]
+        self.path.write_text("".join(ln + "\n" for ln in kept))
+
+    def write(self, step: int, batches: list[dict]) -> None:
+        keys = [[e, k] for b in batches for e, k in zip(b["epochs"], b["keys"], strict=True)]
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, "keys": keys}) + "\n")

@@ -23,15 +23,15 @@ from torch.nn.parallel import DistributedDataParallel
 
 from clipkit import checkpoint as ckpt
 from clipkit.config import RootConfig
-from clipkit.distributed import DistEnv
+from clipkit.distributed import DistEnv, flags_of_all_ranks
 from clipkit.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger("clipkit")
 MAX_LOGIT_SCALE = math.log(100)
 
 
-class NonFiniteLossError(FloatingPointError):
-    pass
+class NonFiniteError(FloatingPointError):
+    """A NaN/inf loss or gradient norm; raised on every rank of the step, before any update."""
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -99,13 +99,20 @@ class LocalEngine:
         """Context in which backward accumulates locally without cross-rank gradient synchronisation."""
         return contextlib.nullcontext()
 
+    def step_number(self) -> int:
+        """The 1-based number of the update being computed."""
+        return self.scheduler.last_epoch + 1
+
     def check_finite(self, loss: torch.Tensor) -> None:
-        """Raises before any update when the loss is NaN/inf (naming the step and rank)."""
-        if not torch.isfinite(loss.detach()).all():
-            raise NonFiniteLossError(
-                f"non-finite loss {loss.item()} at step {self.scheduler.last_epoch + 1} "
-                f"on rank {self.rank}; no update was applied"
-            )
+        """Raises on every rank, before backward, when any rank's loss is NaN/inf (naming the step and ranks)."""
+        finite = flags_of_all_ranks(bool(torch.isfinite(loss.detach()).all()), self.device)
+        if not all(finite):
+            bad = ", ".join(str(r) for r, ok in enumerate(finite) if not ok)
+            raise NonFiniteError(f"non-finite loss at step {self.step_number()} on rank {bad}; no update was applied")
+
+    def skip_step(self) -> None:
+        """Drops the gradients of a step that will not be applied (parameters and optimizer untouched)."""
+        self.optimizer.zero_grad(set_to_none=True)
 
     def step(self) -> float:
         """Clips, updates, advances the schedule, clamps the temperature; returns the pre-clip grad norm."""
@@ -114,6 +121,12 @@ class LocalEngine:
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.grad_clip_norm if self.grad_clip_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if self.scaler is None and not torch.isfinite(grad_norm):  # (fp16: the scaler skips such steps itself)
+            # Gradients were averaged over the ranks, so every rank sees the same norm and raises here.
+            raise NonFiniteError(
+                f"non-finite gradient (norm {float(grad_norm)}) at step {self.step_number()} on rank {self.rank} "
+                "(and every other: gradients are averaged); no update was applied"
+            )
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import signal
@@ -14,7 +15,7 @@ from omegaconf import OmegaConf
 
 import clipkit
 from clipkit import checkpoint as ckpt
-from clipkit import distributed
+from clipkit import distributed, faults
 from clipkit import model as model_lib
 from clipkit.accumulate import make_step
 from clipkit.config import RootConfig, micro_batch_size
@@ -23,8 +24,16 @@ from clipkit.data.loader import SampleDecoder, TrainLoader, resolve_shards
 from clipkit.data.transforms import DeviceNormalize
 from clipkit.eval.runner import format_table, run_evals
 from clipkit.loss import build_loss
-from clipkit.metrics import RunLogger, Throughput, forward_flops_per_sample, peak_flops, peak_memory_gb
-from clipkit.parallel import build_engine
+from clipkit.metrics import (
+    KeyLog,
+    RunLogger,
+    SpikeDetector,
+    Throughput,
+    forward_flops_per_sample,
+    peak_flops,
+    peak_memory_gb,
+)
+from clipkit.parallel import NonFiniteError, build_engine
 from clipkit.preempt import Preemption, requeue_slurm_job
 
 log = logging.getLogger("clipkit")
@@ -59,7 +68,9 @@ class TrainState:
 
 
 def build_loader(cfg: RootConfig, built: model_lib.Built, env: distributed.DistEnv, demo: Path | None) -> TrainLoader:
-    shards, weights = resolve_shards(train_spec(cfg.data, demo), cfg.data.num_samples, cfg.data.allow_pipe)
+    shards, weights = resolve_shards(
+        train_spec(cfg.data, demo), cfg.data.num_samples, cfg.data.allow_pipe, cfg.data.allow_missing_shards
+    )
     decoder = SampleDecoder(
         tuple(cfg.data.image_key.split(";")),
         cfg.data.caption_key,
@@ -162,6 +173,49 @@ def resume(run_dir: Path, cfg: RootConfig, env, engine, loader: TrainLoader, sta
     return path
 
 
+def summed_data_errors(loader: TrainLoader) -> dict:
+    """Skipped-sample counts over all ranks: in total and per epoch (collective)."""
+    total, by_epoch = collections.Counter(), {}
+    for errors, epochs in distributed.all_gather_object((dict(loader.errors), loader.errors_by_epoch())):
+        total.update(errors)
+        for epoch, kinds in epochs.items():
+            by_epoch.setdefault(epoch, collections.Counter()).update(kinds)
+    return {
+        "data_errors": dict(sorted(total.items())),
+        "data_errors_by_epoch": {
+            e: dict(sorted(c.items())) for e, c in sorted(by_epoch.items(), key=lambda x: int(x[0]))
+        },
+    }
+
+
+class NonFiniteGuard:
+    """Runs one update under ``train.nonfinite``: ``fail`` re-raises (the step was not applied); ``skip``
+    returns None (every rank skips the same step: the check is agreed across ranks) until more than
+    ``max_in_a_row`` consecutive skips, which stop the run."""
+
+    def __init__(self, policy: str, max_in_a_row: int):
+        self.policy, self.max_in_a_row, self.in_a_row, self.last_error = policy, max_in_a_row, 0, ""
+
+    def run(self, engine, step_fn, loss_fn, micro) -> tuple | None:
+        try:
+            loss, out = step_fn(engine, loss_fn, micro)
+            lr = engine.lr
+            grad_norm = engine.step()
+        except NonFiniteError as err:
+            engine.skip_step()
+            if self.policy == "fail":
+                raise
+            self.in_a_row, self.last_error = self.in_a_row + 1, str(err)
+            if self.in_a_row > self.max_in_a_row:
+                raise NonFiniteError(
+                    f"{self.in_a_row} non-finite steps in a row (train.max_nonfinite_skips={self.max_in_a_row}); "
+                    f"last: {err}"
+                ) from None
+            return None
+        self.in_a_row = 0
+        return loss, out, lr, grad_norm
+
+
 def evaluate(cfg: RootConfig, built, env, engine, demo: Path | None) -> dict:
     """Every rank embeds its share of each eval set; rank 0 gets the metrics (the others an empty dict)."""
     with engine.full_params():
@@ -196,6 +250,7 @@ def _train(cfg: RootConfig, run_dir: Path, loaders: list) -> dict:
     engine = build_engine(built.model, cfg, env)
     peak = peak_flops(env.device, engine.amp_dtype, cfg.logging.peak_tflops)
     loss_fn = build_loss(cfg.loss.name, cfg.loss.impl, cfg.loss.chunk_size)
+    loss_fn = faults.loss_hook(loss_fn, lambda: state.step + 1)  # (inert unless CLIPKIT_FAULTS is set)
     num_micro = cfg.train.global_batch_size // (env.world_size * micro_batch_size(cfg, env.world_size))
     step_fn = make_step(num_micro)
     normalize = DeviceNormalize(built.mean, built.std).to(env.device)
@@ -227,6 +282,9 @@ def _train(cfg: RootConfig, run_dir: Path, loaders: list) -> dict:
 
     meter, t_start, last_saved = Throughput(), time.perf_counter(), state.step if resumed else -1
     preemption, stop_signal = Preemption(), 0
+    guard = NonFiniteGuard(cfg.train.nonfinite, cfg.train.max_nonfinite_skips)
+    spikes, spiked = SpikeDetector(), False
+    key_log = KeyLog(run_dir, env.rank, state.step) if cfg.train.record_keys else None
     built.model.train()
     while state.step < cfg.train.steps:
         t0 = time.perf_counter()
@@ -236,10 +294,18 @@ def _train(cfg: RootConfig, run_dir: Path, loaders: list) -> dict:
             (normalize(b["image"].to(env.device, non_blocking=True)), b["text"].to(env.device, non_blocking=True))
             for b in batches
         ]
-        loss, out = step_fn(engine, loss_fn, micro)
+        result = guard.run(engine, step_fn, loss_fn, micro)
+        if result is None:  # non-finite, train.nonfinite=skip: this batch is dropped, the step is retried
+            logger.log({"step": state.step + 1, "samples_seen": state.samples_seen, "skipped": guard.last_error})
+            logger.write(f"skipped: {guard.last_error}")
+            continue
+        loss, out, lr, grad_norm = result
+        if key_log:
+            key_log.write(state.step + 1, batches)
         loss_value = loss.item()
-        lr = engine.lr
-        grad_norm = engine.step()
+        if spikes.update(loss_value):
+            spiked = True
+            logger.write(f"loss spike at step {state.step + 1}: {loss_value:.4f} (recent mean {spikes.mean:.4f})")
         state.step += 1
         state.samples_seen += global_batch
         meter.add(global_batch, data_wait)
@@ -262,8 +328,10 @@ def _train(cfg: RootConfig, run_dir: Path, loaders: list) -> dict:
                 "mfu": mfu,
                 "data_wait_pct": wait_pct,
                 "peak_mem_gb": peak_memory_gb(env.device),
-                "data_errors": dict(loader.errors),
+                "data_errors": dict(loader.errors),  # this rank's (rank 0); summary.json sums all ranks
+                "loss_spike": spiked,  # (rank 0's own rows; a warning, never an action)
             }
+            spiked = False
             logger.log(record)
             shown = {"loss": f"{loss_value:.3f}", "lr": f"{lr:.2e}", "samples/s": f"{samples_per_s:.0f}"}
             shown.update({"mfu": f"{100 * mfu:.1f}%"} if mfu is not None else {}, wait=f"{wait_pct:.0f}%")
@@ -272,9 +340,11 @@ def _train(cfg: RootConfig, run_dir: Path, loaders: list) -> dict:
             save_checkpoint(run_dir, cfg, env, engine, loader, state)
             last_saved = state.step
         if cfg.eval.every and state.step % cfg.eval.every == 0 and state.step < cfg.train.steps:
+            faults.at("eval", state.step)
             results = evaluate(cfg, built, env, engine, demo)
             logger.log({"step": state.step, "samples_seen": state.samples_seen, "eval": results})
             logger.write(f"eval @ step {state.step}:\n{format_table(results)}")
+        faults.at("step", state.step)
         stop_signal = preemption.agreed(env.device)  # any rank's SIGTERM/SIGUSR1 stops every rank here
         if stop_signal:
             break
@@ -296,7 +366,7 @@ def _train(cfg: RootConfig, run_dir: Path, loaders: list) -> dict:
         "step": state.step,
         "samples_seen": state.samples_seen,
         "train_time_s": time.perf_counter() - t_start,
-        "data_errors": dict(loader.errors),
+        **summed_data_errors(loader),
         "eval": results,
     }
     if env.is_main:

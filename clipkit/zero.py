@@ -34,7 +34,7 @@ from clipkit import checkpoint as ckpt
 from clipkit.config import RootConfig, micro_batch_size
 from clipkit.distributed import DistEnv
 from clipkit.optim import build_optimizer, build_scheduler
-from clipkit.parallel import MAX_LOGIT_SCALE, LocalEngine, NonFiniteLossError, autocast_dtype
+from clipkit.parallel import MAX_LOGIT_SCALE, LocalEngine, autocast_dtype
 
 log = logging.getLogger("clipkit")
 TAG = "deepspeed"  # the DeepSpeed checkpoint's folder inside clipkit's checkpoint dir
@@ -168,12 +168,11 @@ class DeepSpeedEngine(LocalEngine):
     def no_sync(self):
         return contextlib.nullcontext()  # unmanaged accumulation: backward never reduces; step does
 
-    def check_finite(self, loss: torch.Tensor) -> None:
-        if not torch.isfinite(loss.detach()).all():
-            raise NonFiniteLossError(
-                f"non-finite loss {loss.item()} at step {self.module.global_steps + 1} "
-                f"on rank {self.rank}; no update was applied"
-            )
+    def step_number(self) -> int:
+        return self.module.global_steps + 1
+
+    def skip_step(self) -> None:
+        self.module.zero_grad()
 
     def step(self) -> float:
         self.module.step()  # reduce (scatter), clip, AdamW, schedule, zero_grad

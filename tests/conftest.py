@@ -73,3 +73,21 @@ def srun_tasks(ntasks: int, args: list[str], extra_env: dict | None = None) -> l
         )
         for task in range(ntasks)
     ]
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The reliability suite's table (case, trials, passed, figure), when that suite ran."""
+    harness = sys.modules.get("tests.reliability.harness")
+    if harness is None or not harness.RESULTS:
+        return
+    import json
+
+    rows = harness.RESULTS
+    terminalreporter.section(f"reliability ({'long' if harness.LONG else 'fast'} mode)")
+    terminalreporter.write_line("| case | trials | passed | figure |")
+    terminalreporter.write_line("|---|---:|---:|---|")
+    for r in rows:
+        terminalreporter.write_line(f"| {r['case']} | {r['trials']} | {r['passed']} | {r['figure']} |")
+    out = Path(__file__).resolve().parents[1] / "benchmarks" / "out" / "reliability.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"mode": "long" if harness.LONG else "fast", "results": rows}, indent=1))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import random
 from dataclasses import dataclass
 
@@ -18,10 +19,11 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clipkit.data import transforms
-from clipkit.data.shards import ShardSpecError, expand_spec, shard_size
+from clipkit.data.shards import ShardSpecError, announced_size, expand_spec, local_path, shard_size
 from clipkit.data.stream import MISSING, Shard, StreamPlan, iter_slot
 from clipkit.preempt import ignore_in_worker
 
+log = logging.getLogger("clipkit")
 STATE_VERSION = 1
 
 
@@ -112,10 +114,12 @@ class BatchStream(IterableDataset):
         worker = ((info.id if info else 0) + self.worker_offset) % self.plan.num_workers
         errors: collections.Counter = collections.Counter()
         bad_urls: collections.Counter = collections.Counter()
+        epoch_errors: collections.Counter = collections.Counter()  # "epoch/kind" -> count
         images, captions, keys, epochs = [], [], [], []
         for epoch, t, item, url in decoded(self.plan, self.decoder, worker, *self.positions[worker]):
             if isinstance(item, BadSample):
                 errors[item.kind] += 1
+                epoch_errors[f"{epoch}/{item.kind}"] += 1
                 bad_urls[url] += 1
                 continue
             images.append(item[0])
@@ -131,17 +135,27 @@ class BatchStream(IterableDataset):
                     "worker": worker,
                     "position": (epoch, t + 1),
                     "errors": dict(errors),
+                    "epoch_errors": dict(epoch_errors),
                     "bad_urls": dict(bad_urls),
                 }
                 images, captions, keys, epochs = [], [], [], []
-                errors, bad_urls = collections.Counter(), collections.Counter()
+                errors, bad_urls, epoch_errors = collections.Counter(), collections.Counter(), collections.Counter()
 
 
-def resolve_shards(spec: str, num_samples: int = 0, allow_pipe: bool = True) -> tuple[list[Shard], list[float]]:
-    sources = expand_spec(spec, check_exists=True, allow_pipe=allow_pipe)
+def resolve_shards(
+    spec: str, num_samples: int = 0, allow_pipe: bool = True, allow_missing: bool = False
+) -> tuple[list[Shard], list[float]]:
+    """Shards with their sample counts. ``allow_missing``: an absent local shard is kept with its announced
+    size (sizes.json; else 0), so the stream counts its samples as ``missing``; a warning names it."""
+    sources = expand_spec(spec, check_exists=not allow_missing, allow_pipe=allow_pipe)
     shards, unknown = [], []
     for i, src in enumerate(sources):
         for url in src.urls:
+            if allow_missing and not url.startswith("pipe:") and not local_path(url).is_file():
+                n = announced_size(url)
+                log.warning("shard missing: %s (%d announced samples will count as missing)", url, n)
+                shards.append(Shard(url, n, i))
+                continue
             n = shard_size(url)
             if n is None:
                 unknown.append(url)
@@ -187,6 +201,7 @@ class TrainLoader:
         self.positions = [(0, 0)] * self.plan.num_workers
         self.next_worker = 0
         self.errors: collections.Counter = collections.Counter()
+        self.epoch_errors: collections.Counter = collections.Counter()  # "epoch/kind" -> count
         self.bad_urls: collections.Counter = collections.Counter()
         self.samples_delivered = 0
         self._iter = None
@@ -214,6 +229,7 @@ class TrainLoader:
         self.positions[worker] = tuple(batch["position"])
         self.next_worker = (worker + 1) % self.plan.num_workers
         self.errors.update(batch["errors"])
+        self.epoch_errors.update(batch["epoch_errors"])
         self.bad_urls.update(batch["bad_urls"])
         self.samples_delivered += len(batch["keys"])
         self._check_bad_fraction()
@@ -247,9 +263,18 @@ class TrainLoader:
             "positions": [list(p) for p in self.positions],
             "next_worker": self.next_worker,
             "errors": dict(self.errors),
+            "epoch_errors": dict(self.epoch_errors),
             "bad_urls": dict(self.bad_urls.most_common(100)),
             "samples_delivered": self.samples_delivered,
         }
+
+    def errors_by_epoch(self) -> dict[str, dict[str, int]]:
+        """``{epoch: {kind: count}}`` of this rank's skipped samples (complete for epochs the stream has left)."""
+        out: dict[str, dict[str, int]] = {}
+        for key, n in sorted(self.epoch_errors.items()):
+            epoch, kind = key.split("/", 1)
+            out.setdefault(epoch, {})[kind] = n
+        return out
 
     def close(self) -> None:
         """Stops the worker processes now (they ignore SIGTERM, so they must not be left to interpreter exit)."""
@@ -270,6 +295,7 @@ class TrainLoader:
         self.positions = [tuple(p) for p in state["positions"]]
         self.next_worker = state["next_worker"]
         self.errors = collections.Counter(state["errors"])
+        self.epoch_errors = collections.Counter(state.get("epoch_errors", {}))
         self.bad_urls = collections.Counter(state["bad_urls"])
         self.samples_delivered = state["samples_delivered"]
         self._iter = None

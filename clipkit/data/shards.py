@@ -82,6 +82,16 @@ def count_tar_samples(path: Path) -> int:
     return keys
 
 
+def announced_size(url: str) -> int:
+    """A shard's sample count as its sizes.json / _stats.json announce it (0 if neither does); no tar read."""
+    path = local_path(url)
+    sizes = _sizes_file(str(path.parent))
+    if path.name in sizes:
+        return sizes[path.name]
+    stats = path.with_name(path.stem + "_stats.json")
+    return int(json.loads(stats.read_text())["successes"]) if stats.is_file() else 0
+
+
 def shard_size(url: str) -> int | None:
     """Sample count of one shard from sizes.json, img2dataset stats, or a header scan; None if unknowable."""
     if url.startswith("pipe:"):

@@ -22,14 +22,14 @@ NUM_IMAGES = 101  # odd: does not divide over 2 ranks
 
 @pytest.fixture(scope="module")
 def trained(small_demo, tmp_path_factory) -> Path:
-    """A tiny model trained for 80 steps (well above chance, so the metrics are not all ties)."""
+    """A tiny model trained for 120 steps (above chance, so the metrics are not all ties)."""
     run = tmp_path_factory.mktemp("eval_model")
     run_cli(
         "train",
         f"hydra.run.dir={run}",
         *SMALL_DEMO,
-        "train.steps=80",
-        "train.checkpoint_every=80",
+        "train.steps=120",
+        "train.checkpoint_every=120",
         "optim.warmup_steps=5",
         "logging.progress=false",
         "eval.zeroshot.dataset=",
@@ -138,7 +138,7 @@ def test_metrics_equal_clip_benchmark(trained, folders, tmp_path):
         amp=False,
     )
     ours = result["zeroshot"]
-    assert ours["num_samples"] == len(dataset) and 0.1 < ours["acc1"] < 1.0  # far above chance, not trivial
+    assert ours["num_samples"] == len(dataset) and 2 * ours["chance"] < ours["acc1"] < 1.0  # above chance
     for key in ("acc1", "acc5", "mean_per_class_recall"):
         assert ours[key] == pytest.approx(ref[key], abs=1e-12), key
 

@@ -1,0 +1,116 @@
+"""Shared pieces of the reliability suite: the results table, run helpers, and run comparisons.
+
+Fast mode (default) runs few trials per case; ``CLIPKIT_RELIABILITY=long`` runs the full counts. Each case
+records (case, trials, passed, figure); the table is printed at the end of the pytest session and written to
+``benchmarks/out/reliability.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import SMALL_DEMO
+
+LONG = os.environ.get("CLIPKIT_RELIABILITY") == "long"
+RESULTS: list[dict] = []
+STEPS = 12
+RUN_ARGS = [
+    *SMALL_DEMO,
+    f"train.steps={STEPS}",
+    "train.global_batch_size=32",
+    "train.log_every=1",
+    "train.checkpoint_every=4",
+    "train.keep_last=5",
+    "train.record_keys=true",
+    "optim.warmup_steps=2",
+    "logging.progress=false",
+    "eval.zeroshot.dataset=",
+    "eval.retrieval.dataset=",
+]
+
+
+def record(case: str, trials: int, passed: int, figure: str) -> None:
+    RESULTS.append({"case": case, "trials": trials, "passed": passed, "figure": figure})
+
+
+def trials(fast: int, long: int) -> int:
+    return long if LONG else fast
+
+
+def rng(case: str) -> random.Random:
+    """Random choices (which rank, which step) seeded per case; the seed is printed with failures."""
+    seed = int(os.environ.get("CLIPKIT_RELIABILITY_SEED", "0"))
+    return random.Random(f"{seed}/{case}")
+
+
+def train(run_dir: Path, *overrides: str, faults: str = "", timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CLIPKIT_FAULTS": faults}
+    cmd = [sys.executable, "-m", "clipkit", "train", f"hydra.run.dir={run_dir}", *RUN_ARGS, *overrides]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [(r["step"], r["loss"]) for r in map(json.loads, lines) if "loss" in r]
+
+
+def keys(run_dir: Path) -> list[tuple]:
+    """Every (epoch, key) the run trained on, all ranks, in (step, rank, position) order (``train.record_keys``)."""
+    out = []
+    for rank, path in enumerate(sorted((run_dir / "keys").glob("rank_*.jsonl"))):
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            out += [(rec["step"], rank, i, tuple(k)) for i, k in enumerate(rec["keys"])]
+    return [k for *_, k in sorted(out)]
+
+
+def final_state(run_dir: Path) -> dict:
+    ckpt = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
+    return {
+        "model": load_file(str(ckpt / "model.safetensors")),
+        "engine": torch.load(ckpt / "engine.pt", map_location="cpu", weights_only=True),
+    }
+
+
+def same_tensors(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_tensors(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same_tensors(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def same_run(run_dir: Path, ref_dir: Path) -> tuple[bool, str]:
+    """Bit-identical final parameters and optimizer state, loss curve, and trained sample keys."""
+    a, b = final_state(run_dir), final_state(ref_dir)
+    if not same_tensors(a["model"], b["model"]):
+        return False, "parameters differ"
+    if not same_tensors(a["engine"], b["engine"]):
+        return False, "optimizer / scheduler state differs"
+    if losses(run_dir) != losses(ref_dir):
+        return False, "loss curves differ"
+    got, want = keys(run_dir), keys(ref_dir)
+    if got != want:
+        lost, repeated = len(set(want) - set(got)), len(got) - len(set(got))
+        return False, f"sample keys differ ({lost} lost, {repeated} repeated)"
+    return True, "identical"
+
+
+class Timer:
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.t0

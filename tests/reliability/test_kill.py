@@ -1,0 +1,69 @@
+"""Cases 1-2: kill -9 of a random rank at a random step, and kills at every point of a checkpoint write."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from tests.conftest import srun_tasks
+from tests.reliability.harness import RUN_ARGS, STEPS, record, rng, same_run, train, trials
+
+pytestmark = pytest.mark.reliability
+
+
+def srun_train(run_dir, *overrides, faults="", timeout=300):
+    args = ["train", f"hydra.run.dir={run_dir}", *RUN_ARGS, "parallel.timeout_s=60", *overrides]
+    procs = srun_tasks(2, args, extra_env={"CLIPKIT_FAULTS": faults})
+    return [(p.wait(timeout), p.communicate()[1]) for p in procs]
+
+
+def test_kill9_random_rank_random_step(small_demo, tmp_path):
+    ref = tmp_path / "ref"
+    assert all(rc == 0 for rc, _ in srun_train(ref)), "reference run failed"
+    n, passed, fails, r = trials(2, 10), 0, [], rng("kill9")
+    for t in range(n):
+        rank, step = r.randrange(2), r.randrange(2, STEPS)
+        run = tmp_path / f"trial{t}"
+        killed = srun_train(run, faults=f"kill:step@{step}/{rank}")
+        assert killed[rank][0] == -9, f"trial {t}: rank {rank} was not killed ({killed[rank]})"
+        resumed = srun_train(run)
+        ok, why = (
+            (False, f"resume failed: {resumed[0][1][-500:]}") if any(rc for rc, _ in resumed) else same_run(run, ref)
+        )
+        passed += ok
+        if not ok:
+            fails.append(f"trial {t} (rank {rank}, step {step}): {why}")
+        shutil.rmtree(run)
+    record(
+        "kill -9 a random rank (2 ranks)", n, passed, "bit-identical params, optimizer, losses; 0 keys lost/repeated"
+    )
+    assert not fails, fails
+
+
+POINTS = {  # where the step-8 save is killed -> the checkpoint a resume must start from
+    "save_start": 4,
+    "save_written": 4,
+    "save_manifest": 4,
+    "save_done": 8,
+}
+
+
+def test_kill_during_save(small_demo, tmp_path):
+    ref = tmp_path / "ref"
+    assert train(ref).returncode == 0
+    passed, figures, fails = 0, [], []
+    for point, expected_from in POINTS.items():
+        run = tmp_path / point
+        killed = train(run, faults=f"kill:{point}@8")
+        assert killed.returncode == -9, (point, killed.stderr[-500:])
+        resumed = train(run)
+        started = f"resumed from {run}/checkpoints/step_{expected_from:08d}"
+        ok, why = same_run(run, ref) if resumed.returncode == 0 else (False, resumed.stderr[-500:])
+        ok = ok and started in resumed.stderr
+        passed += ok
+        figures.append(f"{point}: step {expected_from}")
+        if not ok:
+            fails.append(f"{point}: {why}; {started!r} in stderr: {started in resumed.stderr}")
+    record("kill during checkpoint save", len(POINTS), passed, "resumed from newest complete: " + ", ".join(figures))
+    assert not fails, fails

@@ -1,0 +1,38 @@
+"""Case 7: SIGTERM / SIGUSR1 during training, a periodic eval and a checkpoint save: a complete checkpoint, a
+clean exit, and an exact resume."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.reliability.harness import record, same_run, train
+
+pytestmark = pytest.mark.reliability
+
+CASES = {  # fault -> the step the stop checkpoint must be
+    "sigterm:step@6": 6,  # during training (between updates)
+    "sigterm:eval@8": 8,  # during a periodic eval (eval.every=4): the eval finishes, then the stop
+    "sigterm:save_written@8": 8,  # in the middle of a checkpoint write: the write completes, then the stop
+    "sigusr1:step@5": 5,  # SLURM's pre-timeout warning (requeue is skipped outside SLURM)
+}
+
+
+def test_signals_checkpoint_and_resume_exactly(small_demo, tmp_path):
+    ref = tmp_path / "ref"
+    assert train(ref).returncode == 0
+    passed, fails = 0, []
+    for fault, stop_step in CASES.items():
+        run = tmp_path / fault.replace(":", "_").replace("@", "_")
+        extra = ["eval.every=4", "eval.zeroshot.dataset=demo"] if ":eval" in fault else []
+        stopped = train(run, *extra, faults=fault)
+        signame = fault.split(":")[0].upper()
+        saved = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
+        ok = stopped.returncode == 0 and f"{signame}: stopped after step {stop_step}" in stopped.stderr
+        ok = ok and saved[-1] == f"step_{stop_step:08d}"
+        resumed = train(run)
+        same, why = same_run(run, ref) if resumed.returncode == 0 else (False, resumed.stderr[-500:])
+        passed += ok and same
+        if not (ok and same):
+            fails.append(f"{fault}: stop ok={ok} ({saved}); {why}; {stopped.stderr[-800:]}")
+    record("signals during train / eval / save", len(CASES), passed, "complete checkpoint, exit 0, identical resume")
+    assert not fails, fails
