@@ -94,7 +94,7 @@ def train_abort_after_n() -> bool:
     from pathlib import Path
 
     with tempfile.TemporaryDirectory() as tmp:
-        proc = train(Path(tmp), "train.nonfinite=skip", "train.max_nonfinite_skips=3", faults="nan_loss@5")
+        proc = train(Path(tmp), "train.nonfinite=skip", "train.max_nonfinite_skips=3", faults="nan_loss@5+")
         ok = proc.returncode == 1 and "4 non-finite steps in a row" in proc.stderr
     record("non-finite skips in a row abort", 1, int(ok), "stopped after 3 skipped steps, with the reason")
     return ok
