@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from results_io import write_results  # benchmarks/ is on sys.path when run as a script
 
 
 def peak_rss_reset() -> None:
@@ -166,10 +166,7 @@ def main() -> None:
             )
             if ref:
                 assert abs(r["clipkit_R@1_i2t"] - r["clip_benchmark_R@1_i2t"]) < 1e-6, r
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
-    print(f"\nwritten to {out}")
+    write_results(args.out, results)
 
 
 if __name__ == "__main__":

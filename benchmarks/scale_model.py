@@ -17,10 +17,9 @@ sample); bandwidths and MFU are stated assumptions (edit them on the command lin
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
+from results_io import write_results  # benchmarks/ is on sys.path when run as a script
 from torch.utils.flop_counter import FlopCounterMode
 
 MODELS = {"ViT-B-16": "ViT-B/16", "ViT-L-14": "ViT-L/14"}
@@ -112,10 +111,7 @@ def main() -> None:
                 f"| {r['ddp_states_gb']:.1f} / {r['zero1_states_gb']:.1f} / {r['zero2_states_gb']:.2f} / "
                 f"{r['zero3_states_gb']:.2f} | {r['logits_gathered_gb']:.1f} / {r['logits_tiled_gb']:.2f} |"
             )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
-    print(f"\nwritten to {out}")
+    write_results(args.out, results)
 
 
 if __name__ == "__main__":
