@@ -451,11 +451,12 @@ def _validate_model(cfg: RootConfig) -> None:
 
 
 def _validate_eval_task(prefix: str, kind: str, task, allow_pipe: bool) -> None:
+    from clipkit.data.shards import is_shard_spec
     from clipkit.eval import prompts
 
     dataset = task.dataset
     if dataset not in ("", "demo"):
-        if ".tar" in dataset or "::" in dataset or dataset.startswith(("pipe:", "file:")):
+        if is_shard_spec(dataset):
             _validate_shards(f"{prefix}.dataset", dataset, allow_empty=True, allow_pipe=allow_pipe)
         elif not Path(dataset).expanduser().exists():
             raise ConfigError(f"{prefix}.dataset", dataset, "not found (shards, a folder, a table or a JSON file)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 import subprocess
 from dataclasses import dataclass
 
@@ -69,6 +70,13 @@ def init(device: str = "auto", timeout_s: int = 600) -> DistEnv:
             timeout=datetime.timedelta(seconds=timeout_s),
         )
     return DistEnv(rank, world, local_rank, dev)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now (for a single-node rendezvous)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def rank_and_world() -> tuple[int, int]:

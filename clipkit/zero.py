@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 from pathlib import Path
 
 import torch
@@ -32,7 +31,7 @@ import torch.distributed as dist
 
 from clipkit import checkpoint as ckpt
 from clipkit.config import RootConfig, micro_batch_size
-from clipkit.distributed import DistEnv
+from clipkit.distributed import DistEnv, free_port
 from clipkit.optim import build_optimizer, build_scheduler
 from clipkit.parallel import MAX_LOGIT_SCALE, LocalEngine, autocast_dtype
 
@@ -116,9 +115,7 @@ def _ensure_process_group(env: DistEnv, timeout_s: int) -> None:
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
     if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        os.environ["MASTER_PORT"] = str(free_port())
     if not dist.is_initialized():
         dist.init_process_group(
             "nccl" if env.device.type == "cuda" else "gloo",

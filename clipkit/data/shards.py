@@ -58,6 +58,11 @@ def expand_spec(spec: str, check_exists: bool = False, allow_pipe: bool = True) 
     return sources
 
 
+def is_shard_spec(spec: str) -> bool:
+    """Whether a dataset string names tar shards (rather than a folder, a table or a JSON file)."""
+    return ".tar" in spec or "::" in spec or spec.startswith(("pipe:", "file:"))
+
+
 def local_path(url: str) -> Path:
     return Path(url[len("file://") :] if url.startswith("file://") else url).expanduser()
 

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from clipkit.data.shards import expand_spec
+from clipkit.data.shards import expand_spec, is_shard_spec
 from clipkit.data.stream import iter_shard
 from clipkit.data.tables import read_records
 
@@ -55,10 +55,6 @@ class Source:
 
 def _file(path: Path) -> Callable[[], bytes]:
     return lambda: path.read_bytes()
-
-
-def _is_shards(spec: str) -> bool:
-    return ".tar" in spec or "::" in spec or spec.startswith(("pipe:", "file:"))
 
 
 def _shard_records(spec: str, target: Callable[[dict], object]) -> Callable[[], Iterator[Record]]:
@@ -177,7 +173,7 @@ def _grouped(root: Path, items: list[tuple[str, list[str]]], description: str) -
 
 def open_source(task: str, dataset: str, cfg, classnames: list[str] | None = None) -> Source:
     """The ``Source`` behind a dataset string for ``task`` (``zeroshot`` or ``retrieval``)."""
-    if _is_shards(dataset):
+    if is_shard_spec(dataset):
         target = _shard_label if task == "zeroshot" else (lambda s: _captions_or_skip(sample_captions(s)))
         return Source(_shard_records(dataset, target), None, dataset)
     path = Path(dataset).expanduser()

@@ -9,20 +9,14 @@ modes (ClipLoss with local_loss + gather_with_grad, SigLipLoss) on the same embe
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 import torch.multiprocessing as mp
 
+from clipkit.distributed import free_port
 from tests.distributed.workers import CASES, loss_exactness
 
 TOL = 1e-6
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module", params=[1, 2, 4], ids=lambda w: f"world{w}")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from clipkit.distributed import free_port
 from tests.conftest import run_cli
 
 ATOL = 1e-5
@@ -45,12 +45,6 @@ COMMON = [
 ]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 LAUNCH = Path(__file__).resolve().parents[2] / "launch"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(run_dir: Path, *overrides: str, nproc: int = 2) -> subprocess.CompletedProcess:
