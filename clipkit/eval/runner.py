@@ -79,8 +79,9 @@ def run_evals(built, cfg: EvalConfig, device: torch.device, demo_dir: Path | Non
         bar = tqdm(desc=f"eval {task.name}", unit="img", leave=False, disable=not (progress and _is_main()))
         if task.kind == "zeroshot":
             c = task.cfg
-            source = open_source("zeroshot", c.dataset, c, prompts.classnames(c.classnames) if c.classnames else None)
-            classnames = prompts.classnames(c.classnames, source.classnames)
+            named = prompts.classnames(c.classnames) if c.classnames else None  # read once
+            source = open_source("zeroshot", c.dataset, c, named)
+            classnames = named if named is not None else prompts.classnames(None, source.classnames)
             templates = prompts.templates(c.templates, c.classnames)
             out = zeroshot_classification(
                 model, built.tokenizer, source, transform, classnames, templates, device, opts, bar.update

@@ -60,13 +60,13 @@ def _embed_share(model, loader, device, amp, on_batch=None):
 
 def _merge(shares: list) -> tuple[torch.Tensor, list, dict]:
     """Rank 0: every rank's share, back in source order."""
+    skips = sum((collections.Counter(s[3]) for s in shares), collections.Counter())
     indices = [i for share in shares for i in share[0]]
     if not indices:
-        return torch.empty(0), [], dict(sum((collections.Counter(s[3]) for s in shares), collections.Counter()))
+        return torch.empty(0), [], dict(sorted(skips.items()))
     embs = torch.cat([e for share in shares for e in share[1]])
     targets = [t for share in shares for t in share[2]]
     order = sorted(range(len(indices)), key=indices.__getitem__)
-    skips = sum((collections.Counter(s[3]) for s in shares), collections.Counter())
     return embs[order], [targets[i] for i in order], dict(sorted(skips.items()))
 
 
@@ -76,23 +76,28 @@ def template_fn(template: str):
 
 @torch.no_grad()
 def build_classifier(model, tokenizer, classnames: list[str], templates: list[str], device, amp=None) -> torch.Tensor:
-    """[D, C] class embeddings; with W ranks each builds the classes c with c % W == rank, all ranks get all."""
+    """[D, C] class embeddings; with W ranks each builds the classes c with c % W == rank, all ranks get all.
+    (With fewer classes than ranks, the ranks without a class contribute nothing.)"""
     rank, world = distributed.rank_and_world()
-    mine = list(range(rank, len(classnames), world))
-    with _autocast(device, amp):
-        part = open_clip.build_zero_shot_classifier(
-            model,
-            tokenizer,
-            [classnames[c] for c in mine],
-            [template_fn(t) for t in templates],
-            num_classes_per_batch=10,
-            device=device,
-            use_tqdm=False,
-        ).float()
-    parts = distributed.all_gather_object(part.cpu())
-    classifier = torch.empty(part.shape[0], len(classnames))
+    mine = [classnames[c] for c in range(rank, len(classnames), world)]
+    part = None
+    if mine:  # open_clip refuses an empty class list
+        with _autocast(device, amp):
+            part = open_clip.build_zero_shot_classifier(
+                model,
+                tokenizer,
+                mine,
+                [template_fn(t) for t in templates],
+                num_classes_per_batch=10,
+                device=device,
+                use_tqdm=False,
+            ).float()
+        part = part.cpu()
+    parts = distributed.all_gather_object(part)
+    classifier = torch.empty(parts[0].shape[0], len(classnames))  # rank 0 always has class 0
     for r, p in enumerate(parts):
-        classifier[:, r::world] = p
+        if p is not None:
+            classifier[:, r::world] = p
     return classifier.to(device)
 
 
