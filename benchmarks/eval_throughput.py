@@ -24,24 +24,6 @@ from PIL import Image
 from results_io import write_results  # benchmarks/ is on sys.path when run as a script
 
 
-def peak_rss_reset() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux)
-
-
-def peak_rss_gb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024**2
-    return float("nan")
-
-
-def rss_gb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024**2
-    return float("nan")
-
-
 def make_folder(root: Path, num_images: int, num_classes: int = 10) -> None:
     rng = np.random.default_rng(0)
     for i in range(num_images):
@@ -78,30 +60,34 @@ def clip_benchmark_rate(model, transform, folder: Path, batch: int, workers: int
     return n / (time.perf_counter() - t0)
 
 
+CPU = torch.device("cpu")
+
+
 def retrieval_case(n_img: int, n_txt: int, dim: int = 512, with_reference: bool = False) -> dict:
     from clipkit.eval.zeroshot import retrieval_metrics
+    from clipkit.metrics import peak_memory_gb, reset_peak_memory, resident_memory_gb
 
     g = torch.Generator().manual_seed(0)
     img = torch.nn.functional.normalize(torch.randn(n_img, dim, generator=g), dim=-1)
     owner = torch.arange(n_txt) * n_img // n_txt  # grouped, ~n_txt/n_img captions per image
     txt = torch.nn.functional.normalize(img[owner] + 2.0 * torch.randn(n_txt, dim, generator=g), dim=-1)
-    base = rss_gb()
-    peak_rss_reset()
+    base = resident_memory_gb()
+    reset_peak_memory(CPU)
     t0 = time.perf_counter()
     ours = retrieval_metrics(img, txt, owner)
     row = {
         "images": n_img,
         "captions": n_txt,
         "clipkit_s": time.perf_counter() - t0,
-        "clipkit_peak_extra_gb": peak_rss_gb() - base,
+        "clipkit_peak_extra_gb": peak_memory_gb(CPU) - base,
         "full_matrix_gb": n_img * n_txt * 4 / 1024**3,
         "clipkit_R@1_i2t": ours["image_to_text_R@1"],
     }
     if with_reference:
         from clip_benchmark.metrics.zeroshot_retrieval import batchify, recall_at_k
 
-        peak_rss_reset()
-        base = rss_gb()
+        reset_peak_memory(CPU)
+        base = resident_memory_gb()
         t0 = time.perf_counter()
         scores = txt @ img.T
         positive = torch.zeros_like(scores, dtype=torch.bool)
@@ -110,7 +96,7 @@ def retrieval_case(n_img: int, n_txt: int, dim: int = 512, with_reference: bool 
         row.update(
             {
                 "clip_benchmark_s": time.perf_counter() - t0,
-                "clip_benchmark_peak_extra_gb": peak_rss_gb() - base,
+                "clip_benchmark_peak_extra_gb": peak_memory_gb(CPU) - base,
                 "clip_benchmark_R@1_i2t": ref,
             }
         )

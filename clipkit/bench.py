@@ -15,7 +15,6 @@ value of a known GPU, or, on a CPU, the fp32 matmul rate measured here (labelled
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
@@ -29,7 +28,7 @@ from clipkit.config import RootConfig, micro_batch_size
 from clipkit.data.transforms import DeviceNormalize
 from clipkit.distributed import DistEnv
 from clipkit.loss import build_loss
-from clipkit.metrics import forward_flops_per_sample, peak_flops, peak_memory_gb
+from clipkit.metrics import forward_flops_per_sample, peak_flops, peak_memory_gb, reset_peak_memory
 from clipkit.optim import build_optimizer
 from clipkit.parallel import MAX_LOGIT_SCALE, autocast_dtype, build_engine
 
@@ -51,14 +50,6 @@ def measured_matmul_flops(device: torch.device, n: int = 2048, repeats: int = 5)
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        with contextlib.suppress(OSError):
-            Path("/proc/self/clear_refs").write_text("5")
 
 
 def synthetic_batches(num: int, batch: int, image_size: int, context_length: int, seed: int) -> list[tuple]:
@@ -101,7 +92,7 @@ def bench_clipkit(cfg: RootConfig, batches: list[tuple], device: torch.device, w
     for i, (images_u8, text) in enumerate(batches):
         if i == warmup:
             _sync(device)
-            _reset_peak(device)
+            reset_peak_memory(device)
             t0, wait = time.perf_counter(), 0.0
         t_fetch = time.perf_counter()
         pairs = [
@@ -178,7 +169,7 @@ def bench_open_clip(cfg: RootConfig, batches: list[tuple], device: torch.device,
     try:
         train_one_epoch(model, {"train": _DataInfo(warm)}, loss, 0, optimizer, scaler, None, None, args)
         _sync(device)
-        _reset_peak(device)
+        reset_peak_memory(device)
         t0 = time.perf_counter()
         train_one_epoch(model, {"train": _DataInfo(timed)}, loss, 1, optimizer, scaler, None, None, args)
         _sync(device)

@@ -55,17 +55,38 @@ def peak_flops(device: torch.device, amp_dtype: torch.dtype | None, override_tfl
     return None
 
 
-def peak_memory_gb(device: torch.device) -> float:
-    """Peak memory of this process: allocated on a GPU, resident (VmHWM) on a CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1024**3
+def _proc_status_gb(field: str) -> float:
+    """A memory line of /proc/self/status (Linux) in GiB; NaN where there is none."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024**2
     except OSError:
         pass
     return float("nan")
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory of this process: allocated on a GPU, resident (VmHWM) on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1024**3
+    return _proc_status_gb("VmHWM")
+
+
+def resident_memory_gb() -> float:
+    """Current resident memory of this process (VmRSS)."""
+    return _proc_status_gb("VmRSS")
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Starts a new peak for ``peak_memory_gb`` (CPU: resets VmHWM through /proc/self/clear_refs)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 class Throughput:
