@@ -3,11 +3,14 @@ code and writes nothing."""
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
+import random
 import tarfile
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -81,9 +84,6 @@ def test_untrusted_input(small_demo, tmp_path):
     evil = f"../../../tmp/evil-{uuid.uuid4().hex}"
     shard_dir = tmp_path / "shards"
     shard_dir.mkdir()
-    import io
-    import random
-
     rng = random.Random(0)
     with tarfile.open(shard_dir / "00000.tar", "w") as tar:
         for i in range(64):
@@ -102,9 +102,7 @@ def test_untrusted_input(small_demo, tmp_path):
         "train.global_batch_size=16",
         *SMALL_DEMO,
     )
-    written = [p for p in (tmp_path / "evil").parent.glob("evil-*")] + list(
-        __import__("pathlib").Path("/tmp").glob(evil.rsplit("/", 1)[1] + "*")
-    )
+    written = [*tmp_path.parent.glob("evil-*"), *Path("/tmp").glob(Path(evil).name + "*")]
     checks["tar paths"] = proc.returncode == 0 and not written
     record(
         "untrusted input",
