@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -84,6 +85,52 @@ def compose(overrides: list[str]):
     return cfg, run_dir
 
 
+def _split_override(arg: str) -> tuple[str, str, str] | None:
+    """(prefix, key, value) of a ``[+|++|~]key=value`` override, or None for anything else."""
+    m = re.match(r"^(\+\+|\+|~)?([A-Za-z_][\w.\-]*)=(.*)$", arg, flags=re.S)
+    return (m[1] or "", m[2], m[3]) if m else None
+
+
+def _hydra_quoted(value: str) -> str:
+    """``value`` as one Hydra quoted string: every character literal except ``${...}`` interpolations."""
+    if value == "null" or (len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""):
+        return value  # unset, or quoted for Hydra by the user already
+    return "'" + value.replace("'", "\\'") + "'"
+
+
+def path_overrides(args: list[str]) -> list[str]:
+    """Path-valued overrides as a shell hands them over, made safe for Hydra's grammar.
+
+    - A value with braces, globs, ``::`` or ``@W`` (``data.train=/d/{0..9}.tar`` in single quotes, or a
+      user's own Hydra quotes) is quoted for Hydra, which otherwise refuses ``{`` or reads ``,`` as a list.
+    - Unquoted braces are expanded by bash into one word per shard (``data.train=/d/0.tar data.train=/d/1.tar
+      ...``); Hydra would keep only the last. Repeated path keys are joined back into one brace list.
+    """
+    from clipkit.config import PATH_KEYS, ConfigError
+
+    out: list[str] = []
+    merged: dict[str, int] = {}  # path key -> its index in out
+    values: dict[str, list[str]] = {}
+    for arg in args:
+        parts = _split_override(arg)
+        if parts is None or parts[1] not in PATH_KEYS or parts[0] == "~":
+            out.append(arg)
+            continue
+        prefix, key, value = parts
+        if key in merged:
+            values[key].append(value)
+            joined = "{" + ",".join(values[key]) + "}"
+            if any(c in v for v in values[key] for c in "{},"):
+                raise ConfigError(
+                    key, value, "given several times; quote a brace pattern so the shell passes it as one value"
+                )
+            out[merged[key]] = f"{prefix}{key}={_hydra_quoted(joined)}"
+            continue
+        merged[key], values[key] = len(out), [value]
+        out.append(f"{prefix}{key}={_hydra_quoted(value)}")
+    return out
+
+
 def _fail(message: str, code: int) -> None:
     print(f"clipkit: {message}", file=sys.stderr)
     sys.exit(code)
@@ -118,10 +165,12 @@ def main(argv: list[str] | None = None) -> None:
         level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
     )
     logging.getLogger("clipkit").setLevel(logging.INFO)
-    from clipkit.config import ConfigError, validate
+    from clipkit.config import ConfigError, adjust, validate
 
     try:
-        cfg, run_dir = compose(overrides)
+        cfg, run_dir = compose(path_overrides(overrides))
+        for note in adjust(cfg):
+            logging.getLogger("clipkit").warning(note)
         validate(cfg, verb)
     except ConfigError as err:
         _fail(f"config error: {err}", EXIT_CONFIG)
@@ -175,6 +224,7 @@ def _train(cfg, run_dir: Path) -> None:
     from clipkit.data.loader import DataError
     from clipkit.data.shards import ShardSpecError
     from clipkit.parallel import NonFiniteError
+    from clipkit.preempt import Preempted
     from clipkit.train import ResumeError, train
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -184,6 +234,14 @@ def _train(cfg, run_dir: Path) -> None:
         train(cfg, run_dir)
     except (DataError, ResumeError, ShardSpecError, CorruptCheckpoint, NonFiniteError) as err:
         _fail(f"error on rank {os.environ.get('RANK', '0')}: {err}", 1)
+    except Preempted as sig:
+        _fail(
+            f"{sig} on rank {os.environ.get('RANK', '0')} while starting or waiting for data: stopped without a new "
+            "checkpoint (no step boundary came); the same command resumes from the last complete one",
+            128 + sig.signum,
+        )
+    except KeyboardInterrupt:
+        _fail("interrupted (Ctrl-C); the same command resumes from the last complete checkpoint", 130)
     except RuntimeError as err:
         from clipkit.distributed import is_peer_failure
 

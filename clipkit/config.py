@@ -25,6 +25,30 @@ class ConfigError(ValueError):
         super().__init__(f"{key}={value!r}: {reason}")
 
 
+# Overrides whose values are paths, URLs or shard specs: the CLI passes them to Hydra as quoted strings (braces,
+# globs, ``::`` and ``@W`` as the shell hands them over) and joins repeated ones (a shell-expanded brace pattern).
+PATH_KEYS = frozenset(
+    {
+        "data.train",
+        "data.cache_dir",
+        "model.config",
+        "model.pretrained",
+        "model.init_from",
+        "eval.zeroshot.dataset",
+        "eval.zeroshot.classnames",
+        "eval.zeroshot.templates",
+        "eval.retrieval.dataset",
+        "eval.retrieval.image_root",
+        "eval.suite",
+        "eval.output",
+        "bench.output",
+        "checkpoint",
+        "out",
+        "hydra.run.dir",
+    }
+)
+
+
 @dataclass
 class ModelConfig:
     # open_clip model name (``ViT-B-32``) or a config shipped with clipkit (``clipkit-tiny``).
@@ -66,9 +90,11 @@ class DataConfig:
     shuffle_window: int = 1000
     # Image members tried in order, separated by ``;``.
     image_key: str = "jpg;png;webp;jpeg"
-    # ``txt`` (a member), or ``json:FIELD`` (a field of the json member; a list gives one seeded pick per use).
-    caption_key: str = "json:captions"
-    # Explicit sample count when no sizes.json / _stats.json is next to the shards (0 = read them).
+    # ``auto``: a ``txt`` member, else the ``json`` member's ``caption`` (img2dataset), else its ``captions``;
+    # or a member (``txt``), or ``json:FIELD`` (a list gives one seeded pick per use).
+    caption_key: str = "auto"
+    # Shards whose size nothing announces (pipe:, no sizes.json / _stats.json) are read to their end; this
+    # total only sets the epoch fraction shown in logs (0 = whole epochs).
     num_samples: int = 0
     # Above this fraction of bad samples (undecodable, no caption, lost to a broken tar) the run stops.
     max_bad_fraction: float = 0.1
@@ -77,6 +103,12 @@ class DataConfig:
     # A shard of the spec that does not exist: refused up front (False), or, when True, warned about and its
     # announced samples (sizes.json) counted as ``missing`` while the run goes on.
     allow_missing_shards: bool = False
+    # No batch for this long (seconds) stops the run, naming the slot, shard and position it was reading; 0 = off.
+    stall_timeout_s: float = 300.0
+    # Remote shards: transient errors (connection reset, timeout, HTTP 5xx) retried per shard, with exponential
+    # backoff from retry_backoff_s; a shard that keeps failing counts its remaining samples as missing.
+    remote_retries: int = 5
+    retry_backoff_s: float = 1.0
     crop_scale_min: float = 0.9
     crop_scale_max: float = 1.0
     prefetch_factor: int = 4
@@ -317,6 +349,9 @@ _NON_NEGATIVE = (
     "data.num_workers",
     "data.shuffle_window",
     "data.num_samples",
+    "data.stall_timeout_s",
+    "data.remote_retries",
+    "data.retry_backoff_s",
     "eval.every",
     "eval.num_workers",
     "data.demo.num_zeroshot",
@@ -341,6 +376,19 @@ def env_world_size() -> int:
 
 def micro_batch_size(cfg: RootConfig, world_size: int) -> int:
     return cfg.train.micro_batch_size or cfg.train.global_batch_size // world_size
+
+
+def adjust(cfg: RootConfig) -> list[str]:
+    """Settings that are fixed up rather than refused (a smoke run with the default warmup); returns the
+    warnings to print. Runs before ``validate``; the adjusted value is what the run records and resumes with."""
+    notes = []
+    if 0 < cfg.train.steps < cfg.optim.warmup_steps:
+        notes.append(
+            f"optim.warmup_steps={cfg.optim.warmup_steps} exceeds train.steps={cfg.train.steps}; "
+            f"warming up over all {cfg.train.steps} steps"
+        )
+        cfg.optim.warmup_steps = cfg.train.steps
+    return notes
 
 
 def validate(cfg: RootConfig, verb: str = "train", world_size: Optional[int] = None) -> None:
@@ -373,8 +421,6 @@ def validate(cfg: RootConfig, verb: str = "train", world_size: Optional[int] = N
         )
     if cfg.optim.min_lr_ratio > 1:
         raise ConfigError("optim.min_lr_ratio", cfg.optim.min_lr_ratio, "must be <= 1")
-    if cfg.optim.warmup_steps > cfg.train.steps:
-        raise ConfigError("optim.warmup_steps", cfg.optim.warmup_steps, f"exceeds train.steps={cfg.train.steps}")
     gbs, mbs = cfg.train.global_batch_size, micro_batch_size(cfg, world_size)
     if mbs == 0 or gbs % (world_size * mbs):
         raise ConfigError(

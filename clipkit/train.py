@@ -20,7 +20,7 @@ from clipkit import model as model_lib
 from clipkit.accumulate import make_step
 from clipkit.config import RootConfig, micro_batch_size
 from clipkit.data import ensure_demo, train_spec
-from clipkit.data.loader import SampleDecoder, TrainLoader, resolve_shards
+from clipkit.data.loader import SampleDecoder, TrainLoader, resolve_shards, worker_context
 from clipkit.data.transforms import DeviceNormalize
 from clipkit.eval.runner import format_table, run_evals
 from clipkit.loss import build_loss
@@ -68,12 +68,11 @@ class TrainState:
 
 
 def build_loader(cfg: RootConfig, built: model_lib.Built, env: distributed.DistEnv, demo: Path | None) -> TrainLoader:
-    shards, weights = resolve_shards(
-        train_spec(cfg.data, demo), cfg.data.num_samples, cfg.data.allow_pipe, cfg.data.allow_missing_shards
-    )
+    shards, weights = resolve_shards(train_spec(cfg.data, demo), cfg.data.allow_pipe, cfg.data.allow_missing_shards)
     decoder = SampleDecoder(
         tuple(cfg.data.image_key.split(";")),
-        cfg.data.caption_key,
+        # The demo's samples carry several captions in json "captions": auto picks among them there.
+        "json:captions" if cfg.data.train == "demo" and cfg.data.caption_key == "auto" else cfg.data.caption_key,
         built.image_size,
         (cfg.data.crop_scale_min, cfg.data.crop_scale_max),
         cfg.train.seed,
@@ -93,6 +92,10 @@ def build_loader(cfg: RootConfig, built: model_lib.Built, env: distributed.DistE
         prefetch_factor=cfg.data.prefetch_factor,
         pin_memory=env.device.type == "cuda",
         max_bad_fraction=cfg.data.max_bad_fraction,
+        stall_timeout_s=cfg.data.stall_timeout_s,
+        retries=cfg.data.remote_retries,
+        retry_backoff_s=cfg.data.retry_backoff_s,
+        num_samples=cfg.data.num_samples,
     )
 
 
@@ -225,15 +228,22 @@ def evaluate(cfg: RootConfig, built, env, engine, demo: Path | None) -> dict:
 def train(cfg: RootConfig, run_dir: Path) -> dict:
     """Builds, resumes and runs the loop; on any error the loader's workers are stopped before it propagates."""
     loaders: list[TrainLoader] = []
+    failed = True
     try:
-        return _train(cfg, Path(run_dir), loaders)
+        out = _train(cfg, Path(run_dir), loaders)
+        failed = False
+        return out
     finally:
-        for loader in loaders:
-            loader.close()
+        for item in loaders:  # on an error or interrupt the loader workers are killed at once (see stop_workers)
+            item.close(kill=failed) if isinstance(item, TrainLoader) else item.close()
 
 
 def _train(cfg: RootConfig, run_dir: Path, loaders: list) -> dict:
+    preemption = Preemption()  # from here a signal ends the run; once the loop starts, at a step boundary
+    loaders.append(preemption)  # (closed with the loaders)
     env = distributed.init(cfg.train.device, cfg.parallel.timeout_s)
+    if cfg.data.num_workers or cfg.eval.num_workers:
+        worker_context(start=True)  # the loader workers' fork server warms up while the model is built
     run_dir = Path(run_dir)
     uses_demo = "demo" in (cfg.data.train, cfg.eval.zeroshot.dataset, cfg.eval.retrieval.dataset)
     demo = ensure_demo(cfg.data, say=lambda m: log.info(m)) if uses_demo else None
@@ -281,7 +291,8 @@ def _train(cfg: RootConfig, run_dir: Path, loaders: list) -> dict:
     )
 
     meter, t_start, last_saved = Throughput(), time.perf_counter(), state.step if resumed else -1
-    preemption, stop_signal = Preemption(), 0
+    stop_signal = 0
+    preemption.started()
     guard = NonFiniteGuard(cfg.train.nonfinite, cfg.train.max_nonfinite_skips)
     spikes, spiked = SpikeDetector(), False
     key_log = KeyLog(run_dir, env.rank, state.step) if cfg.train.record_keys else None

@@ -12,34 +12,60 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import multiprocessing as mp
+import os
 import random
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from clipkit import preempt
 from clipkit.data import transforms
-from clipkit.data.shards import ShardSpecError, announced_size, expand_spec, local_path, shard_size
-from clipkit.data.stream import MISSING, Shard, StreamPlan, iter_slot
-from clipkit.preempt import ignore_in_worker
+from clipkit.data.shards import expand_spec, local_path, remote, shard_sizes
+from clipkit.data.stream import MISSING, UNKNOWN, Reader, ShardTable, StreamPlan, iter_slot
 
 log = logging.getLogger("clipkit")
 STATE_VERSION = 1
+# A worker stops the run when none of its first CAPTION_PROBE samples has a caption (a wrong caption key), and
+# when, after BAD_CHECK_AFTER samples, the bad fraction exceeds data.max_bad_fraction (or nothing was usable).
+CAPTION_PROBE = 16
+BAD_CHECK_AFTER = 1000
+AUTO_CAPTION = "auto"
 
 
 class BadSample(Exception):
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, members: str = ""):
         super().__init__(kind)
-        self.kind = kind
+        self.kind, self.members = kind, members
 
 
 class DataError(RuntimeError):
     """Unusable training data (too many bad samples, unknown sizes, resume with another layout)."""
 
 
+def _members(sample: dict) -> str:
+    """What a raw sample holds, for error messages: ``jpg, json {caption, url, ...}, txt``."""
+    out = []
+    for k in sorted(k for k in sample if not k.startswith("__")):
+        if k == "json":
+            try:
+                out.append("json {" + ", ".join(sorted(json.loads(sample[k]))) + "}")
+                continue
+            except Exception:
+                pass
+        out.append(k)
+    return ", ".join(out) or "nothing"
+
+
 @dataclass
 class SampleDecoder:
-    """Raw tar sample -> (uint8 CHW image, caption); raises ``BadSample(kind)``. Seeded per (seed, epoch, key)."""
+    """Raw tar sample -> (uint8 CHW image, caption); raises ``BadSample(kind)``. Seeded per (seed, epoch, shard
+    name, key): the shard's name is its path relative to its source pattern, so moving the data changes nothing.
+
+    ``caption_key``: ``auto`` (a ``txt`` member, else the ``json`` member's ``caption``, else its ``captions``:
+    img2dataset and clipkit's own shards), ``txt`` (or any member), or ``json:FIELD``."""
 
     image_keys: tuple[str, ...]
     caption_key: str
@@ -48,7 +74,7 @@ class SampleDecoder:
     seed: int
 
     def __call__(self, sample: dict, epoch: int) -> tuple[torch.Tensor, str]:
-        rng = random.Random(f"{self.seed}/{epoch}/{sample.get('__url__')}/{sample['__key__']}")
+        rng = random.Random(f"{self.seed}/{epoch}/{sample.get('__shard__', '')}/{sample['__key__']}")
         caption = self.caption(sample, rng)
         data = next((sample[k] for k in self.image_keys if k in sample), None)
         if data is None:
@@ -60,30 +86,47 @@ class SampleDecoder:
         return image, caption
 
     def caption(self, sample: dict, rng: random.Random) -> str:
+        if self.caption_key == AUTO_CAPTION:
+            if "txt" in sample:
+                return self._check(sample["txt"], sample)
+            for field in ("caption", "captions"):
+                value = self._json_field(sample, field)
+                if value is not None:
+                    return self._check(value, sample, rng)
+            raise BadSample("no_caption", _members(sample))
         member, _, field = self.caption_key.partition(":")
         if member not in sample:
-            raise BadSample("no_caption")
-        value = sample[member]
-        if field:
-            try:
-                value = json.loads(value).get(field)
-            except Exception:
-                raise BadSample("bad_caption") from None
-            if isinstance(value, list):
-                value = rng.choice(value) if value else None
+            raise BadSample("no_caption", _members(sample))
+        value = self._json_field(sample, field, member) if field else sample[member]
+        return self._check(value, sample, rng)
+
+    @staticmethod
+    def _json_field(sample: dict, field: str, member: str = "json"):
+        if member not in sample:
+            return None
+        try:
+            meta = json.loads(sample[member])
+        except Exception:
+            raise BadSample("bad_caption", _members(sample)) from None
+        return meta.get(field) if isinstance(meta, dict) else None
+
+    @staticmethod
+    def _check(value, sample: dict, rng: random.Random | None = None) -> str:
+        if isinstance(value, list):
+            value = rng.choice(value) if value and rng is not None else None
         if isinstance(value, bytes):
             value = value.decode("utf-8", errors="replace")
         if not isinstance(value, str):
-            raise BadSample("no_caption")
+            raise BadSample("no_caption", _members(sample))
         if not value.strip():
             raise BadSample("empty_caption")
         return value
 
 
-def decoded(plan: StreamPlan, decoder: SampleDecoder, worker: int, epoch: int, t: int):
+def decoded(plan: StreamPlan, decoder: SampleDecoder, worker: int, epoch: int, t: int, reader: Reader | None = None):
     """A slot's stream from (epoch, t), decoded: yields ``(epoch, t, item, url)`` where item is
     ``(image, caption, key)`` or a ``BadSample`` (counted by the caller, never raised)."""
-    for e, pos, sample in iter_slot(plan, worker, epoch, t, on_error=lambda exn: None):
+    for e, pos, sample in iter_slot(plan, worker, epoch, t, reader):
         url = sample.get("__url__", "?")
         try:
             if sample.get("__missing__"):
@@ -94,8 +137,145 @@ def decoded(plan: StreamPlan, decoder: SampleDecoder, worker: int, epoch: int, t
             yield e, pos, bad, url
 
 
+def watch_parent(pid: int) -> None:
+    """Ends this process (``os._exit``) as soon as process ``pid`` (the training process) is gone, wherever this
+    process is blocked: a daemon thread waits on a pidfd (Linux), else polls once a second. A fork-server
+    worker's parent is the fork server, which lives as long as any of its workers does, so neither
+    PR_SET_PDEATHSIG nor torch's own watchdog (both watch the parent) would notice an OOM-killed trainer."""
+    import threading
+    import time
+
+    def wait_pidfd() -> None:
+        import select
+
+        fd = os.pidfd_open(pid)
+        select.select([fd], [], [])  # readable once the process has exited
+        os._exit(1)
+
+    def poll() -> None:
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except PermissionError:
+                pass
+            time.sleep(1.0)
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        os._exit(1)
+    target = wait_pidfd if hasattr(os, "pidfd_open") else poll
+    try:
+        os.pidfd_open(pid) if target is wait_pidfd else None
+    except OSError:
+        target = poll
+    threading.Thread(target=target, name="clipkit-parent-watch", daemon=True).start()
+
+
+def worker_init(_worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: preemption signals are the training process's to handle, and the worker
+    ends with the training process (an OOM kill or a node failure must not leave it spinning)."""
+    preempt.ignore_in_worker()
+    info = get_worker_info()
+    trainer = getattr(info.dataset, "trainer_pid", None) if info is not None else None
+    if trainer:
+        watch_parent(trainer)
+
+
+class WorkerGuard:
+    """A worker's own checks while it reads: the caption probe and the bad fraction. Raises ``DataError`` with
+    the message for the run."""
+
+    def __init__(self, caption_key: str, max_bad_fraction: float):
+        self.caption_key, self.max_bad_fraction = caption_key, max_bad_fraction
+        self.seen = self.bad = 0
+        self.kinds: collections.Counter = collections.Counter()
+        self.urls: collections.Counter = collections.Counter()
+        self.caption_failures = 0
+
+    def good(self) -> None:
+        self.seen += 1
+        self._check()
+
+    def failed(self, bad: BadSample, url: str) -> None:
+        self.seen += 1
+        self.bad += 1
+        self.kinds[bad.kind] += 1
+        self.urls[url] += 1
+        if bad.kind in ("no_caption", "bad_caption") and self.seen == self.caption_failures + 1:
+            self.caption_failures += 1
+            if self.caption_failures == CAPTION_PROBE:
+                looked = (
+                    "a txt member, the json member's caption or captions"
+                    if self.caption_key == AUTO_CAPTION
+                    else repr(self.caption_key)
+                )
+                raise DataError(
+                    f"none of the first {CAPTION_PROBE} samples has a caption (data.caption_key={self.caption_key}: "
+                    f"looked for {looked}); the samples hold: {bad.members} (e.g. in {url}). Set data.caption_key "
+                    "to the member (txt, or json:FIELD) that holds the caption"
+                )
+        self._check()
+
+    def _check(self) -> None:
+        if self.seen < BAD_CHECK_AFTER or self.seen % 100:
+            return
+        if self.bad > self.max_bad_fraction * self.seen or self.bad == self.seen:
+            worst = ", ".join(f"{u} ({n})" for u, n in self.urls.most_common(3))
+            raise DataError(
+                f"{self.bad} of {self.seen} samples read by one loader worker were bad ({dict(self.kinds)}), above "
+                f"data.max_bad_fraction={self.max_bad_fraction}; worst shards: {worst}"
+            )
+
+
+def worker_context(start: bool = False):
+    """Loader workers start from a fork server: forking the training process itself, whose loader threads and
+    queue feeders may hold a lock at that moment, can leave a child stuck right after fork. ``start``: launch
+    the server now (it imports torch once, in the background, while the caller builds the model)."""
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "clipkit.data.loader", "clipkit.eval.data"])
+    if start:
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+    return ctx
+
+
+def stop_workers(it, kill: bool = False) -> None:
+    """Shuts down a DataLoader iterator's workers. ``kill`` (error and interrupt paths): SIGKILL at once, since
+    a worker stuck reading a shard never sees torch's done event and ignores SIGTERM, and torch's own shutdown
+    would wait 10 s per such worker; otherwise torch's graceful shutdown, then SIGKILL for any survivor."""
+    if it is None:
+        return
+    workers = list(getattr(it, "_workers", []))
+    if kill and workers:
+        from torch.utils.data import _utils
+
+        if getattr(it, "_worker_pids_set", False):  # out of torch's SIGCHLD watch before they die
+            _utils.signal_handling._remove_worker_pids(id(it))
+            it._worker_pids_set = False
+        for w in workers:
+            if w.is_alive():
+                w.kill()
+        for w in workers:
+            w.join(timeout=5)
+    shutdown = getattr(it, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    for w in workers:
+        if w.is_alive():
+            w.kill()
+            w.join(timeout=5)
+
+
 class BatchStream(IterableDataset):
-    """Yields micro-batches of one slot per DataLoader worker (or of slot 0 in-process)."""
+    """Yields micro-batches of one slot per DataLoader worker (or of slot 0 in-process). A fatal data problem
+    found by the worker travels as a ``{"fatal": message}`` item; ``progress`` (shared memory) holds each
+    worker's (epoch, t, segment, sample-in-shard) for the stall watchdog."""
 
     def __init__(
         self,
@@ -105,23 +285,45 @@ class BatchStream(IterableDataset):
         batch_size: int,
         positions: list[tuple[int, int]],
         worker_offset: int,
+        reader: Reader,
+        max_bad_fraction: float,
+        progress,
     ):
         self.plan, self.decoder, self.tokenizer, self.batch_size = plan, decoder, tokenizer, batch_size
-        self.positions, self.worker_offset = positions, worker_offset
+        self.positions, self.worker_offset, self.reader = positions, worker_offset, reader
+        self.max_bad_fraction, self.progress = max_bad_fraction, progress
+        # A fork-server worker inherits the fork server's environment, frozen when it started: carry this
+        # process's (storage credentials and endpoints set since then) and apply it in the worker.
+        self.environ = dict(os.environ)
+        self.trainer_pid = os.getpid()  # the process the workers must not outlive (see watch_parent)
 
     def __iter__(self):
         info = get_worker_info()
+        if info is not None:
+            os.environ.update(self.environ)
         worker = ((info.id if info else 0) + self.worker_offset) % self.plan.num_workers
+        try:
+            yield from self._batches(worker)
+        except DataError as err:
+            yield {"fatal": str(err), "worker": worker}
+
+    def _batches(self, worker: int):
+        self.reader.progress, self.reader.base = self.progress, 4 * worker
         errors: collections.Counter = collections.Counter()
         bad_urls: collections.Counter = collections.Counter()
         epoch_errors: collections.Counter = collections.Counter()  # "epoch/kind" -> count
+        guard = WorkerGuard(self.decoder.caption_key, self.max_bad_fraction)
         images, captions, keys, epochs = [], [], [], []
-        for epoch, t, item, url in decoded(self.plan, self.decoder, worker, *self.positions[worker]):
+        p = 4 * worker
+        for epoch, t, item, url in decoded(self.plan, self.decoder, worker, *self.positions[worker], self.reader):
+            self.progress[p], self.progress[p + 1] = epoch, t + 1
             if isinstance(item, BadSample):
                 errors[item.kind] += 1
                 epoch_errors[f"{epoch}/{item.kind}"] += 1
                 bad_urls[url] += 1
+                guard.failed(item, url)
                 continue
+            guard.good()
             images.append(item[0])
             captions.append(item[1])
             keys.append(item[2])
@@ -137,46 +339,50 @@ class BatchStream(IterableDataset):
                     "errors": dict(errors),
                     "epoch_errors": dict(epoch_errors),
                     "bad_urls": dict(bad_urls),
+                    "retries": self.reader.num_retries,
                 }
                 images, captions, keys, epochs = [], [], [], []
                 errors, bad_urls, epoch_errors = collections.Counter(), collections.Counter(), collections.Counter()
+                self.reader.num_retries = 0
 
 
-def resolve_shards(
-    spec: str, num_samples: int = 0, allow_pipe: bool = True, allow_missing: bool = False
-) -> tuple[list[Shard], list[float]]:
-    """Shards with their sample counts. ``allow_missing``: an absent local shard is kept with its announced
-    size (sizes.json; else 0), so the stream counts its samples as ``missing``; a warning names it."""
+def resolve_shards(spec: str, allow_pipe: bool = True, allow_missing: bool = False) -> tuple[ShardTable, list[float]]:
+    """Shards with their sample counts, linear in their number. ``allow_missing``: an absent local shard is
+    kept with its announced size (sizes.json; else 0), so the stream counts its samples as ``missing``."""
     sources = expand_spec(spec, check_exists=not allow_missing, allow_pipe=allow_pipe)
-    shards, unknown = [], []
-    for i, src in enumerate(sources):
-        for url in src.urls:
-            if allow_missing and not url.startswith("pipe:") and not local_path(url).is_file():
-                n = announced_size(url)
-                log.warning("shard missing: %s (%d announced samples will count as missing)", url, n)
-                shards.append(Shard(url, n, i))
-                continue
-            n = shard_size(url)
-            if n is None:
-                unknown.append(url)
-            shards.append(Shard(url, n or 0, i))
+    urls = [u for src in sources for u in src.urls]
+    names = [src.name(u) for src in sources for u in src.urls]
+    source_ids = np.repeat(np.arange(len(sources)), [len(src.urls) for src in sources])
+    sizes = shard_sizes(urls)
+    if allow_missing:
+        for i, u in enumerate(urls):
+            if not remote.is_pipe(u) and not remote.is_remote(u) and not local_path(u).is_file():
+                sizes[i] = sizes[i] or 0
+                log.warning("shard missing: %s (its %d announced samples will count as missing)", u, sizes[i])
+    unknown = [u for u, n in zip(urls, sizes, strict=True) if n is None]
     if unknown:
-        if num_samples <= 0:
-            raise ShardSpecError(
-                f"sample count unknown for {len(unknown)} shard(s), e.g. {unknown[0]}: add sizes.json "
-                "or _stats.json beside them, or set data.num_samples"
-            )
-        per = num_samples // len(shards)
-        shards = [Shard(s.url, per, s.source) for s in shards]
-    return shards, [s.weight for s in sources]
+        log.info(
+            "sample count unknown for %d shard(s), e.g. %s: each shard is dealt whole to one loader stream and read "
+            "to its end; a resume re-reads (without decoding) that stream's shards up to its position. Add "
+            "sizes.json beside the shards for exact planning and resumes that skip whole shards",
+            len(unknown),
+            unknown[0],
+        )
+    sizes = [UNKNOWN if n is None else n for n in sizes]
+    return ShardTable(urls, sizes, source_ids, names), [s.weight for s in sources]
 
 
 class TrainLoader:
-    """Iterator of training micro-batches for this rank, with exact ``state_dict`` / ``load_state_dict``."""
+    """Iterator of training micro-batches for this rank, with exact ``state_dict`` / ``load_state_dict``.
+
+    Waiting for a batch is guarded: no batch for ``stall_timeout_s`` raises ``DataError`` naming the slot, the
+    shard and the position it was reading; SIGTERM / SIGUSR1 during the wait end it at once (``preempt``).
+    Workers are started by a fork server (no fork of a process whose threads may hold locks), die with the
+    training process, and are killed if they do not stop when the loader closes."""
 
     def __init__(
         self,
-        shards: list[Shard],
+        shards: ShardTable,
         source_weights: list[float],
         decoder: SampleDecoder,
         tokenizer,
@@ -191,29 +397,58 @@ class TrainLoader:
         prefetch_factor: int = 4,
         pin_memory: bool = False,
         max_bad_fraction: float = 0.1,
+        stall_timeout_s: float = 0.0,
+        retries: int = 5,
+        retry_backoff_s: float = 1.0,
+        num_samples: int = 0,
     ):
-        self.plan = StreamPlan(shards, source_weights, mode, seed, rank, world_size, num_workers, window)
-        if self.plan.total < self.plan.num_slots:
+        try:
+            self.plan = StreamPlan(
+                shards, source_weights, mode, seed, rank, world_size, num_workers, window, num_samples
+            )
+        except ValueError as err:
+            raise DataError(str(err)) from None
+        if self.plan.sized and self.plan.total < self.plan.num_slots:
             raise DataError(f"{self.plan.total} samples cannot feed {self.plan.num_slots} (ranks x workers) streams")
         self.decoder, self.tokenizer, self.batch_size = decoder, tokenizer, batch_size
         self.num_workers, self.prefetch_factor, self.pin_memory = num_workers, prefetch_factor, pin_memory
-        self.max_bad_fraction = max_bad_fraction
+        self.max_bad_fraction, self.stall_timeout_s = max_bad_fraction, stall_timeout_s
+        self.retries, self.retry_backoff_s = retries, retry_backoff_s
         self.positions = [(0, 0)] * self.plan.num_workers
         self.next_worker = 0
         self.errors: collections.Counter = collections.Counter()
         self.epoch_errors: collections.Counter = collections.Counter()  # "epoch/kind" -> count
         self.bad_urls: collections.Counter = collections.Counter()
         self.samples_delivered = 0
+        self.retried = 0  # transient remote read errors retried (not part of the data position)
         self._iter = None
+        self._progress = None
 
     def _make_iter(self):
+        # Each worker's (epoch, t, ...) for the stall message: shared memory, passed to workers by torch's pickler.
+        self._progress = torch.zeros(4 * self.plan.num_workers, dtype=torch.float64)
+        for w, (epoch, t) in enumerate(self.positions):
+            self._progress[4 * w], self._progress[4 * w + 1] = epoch, t  # (segment, sample: set by the reader)
+        if self.num_workers:
+            self._progress.share_memory_()
         dataset = BatchStream(
-            self.plan, self.decoder, self.tokenizer, self.batch_size, list(self.positions), self.next_worker
+            self.plan,
+            self.decoder,
+            self.tokenizer,
+            self.batch_size,
+            list(self.positions),
+            self.next_worker,
+            Reader(self.retries, self.retry_backoff_s),
+            self.max_bad_fraction,
+            self._progress,
         )
         kwargs = dict(num_workers=self.num_workers, batch_size=None, pin_memory=self.pin_memory)
         if self.num_workers:
             kwargs.update(
-                prefetch_factor=self.prefetch_factor, persistent_workers=False, worker_init_fn=ignore_in_worker
+                prefetch_factor=self.prefetch_factor,
+                persistent_workers=False,
+                worker_init_fn=worker_init,
+                multiprocessing_context=worker_context(),
             )
         return iter(DataLoader(dataset, **kwargs))
 
@@ -221,9 +456,19 @@ class TrainLoader:
         return self
 
     def __next__(self) -> dict:
-        if self._iter is None:
-            self._iter = self._make_iter()
-        batch = next(self._iter)
+        try:
+            with preempt.data_wait(self.stall_timeout_s):
+                if self._iter is None:
+                    # Starting workers is not interruptible: a Ctrl-C half-way leaves a started worker nobody
+                    # tracks, which the interpreter's exit then joins forever. A signal waits until self._iter
+                    # holds the iterator (close() can then stop its workers).
+                    with preempt.deferred():
+                        self._iter = self._make_iter()
+                batch = next(self._iter)
+        except preempt.DataStall:
+            raise DataError(self._stall_message()) from None
+        if "fatal" in batch:
+            raise DataError(batch["fatal"])
         worker = batch["worker"]
         assert worker == self.next_worker, "DataLoader delivered batches out of order"
         self.positions[worker] = tuple(batch["position"])
@@ -231,14 +476,27 @@ class TrainLoader:
         self.errors.update(batch["errors"])
         self.epoch_errors.update(batch["epoch_errors"])
         self.bad_urls.update(batch["bad_urls"])
+        self.retried += batch["retries"]
         self.samples_delivered += len(batch["keys"])
         self._check_bad_fraction()
         return batch
 
+    def _stall_message(self) -> str:
+        worker = self.next_worker
+        slot = self.plan.rank * self.plan.num_workers + worker
+        epoch, t, k, j = (int(x) for x in self._progress[4 * worker : 4 * worker + 4].tolist())
+        segments = self.plan.segments(worker, epoch)
+        where = f"reading {segments[k].url} at its sample {j}" if k < len(segments) else "at its span's end"
+        return (
+            f"no batch for data.stall_timeout_s={self.stall_timeout_s:g} s: loader slot {slot} (rank "
+            f"{self.plan.rank}, worker {worker}) is at epoch {epoch}, position {t}, {where}; the storage may be "
+            "unreachable or too slow (raise data.stall_timeout_s for slow storage)"
+        )
+
     def _check_bad_fraction(self) -> None:
         bad = sum(self.errors.values())
         seen = bad + self.samples_delivered
-        if seen >= 1000 and bad > self.max_bad_fraction * seen:
+        if seen >= BAD_CHECK_AFTER and bad > self.max_bad_fraction * seen:
             worst = ", ".join(f"{u} ({n})" for u, n in self.bad_urls.most_common(3))
             raise DataError(
                 f"{bad} of {seen} samples were bad ({dict(self.errors)}), above data.max_bad_fraction="
@@ -247,8 +505,9 @@ class TrainLoader:
 
     @property
     def epoch(self) -> float:
-        """Fractional epochs this rank has consumed (mean over its slots)."""
-        span = self.plan.total / self.plan.num_slots
+        """Fractional epochs this rank has consumed (mean over its slots); whole epochs when sizes are unknown
+        and data.num_samples is not set."""
+        span = self.plan.total / self.plan.num_slots if self.plan.total > 0 else float("inf")
         return sum(e + t / span for e, t in self.positions) / len(self.positions)
 
     def state_dict(self) -> dict:
@@ -276,12 +535,10 @@ class TrainLoader:
             out.setdefault(epoch, {})[kind] = n
         return out
 
-    def close(self) -> None:
-        """Stops the worker processes now (they ignore SIGTERM, so they must not be left to interpreter exit)."""
+    def close(self, kill: bool = False) -> None:
+        """Stops the worker processes now (``kill``: at once, for error and interrupt paths; see stop_workers)."""
         it, self._iter = self._iter, None
-        shutdown = getattr(it, "_shutdown_workers", None)  # torch's graceful path: done event, join
-        if shutdown is not None:
-            shutdown()
+        stop_workers(it, kill)
 
     def load_state_dict(self, state: dict) -> None:
         mine = self.state_dict()

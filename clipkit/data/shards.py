@@ -1,26 +1,34 @@
-"""Shard specs: brace patterns, ``::``-joined weighted sources, and per-shard sample counts.
+"""Shard specs: brace patterns, globs, ``::``-joined weighted sources, and per-shard sample counts.
 
-A spec is ``SOURCE[::SOURCE...]``; each source is a webdataset URL pattern (local path, ``file://``, or
-``pipe:CMD``) with an optional ``@WEIGHT`` suffix, e.g.
-``/data/laion/{00000..09999}.tar@0.8::/data/cc12m/{000..999}.tar@0.2``.
-Sample counts come from ``sizes.json`` beside the shards, img2dataset's ``NNNNN_stats.json`` (``successes``),
-or, for local files, a scan of tar headers (no data is read).
+A spec is ``SOURCE[::SOURCE...]``; each source is a URL pattern with an optional ``@WEIGHT`` suffix, e.g.
+``/data/laion/{00000..09999}.tar@0.8::s3://bucket/cc12m/{000..999}.tar@0.2``. A URL is a local path (globs
+``*?[]`` allowed), ``file://``, ``http(s)://``, ``s3://``, ``gs://`` (read through fsspec) or ``pipe:CMD``.
+
+Sample counts come from ``sizes.json`` beside the shards (one read per folder, remote folders too),
+img2dataset's ``NNNNN_stats.json`` (``successes``), or, for local files only, a scan of tar headers. Remote
+shards are never read to plan; a shard whose count nothing announces is read to its end (see ``stream.py``).
+Every shard also has a *name*: its URL relative to the fixed folder of its source pattern, so that seeds
+derived from it do not change when the data moves.
 """
 
 from __future__ import annotations
 
+import glob as globlib
 import json
 import re
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 import braceexpand
 
+from clipkit.data import remote
 from clipkit.data.writer import SIZES_FILE
 
 _WEIGHT = re.compile(r"^(?P<url>.+)@(?P<weight>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)$")
+_PATTERN_CHARS = re.compile(r"[{*?\[]")
 
 
 class ShardSpecError(ValueError):
@@ -31,10 +39,25 @@ class ShardSpecError(ValueError):
 class Source:
     urls: tuple[str, ...]
     weight: float = 1.0
+    base: str = ""  # the pattern's fixed folder (up to its last '/' before any brace or glob), with the '/'
+
+    def name(self, url: str) -> str:
+        """``url`` relative to the source's fixed folder: what seeds see, so moving the data changes nothing."""
+        return url[len(self.base) :] if self.base and url.startswith(self.base) else url
+
+
+def pattern_base(pattern: str) -> str:
+    """The fixed folder of a URL pattern: ``/data/laion/{0..9}.tar`` -> ``/data/laion/``."""
+    if pattern.startswith("pipe:"):
+        return ""
+    match = _PATTERN_CHARS.search(pattern)
+    fixed = pattern[: match.start()] if match else pattern
+    return fixed[: fixed.rfind("/") + 1]
 
 
 def expand_spec(spec: str, check_exists: bool = False, allow_pipe: bool = True) -> list[Source]:
-    """Parses a shard spec into sources; optionally checks that local shards exist (naming the first missing)."""
+    """Parses a shard spec into sources; optionally checks that local shards exist (naming the first missing).
+    Remote shards are not checked here (that would be a request per shard)."""
     if not spec or not spec.strip():
         raise ShardSpecError("empty shard spec")
     sources = []
@@ -44,33 +67,69 @@ def expand_spec(spec: str, check_exists: bool = False, allow_pipe: bool = True) 
         url, weight = (match["url"], float(match["weight"])) if match else (part, 1.0)
         if weight <= 0:
             raise ShardSpecError(f"source weight must be > 0 in {part!r}")
-        urls = tuple(braceexpand.braceexpand(url))
+        urls = []
+        for u in braceexpand.braceexpand(url):
+            if not remote.is_pipe(u) and not remote.is_remote(u) and globlib.has_magic(u):
+                found = sorted(globlib.glob(str(local_path(u))))
+                if not found:
+                    raise ShardSpecError(f"pattern {u!r} matches no file")
+                urls += found
+            else:
+                urls.append(u)
         if not urls:
             raise ShardSpecError(f"pattern {url!r} expands to no shards")
         for u in urls:
-            if u.startswith("pipe:"):
+            if remote.is_pipe(u):
                 if not allow_pipe:
                     raise ShardSpecError(f"pipe: URLs are refused (data.allow_pipe=false): {u!r}")
+            elif remote.is_remote(u):
+                remote.check_scheme(u)
             elif check_exists and not local_path(u).is_file():
                 missing = sum(not local_path(x).is_file() for x in urls)
                 raise ShardSpecError(f"shard not found: {u} ({missing} of {len(urls)} shards of this source missing)")
-        sources.append(Source(urls, weight))
+        sources.append(Source(tuple(urls), weight, pattern_base(url)))
     return sources
 
 
 def is_shard_spec(spec: str) -> bool:
     """Whether a dataset string names tar shards (rather than a folder, a table or a JSON file)."""
-    return ".tar" in spec or "::" in spec or spec.startswith(("pipe:", "file:"))
+    return ".tar" in spec or "::" in spec or spec.startswith(("pipe:", "file:")) or remote.is_remote(spec)
 
 
 def local_path(url: str) -> Path:
     return Path(url[len("file://") :] if url.startswith("file://") else url).expanduser()
 
 
+def _split(url: str) -> tuple[str, str]:
+    folder, _, name = url.rpartition("/")
+    return folder, name
+
+
 @cache
-def _sizes_file(directory: str) -> dict[str, int]:
-    path = Path(directory) / SIZES_FILE
-    return {k: int(v) for k, v in json.loads(path.read_text()).items()} if path.is_file() else {}
+def _sizes_file(folder: str) -> dict[str, int]:
+    """``sizes.json`` of a local or remote folder ({} if it has none)."""
+    if remote.is_remote(folder):
+        text = remote.read_small(folder + "/" + SIZES_FILE)
+        data = json.loads(text) if text is not None else {}
+    else:
+        path = local_path(folder) / SIZES_FILE
+        data = json.loads(path.read_text()) if path.is_file() else {}
+    return {k: int(v) for k, v in data.items()}
+
+
+def _stats_url(url: str) -> str:
+    folder, name = _split(url)
+    return f"{folder}/{name.rsplit('.', 1)[0]}_stats.json"
+
+
+def _stats_successes(url: str) -> int | None:
+    """img2dataset's ``NNNNN_stats.json`` count, or None if there is none."""
+    if remote.is_remote(url):
+        text = remote.read_small(_stats_url(url))
+    else:
+        path = local_path(_stats_url(url))
+        text = path.read_text() if path.is_file() else None
+    return None if text is None else int(json.loads(text)["successes"])
 
 
 def count_tar_samples(path: Path) -> int:
@@ -87,27 +146,44 @@ def count_tar_samples(path: Path) -> int:
     return keys
 
 
-def announced_size(url: str) -> int:
-    """A shard's sample count as its sizes.json / _stats.json announce it (0 if neither does); no tar read."""
-    path = local_path(url)
-    sizes = _sizes_file(str(path.parent))
-    if path.name in sizes:
-        return sizes[path.name]
-    stats = path.with_name(path.stem + "_stats.json")
-    return int(json.loads(stats.read_text())["successes"]) if stats.is_file() else 0
-
-
-def shard_size(url: str) -> int | None:
-    """Sample count of one shard from sizes.json, img2dataset stats, or a header scan; None if unknowable."""
-    if url.startswith("pipe:"):
+def announced_size(url: str) -> int | None:
+    """A shard's sample count as its folder's sizes.json or its _stats.json announce it; None if neither does."""
+    if remote.is_pipe(url):
         return None
-    path = local_path(url)
-    sizes = _sizes_file(str(path.parent))
-    if path.name in sizes:
-        return sizes[path.name]
-    stats = path.with_name(path.stem + "_stats.json")
-    if stats.is_file():
-        return int(json.loads(stats.read_text())["successes"])
-    if path.is_file():
-        return count_tar_samples(path)
-    return None
+    folder, name = _split(url)
+    sizes = _sizes_file(folder)
+    if name in sizes:
+        return sizes[name]
+    return _stats_successes(url)
+
+
+def shard_sizes(urls: list[str], max_parallel: int = 16) -> list[int | None]:
+    """Sample counts of many shards: sizes.json (one read per folder), then _stats.json, then (local files) a
+    header scan; None where nothing announces it. Linear in the number of shards; remote _stats.json files are
+    fetched in parallel, and only while they exist (one missing stops the search for that folder)."""
+    out: list[int | None] = [None] * len(urls)
+    todo: dict[str, list[int]] = {}  # folder -> shards not in its sizes.json
+    for i, url in enumerate(urls):
+        if remote.is_pipe(url):
+            continue
+        folder, name = _split(url)
+        n = _sizes_file(folder).get(name)
+        if n is not None:
+            out[i] = n
+        else:
+            todo.setdefault(folder, []).append(i)
+    for folder, idx in todo.items():
+        if remote.is_remote(folder):
+            first = _stats_successes(urls[idx[0]])
+            if first is None:
+                continue
+            out[idx[0]] = first
+            with ThreadPoolExecutor(max_parallel) as pool:
+                for i, n in zip(idx[1:], pool.map(lambda j: _stats_successes(urls[j]), idx[1:]), strict=True):
+                    out[i] = n
+            continue
+        for i in idx:
+            n = _stats_successes(urls[i])
+            path = local_path(urls[i])
+            out[i] = n if n is not None else (count_tar_samples(path) if path.is_file() else None)
+    return out

@@ -18,15 +18,23 @@ earliest sample still due without opening them, and reads (never decodes) the re
 
 from __future__ import annotations
 
+import collections
+import heapq
+import logging
 import math
-from collections.abc import Iterator
-from dataclasses import dataclass
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
-import webdataset as wds
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from clipkit.data import remote
+
+log = logging.getLogger("clipkit")
 
 # Error kinds counted (never raised) while streaming.
-MISSING = "missing"  # announced by sizes.json but not delivered (truncated / unreadable tar)
+MISSING = "missing"  # announced by sizes.json but not delivered (truncated / unreadable tar, a shard that kept failing)
 
 
 @dataclass(frozen=True)
@@ -34,6 +42,35 @@ class Shard:
     url: str
     num_samples: int
     source: int = 0
+    name: str = ""  # the URL relative to its source pattern's folder (seeds use it; see shards.Source.name)
+
+
+class ShardTable(Sequence):
+    """Shards as columns (URLs, names, sample counts, source indices): 10^6 shards cost tens of MB, plan in
+    vectorised numpy, and pickle to loader workers quickly. Indexing gives ``Shard``; slicing a sub-table."""
+
+    def __init__(self, urls: list[str], sizes, sources=None, names: list[str] | None = None):
+        self.urls = list(urls)
+        self.sizes = np.asarray(sizes, dtype=np.int64)
+        self.sources = np.zeros(len(self.urls), np.int32) if sources is None else np.asarray(sources, np.int32)
+        self.names = list(names) if names is not None else list(self.urls)
+
+    @classmethod
+    def of(cls, shards: list[Shard]) -> ShardTable:
+        return cls(
+            [s.url for s in shards],
+            [s.num_samples for s in shards],
+            [s.source for s in shards],
+            [s.name or s.url for s in shards],
+        )
+
+    def __len__(self) -> int:
+        return len(self.urls)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return ShardTable(self.urls[i], self.sizes[i], self.sources[i], self.names[i])
+        return Shard(self.urls[i], int(self.sizes[i]), int(self.sources[i]), self.names[i])
 
 
 @dataclass(frozen=True)
@@ -41,14 +78,22 @@ class Segment:
     url: str
     start: int  # first sample index inside the shard
     stop: int  # one past the last
+    name: str = ""
+
+
+UNKNOWN = -1  # a shard size nothing announces (pipe:, a remote folder without sizes.json / _stats.json)
 
 
 class StreamPlan:
-    """Plans of every slot of one rank; picklable, shipped to DataLoader workers."""
+    """Plans of every slot of one rank; picklable, shipped to DataLoader workers. Linear in the shard count.
+
+    With any shard size unknown the plan is *unsized*: each epoch the permuted shards are dealt whole to the
+    slots (round robin) and read to their end, the windowed shuffle runs as a stream (``read_stream``), and
+    ``total`` is ``num_samples`` (only for the epoch fraction shown in logs)."""
 
     def __init__(
         self,
-        shards: list[Shard],
+        shards: ShardTable | list[Shard],
         source_weights: list[float],
         mode: str,
         seed: int,
@@ -56,35 +101,50 @@ class StreamPlan:
         world_size: int,
         num_workers: int,
         window: int,
+        num_samples: int = 0,
     ):
-        if not shards:
+        if not len(shards):
             raise ValueError("no shards")
-        self.shards, self.mode, self.seed = shards, mode, seed
+        self.shards = shards if isinstance(shards, ShardTable) else ShardTable.of(shards)
+        self.mode, self.seed = mode, seed
         self.rank, self.world_size, self.num_workers, self.window = rank, world_size, max(1, num_workers), window
         self.num_slots = self.world_size * self.num_workers
-        self.total = sum(s.num_samples for s in shards)
-        per_shard = np.array([source_weights[s.source] / sum(x.source == s.source for x in shards) for s in shards])
+        self.sized = bool((self.shards.sizes >= 0).all())
+        self.total = int(self.shards.sizes.sum()) if self.sized else num_samples
+        if not self.sized and mode == "epoch" and len(self.shards) < self.num_slots:
+            raise ValueError(
+                f"{len(self.shards)} shards of unknown size cannot feed {self.num_slots} (ranks x workers) streams: "
+                "add sizes.json (or _stats.json) beside the shards, or use fewer loader workers"
+            )
+        per_source = np.bincount(self.shards.sources, minlength=len(source_weights))
+        per_shard = np.asarray(source_weights, dtype=np.float64)[self.shards.sources] / per_source[self.shards.sources]
         self.shard_probs = per_shard / per_shard.sum()
         # Resampled "epochs" are chunks of this many shards per slot (only sets the reshuffle granularity).
-        self.resampled_shards = max(1, math.ceil(len(shards) / self.num_slots))
+        self.resampled_shards = max(1, math.ceil(len(self.shards) / self.num_slots))
 
     def _rng(self, *words: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, *words])
+
+    def _segment(self, i: int, start: int, stop: int) -> Segment:
+        return Segment(self.shards.urls[i], start, stop, self.shards.names[i])
 
     def segments(self, worker: int, epoch: int) -> list[Segment]:
         slot = self.rank * self.num_workers + worker
         if self.mode == "resampled":
             picks = self._rng(1, epoch, slot).choice(len(self.shards), self.resampled_shards, p=self.shard_probs)
-            return [Segment(self.shards[i].url, 0, self.shards[i].num_samples) for i in picks]
+            return [self._segment(int(i), 0, int(self.shards.sizes[i])) for i in picks]
         perm = self._rng(0, epoch).permutation(len(self.shards))
+        if not self.sized:  # whole shards, read to their end
+            return [self._segment(int(i), 0, UNKNOWN) for i in perm[slot :: self.num_slots]]
+        ends = np.cumsum(self.shards.sizes[perm])
         lo, hi = slot * self.total // self.num_slots, (slot + 1) * self.total // self.num_slots
-        segments, offset = [], 0
-        for i in perm:
-            shard = self.shards[i]
-            a, b = max(lo, offset), min(hi, offset + shard.num_samples)
+        first, last = int(np.searchsorted(ends, lo, side="right")), int(np.searchsorted(ends, hi, side="left"))
+        segments = []
+        for k in range(first, min(last + 1, len(perm))):
+            i, offset = int(perm[k]), int(ends[k] - self.shards.sizes[perm[k]])
+            a, b = max(lo, offset), min(hi, int(ends[k]))
             if a < b:
-                segments.append(Segment(shard.url, a - offset, b - offset))
-            offset += shard.num_samples
+                segments.append(self._segment(i, a - offset, b - offset))
         return segments
 
     def order(self, worker: int, epoch: int, n: int) -> np.ndarray:
@@ -95,14 +155,103 @@ class StreamPlan:
         return np.argsort(keys, kind="stable")
 
 
-def iter_shard(url: str, handler) -> Iterator[dict]:
-    """Samples of one shard in tar order, via webdataset's tar reader and key grouping."""
-    yield from wds.tariterators.tarfile_samples([{"url": url}], handler=handler)
+class ShardReadError(OSError):
+    """A shard that could not be read to its end (after retries for transient errors)."""
+
+    def __init__(self, url: str, cause: BaseException, attempts: int):
+        super().__init__(f"{url}: {type(cause).__name__}: {cause} (after {attempts} attempt(s))")
+        self.url, self.cause = url, cause
 
 
-def read_span(segments: list[Segment], order: np.ndarray, start: int, on_error) -> Iterator[tuple[int, dict]]:
+@dataclass
+class Reader:
+    """Reads shards in tar order through webdataset's tar expander and key grouping. A transient error
+    (connection reset, timeout, HTTP 5xx) re-opens the shard after a backoff and skips the samples already
+    delivered; ``retries`` such errors per shard are counted, then the shard fails (``ShardReadError``)."""
+
+    retries: int = 5
+    backoff_s: float = 1.0
+    num_retries: int = 0
+    failed: collections.Counter = field(default_factory=collections.Counter)
+    # Where it reads, for a stall message: the caller sets ``segment`` (its index in the slot's segment list);
+    # ``progress[base + 2 : base + 4]`` (shared memory) get (segment, sample index in the shard).
+    progress: object = None
+    base: int = 0
+    segment: int = 0
+
+    def _mark(self, j: int) -> None:
+        if self.progress is not None:
+            self.progress[self.base + 2], self.progress[self.base + 3] = self.segment, j
+
+    def samples(self, url: str) -> Iterator[dict]:
+        delivered = 0
+        self._mark(0)
+        for attempt in range(self.retries + 1):
+            failure: list[BaseException] = []
+            record = _recorder(failure)
+
+            try:
+                stream = remote.open_stream(url)
+            except Exception as exn:
+                failure.append(exn)
+            else:
+                try:
+                    files = tar_file_expander([{"url": url, "stream": stream}], handler=record)
+                    pending, j = None, 0
+                    for sample in group_by_keys(files, handler=record):
+                        # A sample is complete only once the next one starts (or the tar ends cleanly): hold
+                        # one back, so that a connection lost mid-sample never delivers half a sample.
+                        if pending is not None:
+                            if j >= delivered:
+                                delivered += 1
+                                yield pending
+                            j += 1
+                            self._mark(j)
+                        pending = sample
+                    if pending is not None and not failure and j >= delivered:
+                        delivered += 1
+                        yield pending
+                finally:
+                    _close(stream)
+            if not failure:
+                return
+            err = failure[0]
+            if attempt == self.retries or not remote.is_transient(err):
+                self.failed[url] += 1
+                raise ShardReadError(url, err, attempt + 1)
+            self.num_retries += 1
+            log.warning("retrying %s after %s: %s (attempt %d)", url, type(err).__name__, err, attempt + 2)
+            time.sleep(self.backoff_s * 2**attempt)
+
+
+def _recorder(failures: list):
+    """A webdataset error handler that keeps the error and stops the read."""
+
+    def record(exn: BaseException) -> bool:
+        failures.append(exn)
+        return False
+
+    return record
+
+
+def _close(stream) -> None:
+    try:
+        stream.close()
+    except Exception:
+        pass
+
+
+def iter_shard(url: str, reader: Reader | None = None) -> Iterator[dict]:
+    """Samples of one shard in tar order (retrying transient errors); raises ``ShardReadError``."""
+    yield from (reader or Reader()).samples(url)
+
+
+def read_span(
+    segments: list[Segment], order: np.ndarray, start: int, reader: Reader | None = None
+) -> Iterator[tuple[int, dict]]:
     """Yields ``(t, sample)`` for t >= start in ``order``; where the data never arrived (truncated or unreadable
-    shard) ``sample`` is ``{"__missing__": True, "__url__": url}``."""
+    shard) ``sample`` is ``{"__missing__": True, "__url__": url}``. Samples carry ``__shard__``, the shard's name."""
+    reader = reader or Reader()
     n = len(order)
     if start >= n:
         return
@@ -111,24 +260,26 @@ def read_span(segments: list[Segment], order: np.ndarray, start: int, on_error) 
     first_due = int(order[start:].min())
     seg_offsets = np.cumsum([0] + [s.stop - s.start for s in segments])
 
-    def reader() -> Iterator[tuple[int, dict]]:
+    def source() -> Iterator[tuple[int, dict]]:
         for k in range(int(np.searchsorted(seg_offsets, first_due, side="right")) - 1, len(segments)):
             seg, base = segments[k], int(seg_offsets[k])
+            reader.segment = k
             try:
-                for j, sample in enumerate(iter_shard(seg.url, on_error)):
+                for j, sample in enumerate(reader.samples(seg.url)):
                     if j >= seg.stop:
                         break
                     if j >= seg.start and due[base + j - seg.start]:
+                        sample["__shard__"] = seg.name
                         yield base + j - seg.start, sample
-            except Exception as exn:  # a broken shard ends early; its missing samples are counted on emission
-                on_error(exn)
+            except ShardReadError as err:  # the shard ends early; its missing samples are counted on emission
+                log.warning("shard failed, its remaining samples count as missing: %s", err)
 
     held: dict[int, dict] = {}
-    source, read_pos = reader(), first_due
+    samples, read_pos = source(), first_due
     for t in range(start, n):
         idx = int(order[t])
         while idx >= read_pos:
-            nxt = next(source, None)
+            nxt = next(samples, None)
             if nxt is None:
                 read_pos = n
                 break
@@ -137,15 +288,58 @@ def read_span(segments: list[Segment], order: np.ndarray, start: int, on_error) 
         sample = held.pop(idx, None)
         if sample is None:
             k = int(np.searchsorted(seg_offsets, idx, side="right")) - 1
-            sample = {"__missing__": True, "__url__": segments[k].url}
+            sample = {"__missing__": True, "__url__": segments[k].url, "__shard__": segments[k].name}
         yield t, sample
 
 
-def iter_slot(plan: StreamPlan, worker: int, epoch: int, t: int, on_error) -> Iterator[tuple[int, int, dict]]:
+def read_stream(
+    segments: list[Segment], rng: np.random.Generator, window: int, start: int, reader: Reader
+) -> Iterator[tuple[int, dict]]:
+    """The windowed shuffle of ``plan.order`` as a stream, for shards of unknown size read to their end: the
+    i-th sample read gets the key i + U_i * window and samples leave in key order (a key below i + 1 can leave
+    once sample i is read: every later key is larger). Yields ``(t, sample)`` for t >= start; the samples before
+    ``start`` are read again but never decoded (the caller decodes)."""
+    heap: list[tuple[float, int, dict]] = []
+    t, i = 0, 0
+    for k, seg in enumerate(segments):
+        reader.segment = k
+        try:
+            for sample in reader.samples(seg.url):
+                sample["__shard__"] = seg.name
+                key = i + (rng.random() * window if window > 1 else 0.0)
+                heapq.heappush(heap, (key, i, sample))
+                i += 1
+                while heap and heap[0][0] < i:
+                    _, _, out = heapq.heappop(heap)
+                    if t >= start:
+                        yield t, out
+                    t += 1
+        except ShardReadError as err:  # its size is unknown, so what it lost cannot be counted
+            log.warning("shard of unknown size failed; the rest of it is skipped: %s", err)
+    while heap:
+        _, _, out = heapq.heappop(heap)
+        if t >= start:
+            yield t, out
+        t += 1
+
+
+def iter_slot(
+    plan: StreamPlan, worker: int, epoch: int, t: int, reader: Reader | None = None
+) -> Iterator[tuple[int, int, dict]]:
     """The slot's endless stream from position (epoch, t): yields ``(epoch, t, sample)``."""
+    reader = reader or Reader()
     while True:
         segments = plan.segments(worker, epoch)
-        order = plan.order(worker, epoch, sum(s.stop - s.start for s in segments))
-        for pos, sample in read_span(segments, order, t, on_error):
+        if plan.sized:
+            order = plan.order(worker, epoch, sum(s.stop - s.start for s in segments))
+            samples = read_span(segments, order, t, reader)
+        else:
+            rng = plan._rng(2, epoch, plan.rank * plan.num_workers + worker)
+            samples = read_stream(segments, rng, plan.window, t, reader)
+        emitted = False
+        for pos, sample in samples:
+            emitted = True
             yield epoch, pos, sample
+        if not emitted and not plan.sized and t == 0:
+            raise ShardReadError(segments[0].url if segments else "?", EOFError("no sample in this slot's shards"), 1)
         epoch, t = epoch + 1, 0

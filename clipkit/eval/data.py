@@ -19,8 +19,11 @@ from __future__ import annotations
 import collections
 import io
 import json
+import logging
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -28,9 +31,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clipkit.data.shards import expand_spec, is_shard_spec
-from clipkit.data.stream import iter_shard
+from clipkit.data.stream import ShardReadError, iter_shard
 from clipkit.data.tables import read_records
 
+log = logging.getLogger("clipkit")
 SHARD_IMAGE_KEYS = ("jpg", "png", "webp", "jpeg")
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 TABLE_EXTS = {".csv", ".tsv", ".parquet"}
@@ -57,20 +61,31 @@ def _file(path: Path) -> Callable[[], bytes]:
     return lambda: path.read_bytes()
 
 
-def _shard_records(spec: str, target: Callable[[dict], object]) -> Callable[[], Iterator[Record]]:
-    def records():
-        index = 0
-        for source in expand_spec(spec, check_exists=True):
-            for url in source.urls:
-                for sample in iter_shard(url, handler=lambda exn: True):
+def _item_records(items: list[tuple[Path, object]]) -> Iterator[Record]:
+    """Records of (image file, target) pairs; a target that is a string is a skip kind."""
+    for index, (path, target) in enumerate(items):
+        yield index, _file(path), target
+
+
+def _iter_shard_records(spec: str, target: Callable[[dict], object]) -> Iterator[Record]:
+    index = 0
+    for source in expand_spec(spec, check_exists=True):
+        for url in source.urls:
+            try:
+                for sample in iter_shard(url):
                     data = next((sample[k] for k in SHARD_IMAGE_KEYS if k in sample), None)
                     if data is None:
                         yield index, None, "no_image"
                     else:
                         yield index, (lambda d=data: d), target(sample)
                     index += 1
+            except ShardReadError as err:  # (after retries) the rest of the shard is lost, not the eval
+                log.warning("eval shard ends early: %s", err)
 
-    return records
+
+def _shard_records(spec: str, target: Callable[[dict], object]) -> Callable[[], Iterator[Record]]:
+    # partial of module-level functions: a Source travels to fork-server loader workers by pickle
+    return partial(_iter_shard_records, spec, target)
 
 
 def _shard_label(sample: dict) -> object:
@@ -93,6 +108,10 @@ def sample_captions(sample: dict) -> list[str]:
     return []
 
 
+def _shard_captions(sample: dict) -> object:
+    return _captions_or_skip(sample_captions(sample))
+
+
 def _captions_or_skip(caps: list[str]) -> object:
     caps = [c.strip() for c in caps if isinstance(c, str) and c.strip()]
     return tuple(caps) if caps else "no_caption"
@@ -108,12 +127,8 @@ def image_folder(root: Path) -> Source:
         if not files:
             raise EvalDataError(f"{root / name}: class folder has no images ({', '.join(sorted(IMAGE_EXTS))})")
         items += [(f, label) for f in files]
-
-    def records():
-        for index, (path, label) in enumerate(items):
-            yield index, _file(path), label
-
-    return Source(records, [c.replace("_", " ") for c in classes], f"{len(items)} images in {len(classes)} folders")
+    names = [c.replace("_", " ") for c in classes]
+    return Source(partial(_item_records, items), names, f"{len(items)} images in {len(classes)} folders")
 
 
 def table_classification(path: Path, image_column: str, label_column: str, classnames: list[str]) -> Source:
@@ -126,11 +141,8 @@ def table_classification(path: Path, image_column: str, label_column: str, class
             return int(text) if 0 <= int(text) < len(classnames) else "unknown_label"
         return by_name.get(text, "unknown_label")
 
-    def records():
-        for index, row in enumerate(rows):
-            yield index, _file(path.parent / str(row[image_column])), label(row[label_column])
-
-    return Source(records, None, f"{len(rows)} rows of {path.name}")
+    items = [(path.parent / str(row[image_column]), label(row[label_column])) for row in rows]
+    return Source(partial(_item_records, items), None, f"{len(rows)} rows of {path.name}")
 
 
 def table_retrieval(path: Path, image_column: str, caption_column: str) -> Source:
@@ -164,17 +176,14 @@ def json_retrieval(path: Path, image_root: Path | None, split: str | None) -> So
 
 
 def _grouped(root: Path, items: list[tuple[str, list[str]]], description: str) -> Source:
-    def records():
-        for index, (name, caps) in enumerate(items):
-            yield index, _file(root / name), _captions_or_skip(caps)
-
-    return Source(records, None, description)
+    pairs = [(root / name, _captions_or_skip(caps)) for name, caps in items]
+    return Source(partial(_item_records, pairs), None, description)
 
 
 def open_source(task: str, dataset: str, cfg, classnames: list[str] | None = None) -> Source:
     """The ``Source`` behind a dataset string for ``task`` (``zeroshot`` or ``retrieval``)."""
     if is_shard_spec(dataset):
-        target = _shard_label if task == "zeroshot" else (lambda s: _captions_or_skip(sample_captions(s)))
+        target = _shard_label if task == "zeroshot" else _shard_captions
         return Source(_shard_records(dataset, target), None, dataset)
     path = Path(dataset).expanduser()
     if path.is_dir():
@@ -201,6 +210,7 @@ class EvalStream(IterableDataset):
 
     def __init__(self, source: Source, transform, rank: int, world_size: int):
         self.source, self.transform, self.rank, self.world_size = source, transform, rank, world_size
+        self.trainer_pid = os.getpid()  # workers end with this process (clipkit.data.loader.watch_parent)
 
     def __iter__(self):
         info = get_worker_info()
@@ -232,9 +242,14 @@ def collate(items: list[dict]) -> dict:
 
 
 def loader(source: Source, transform, rank: int, world_size: int, batch_size: int, num_workers: int) -> DataLoader:
+    """Workers from the fork server and dying with their parent, as the training loader's (see worker_context)."""
+    from clipkit.data.loader import worker_context, worker_init
+
+    extra = dict(multiprocessing_context=worker_context(), worker_init_fn=worker_init) if num_workers else {}
     return DataLoader(
         EvalStream(source, transform, rank, world_size),
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=collate,
+        **extra,
     )

@@ -22,7 +22,8 @@ BAD_CONFIGS = [
     (["model.pretrained=laion2b_s34b_b79k"], "model.pretrained"),  # hub tag instead of a local file
     (["model.name=hf-hub:timm/ViT-B-16-SigLIP"], "model.name"),  # hub model
     (["train.precision=fp8"], "train.precision='fp8'"),  # bad choice
-    (["optim.warmup_steps=1000", "train.steps=10"], "optim.warmup_steps=1000"),  # impossible combination
+    (["data.stall_timeout_s=-1"], "data.stall_timeout_s=-1.0"),
+    (["data.train=s3://bucket/{0..9}.tar", "data.allow_pipe=false", "data.train=pipe:cat x"], "data.train"),
     (["data.crop_scale_min=1.5"], "data.crop_scale_min"),
     (["optim.beta2=1.0"], "optim.beta2"),
     (["eval.zeroshot.classnames=/nonexistent.txt"], "eval.zeroshot.classnames"),
@@ -97,3 +98,16 @@ def test_shards_preset_requires_data_train():
 
     with pytest.raises(ConfigError, match="data.train='': empty shard spec"):
         validate(compose(["data=shards"])[0])
+
+
+def test_warmup_longer_than_the_run_is_clamped_with_a_warning():
+    """A smoke run (train.steps=20) with the default warmup is not refused: warmup covers the whole run."""
+    from clipkit.cli import compose
+    from clipkit.config import adjust, validate
+
+    cfg, _ = compose(["train.steps=20"])
+    notes = adjust(cfg)
+    assert cfg.optim.warmup_steps == 20 and len(notes) == 1 and "optim.warmup_steps=50" in notes[0]
+    validate(cfg)
+    cfg, _ = compose(["train.steps=200"])
+    assert adjust(cfg) == [] and cfg.optim.warmup_steps == 50

@@ -20,7 +20,7 @@ def _plan_keys(shards, weights, world, workers, window=50, epoch=0, mode="epoch"
         plan = StreamPlan(shards, weights, mode, 0, rank, world, workers, window)
         for w in range(max(1, workers)):
             segs = plan.segments(w, epoch)
-            for _, sample in read_span(segs, plan.order(w, epoch, sum(s.stop - s.start for s in segs)), 0, print):
+            for _, sample in read_span(segs, plan.order(w, epoch, sum(s.stop - s.start for s in segs)), 0):
                 keys[sample["__key__"]] += 1
     return keys
 
@@ -44,32 +44,30 @@ def test_order_is_seeded_and_changes_per_epoch(small_demo):
     plan = StreamPlan(shards, weights, "epoch", 0, 0, 1, 1, 100)
 
     def first(epoch, plan=plan):
-        return [s["__key__"] for (_, _, s) in itertools.islice(iter_slot(plan, 0, epoch, 0, print), 300)]
+        return [s["__key__"] for (_, _, s) in itertools.islice(iter_slot(plan, 0, epoch, 0), 300)]
 
     assert first(0) == first(0)
     assert first(0) != first(1)
     other = StreamPlan(shards, weights, "epoch", 1, 0, 1, 1, 100)
-    assert first(0) != [s["__key__"] for (_, _, s) in itertools.islice(iter_slot(other, 0, 0, 0, print), 300)]
+    assert first(0) != [s["__key__"] for (_, _, s) in itertools.islice(iter_slot(other, 0, 0, 0), 300)]
 
 
 def test_resume_at_random_points_equals_uninterrupted(small_demo):
     shards, weights = resolve_shards(dir_spec(small_demo / "train"))
     plan = StreamPlan(shards, weights, "epoch", 3, 1, 2, 3, 64)
-    full = [(e, t, s["__key__"]) for (e, t, s) in itertools.islice(iter_slot(plan, 2, 0, 0, print), 1000)]
+    full = [(e, t, s["__key__"]) for (e, t, s) in itertools.islice(iter_slot(plan, 2, 0, 0), 1000)]
     points = random.Random(0).sample(range(1, 1000), 10)
     for start in points + [333, 334, 335]:  # this slot (5 of 6) spans 334 samples: its epoch ends at 334
         e, t, _ = full[start]
-        resumed = [
-            (e2, t2, s["__key__"]) for (e2, t2, s) in itertools.islice(iter_slot(plan, 2, e, t, print), 1000 - start)
-        ]
+        resumed = [(e2, t2, s["__key__"]) for (e2, t2, s) in itertools.islice(iter_slot(plan, 2, e, t), 1000 - start)]
         assert resumed == full[start:], start
 
 
 def test_resampled_is_infinite_and_seeded(small_demo):
     shards, weights = resolve_shards(dir_spec(small_demo / "train"))
     plan = StreamPlan(shards, weights, "resampled", 0, 0, 1, 2, 50)
-    a = [s["__key__"] for (_, _, s) in itertools.islice(iter_slot(plan, 1, 0, 0, print), 5000)]
-    b = [s["__key__"] for (_, _, s) in itertools.islice(iter_slot(plan, 1, 0, 0, print), 5000)]
+    a = [s["__key__"] for (_, _, s) in itertools.islice(iter_slot(plan, 1, 0, 0), 5000)]
+    b = [s["__key__"] for (_, _, s) in itertools.islice(iter_slot(plan, 1, 0, 0), 5000)]
     assert a == b and len(a) == 5000 and len(set(a)) <= 2000  # past one pass over the data, with repeats
 
 

@@ -1,0 +1,237 @@
+"""Commands typed as users type them, through a real shell (``bash -c``): brace patterns quoted, half-quoted
+and unquoted, globs; img2dataset shards with the default caption key; a wrong caption key; interrupts and a
+stalled stream; a main process killed with SIGKILL leaves no loader worker behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from clipkit.data.shards import expand_spec
+from tests.shardsets import img2dataset_shards
+
+BIN = Path(sys.executable).parent
+QUIET = "logging.progress=false eval.zeroshot.dataset= eval.retrieval.dataset="
+
+
+def bash(command: str, cwd: Path, timeout: float = 300, **popen) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def spawn(command: str, cwd: Path) -> subprocess.Popen:
+    """clipkit in the background; its stderr goes to ``cwd/stderr.txt`` (a pipe would stay open as long as any
+    child holds it, e.g. the command of a ``pipe:`` shard)."""
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONUNBUFFERED": "1"}
+    # exec: the shell becomes clipkit, so signals reach it as they would from a terminal or a scheduler
+    with open(cwd / "stderr.txt", "w") as err:
+        return subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=cwd, env=env, stdout=err, stderr=err)
+
+
+def finish(proc: subprocess.Popen, cwd: Path, timeout: float) -> str:
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise AssertionError(f"still running after {timeout} s: {(cwd / 'stderr.txt').read_text()[-3000:]}") from None
+    return (cwd / "stderr.txt").read_text()
+
+
+@pytest.fixture(scope="module")
+def i2d(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("img2dataset")
+    img2dataset_shards(root / "shards", num_shards=4, per_shard=40)
+    return root
+
+
+def resolved_train(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.strip().startswith("train:") and "/" in ln)
+    return line.split("train:", 1)[1].strip().strip("'\"")
+
+
+@pytest.mark.parametrize(
+    "typed",
+    [
+        "data.train='{d}/{{00000..00003}}.tar'",  # the README's form: the shell strips the quotes
+        "\"data.train='{d}/{{00000..00003}}.tar'\"",  # quoted for Hydra by the user
+        "data.train={d}/{{00000..00003}}.tar",  # unquoted: bash expands it into four words
+        "data.train={d}/*.tar",  # a glob the shell leaves alone (no file matches the whole word)
+        'data.train="{d}/{{00000..00001}}.tar::{d}/{{00002..00003}}.tar"',  # two sources
+    ],
+)
+def test_shard_specs_as_typed(i2d, typed):
+    d = i2d / "shards"
+    proc = bash(f"clipkit train --cfg {typed.format(d=d)}", cwd=i2d, timeout=60)
+    urls = [u for src in expand_spec(resolved_train(proc)) for u in src.urls]
+    assert urls == [str(d / f"{i:05d}.tar") for i in range(4)]
+
+
+def test_img2dataset_shards_train_out_of_the_box(i2d, tmp_path):
+    """Default caption key on img2dataset shards (caption in KEY.txt and KEY.json 'caption'), a smoke-run step
+    count smaller than the default warmup, the README's quoting."""
+    d = i2d / "shards"
+    proc = bash(
+        f"clipkit train data=shards data.train='{d}/{{00000..00003}}.tar' train.steps=3 "
+        f"train.global_batch_size=32 hydra.run.dir={tmp_path} {QUIET}",
+        cwd=i2d,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "warming up over all 3 steps" in proc.stderr
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["step"] == 3 and record["data_errors"] == {}
+
+
+def test_wrong_caption_key_stops_at_once_naming_the_members(i2d, tmp_path):
+    d = i2d / "shards"
+    t0 = time.time()
+    proc = bash(
+        f"clipkit train data=shards data.train='{d}/{{00000..00003}}.tar' data.caption_key=json:captions "
+        f"train.steps=3 train.global_batch_size=32 hydra.run.dir={tmp_path} {QUIET}",
+        cwd=i2d,
+        timeout=120,
+    )
+    assert proc.returncode == 1 and time.time() - t0 < 60
+    assert "none of the first 16 samples has a caption" in proc.stderr
+    assert "json {caption, error_message, height" in proc.stderr and "txt" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_clipkit_shards_output_trains_with_default_caption_key(tmp_path):
+    """A folder of images with .txt captions -> `clipkit shards` -> `clipkit train` with no caption setting."""
+    from tests.shardsets import COLOURS, jpeg
+
+    src = tmp_path / "photos"
+    src.mkdir()
+    for i in range(64):
+        name = list(COLOURS)[i % 4]
+        (src / f"img{i:03d}.jpg").write_bytes(jpeg(COLOURS[name], seed=i))
+        (src / f"img{i:03d}.txt").write_text(f"a {name} picture")
+    made = bash(f"clipkit shards {src} {tmp_path / 'out'} --shard-size 20 --procs 1", cwd=tmp_path, timeout=120)
+    assert made.returncode == 0, made.stderr
+    proc = bash(
+        f"clipkit train data.train={tmp_path / 'out'}/*.tar train.steps=2 train.global_batch_size=16 "
+        f"hydra.run.dir={tmp_path / 'run'} {QUIET}",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (from /proc), e.g. loader workers under their fork server."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.add(child)
+            todo.append(child)
+    return out
+
+
+def _alive(pids: set[int]) -> set[int]:
+    alive = set()
+    for p in pids:
+        try:
+            state = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            alive.add(p)
+    return alive
+
+
+def _wait_for(cond, timeout: float) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+# Two shards that never deliver a byte (a storage that accepts the connection and then says nothing).
+STALLED = "data.train='pipe:sleep 2{5,6}' data.num_workers=2 train.steps=5"
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 128 + signal.SIGTERM)])
+def test_interrupt_while_waiting_for_data_ends_the_run(tmp_path, sig, code):
+    """Ctrl-C or SIGTERM while every worker is stuck reading a stream that never delivers: the run ends within
+    10 s with a message, writes no checkpoint, and leaves no worker behind."""
+    proc = spawn(f"clipkit train {STALLED} hydra.run.dir={tmp_path} {QUIET}", cwd=tmp_path)
+    assert _wait_for(lambda: "GFLOPs forward" in (tmp_path / "stderr.txt").read_text(), 60), "the loop did not start"
+    assert _wait_for(lambda: len(_descendants(proc.pid)) >= 4, 30), "workers did not start"
+    time.sleep(1)
+    workers = _descendants(proc.pid)
+    t0 = time.time()
+    proc.send_signal(sig)
+    err = finish(proc, tmp_path, 30)
+    assert time.time() - t0 < 10, err
+    assert proc.returncode == code, err[-2000:]
+    assert ("interrupted" if sig == signal.SIGINT else "while starting or waiting for data") in err
+    assert not (tmp_path / "checkpoints").exists()  # (the run dir is tmp_path)
+    assert _wait_for(lambda: not _alive(workers - _sleeps(workers)), 10), _alive(workers)
+
+
+def _sleeps(pids: set[int]) -> set[int]:
+    """The `sleep` commands the pipe: shards started (a shell command outlives its reader, as with any pipe)."""
+    out = set()
+    for p in pids:
+        try:
+            if Path(f"/proc/{p}/comm").read_text().strip() == "sleep":
+                out.add(p)
+        except OSError:
+            pass
+    return out
+
+
+def test_stalled_stream_stops_naming_slot_shard_and_position(tmp_path):
+    t0 = time.time()
+    proc = bash(
+        f"clipkit train {STALLED} data.stall_timeout_s=3 hydra.run.dir={tmp_path} {QUIET}", cwd=tmp_path, timeout=120
+    )
+    assert proc.returncode == 1 and time.time() - t0 < 60, proc.stderr[-2000:]
+    assert "no batch for data.stall_timeout_s=3 s: loader slot 0 (rank 0, worker 0)" in proc.stderr
+    assert "epoch 0, position 0, reading pipe:sleep 2" in proc.stderr and "at its sample 0" in proc.stderr
+
+
+@pytest.mark.parametrize("kind", ["good", "bad"])
+def test_workers_die_with_a_killed_main_process(i2d, tmp_path, kind):
+    """SIGKILL of the training process (an OOM kill, a node failure): its loader workers notice within
+    seconds, whether they are delivering batches (good data) or looping over bad samples."""
+    d = i2d / "shards"
+    if kind == "bad":  # 49 of 50 images undecodable: the workers spin over bad samples, rarely forming a batch
+        from clipkit.data.writer import write_shard
+        from tests.shardsets import jpeg
+
+        good = jpeg((200, 30, 30))
+        d = tmp_path / "bad"
+        samples = [
+            {"__key__": f"k{i:06d}", "jpg": good if i % 50 == 0 else b"x" * 200, "txt": "t"} for i in range(60000)
+        ]
+        write_shard(d / "00000.tar", samples)
+    proc = spawn(
+        f"clipkit train data.train='{d}/*.tar' data.max_bad_fraction=1.0 data.num_workers=2 train.steps=100000 "
+        f"train.global_batch_size=64 data.shuffle_window=0 hydra.run.dir={tmp_path / 'run'} {QUIET}",
+        cwd=tmp_path,
+    )
+    assert _wait_for(lambda: len(_descendants(proc.pid)) >= 3, 60), "workers did not start"
+    time.sleep(3)
+    workers = _descendants(proc.pid)
+    assert proc.poll() is None, (tmp_path / "stderr.txt").read_text()[-2000:]
+    proc.kill()
+    proc.wait()
+    assert _wait_for(lambda: not _alive(workers), 10), f"left behind: {_alive(workers)}"
