@@ -54,6 +54,13 @@ RESUME_MUTABLE = (
     "parallel.timeout_s",
     "parallel.requeue",
     "bench",
+    # How the data is read, not which samples in which order per layout (a new layout is re-planned exactly):
+    "data.num_workers",
+    "data.prefetch_factor",
+    "data.stall_timeout_s",
+    "data.remote_retries",
+    "data.retry_backoff_s",
+    "data.max_bad_fraction",
 )
 
 
@@ -161,17 +168,26 @@ def resume(run_dir: Path, cfg: RootConfig, env, engine, loader: TrainLoader, sta
             "hydra.run.dir / name=..., or train.resume=never to start over there"
         )
     trainer = ckpt.load_json(path / "trainer.json")
-    if trainer["world_size"] != env.world_size:
+    same_layout = trainer["world_size"] == env.world_size and trainer["data"][0]["num_workers"] == max(
+        1, cfg.data.num_workers
+    )
+    if trainer["world_size"] != env.world_size and cfg.parallel.engine != "ddp":
         raise ResumeError(
-            f"checkpoint {path} was written by {trainer['world_size']} ranks, this run has "
-            f"{env.world_size}: the data stream cannot resume exactly; relaunch with the same world size"
+            f"checkpoint {path} was written by {trainer['world_size']} ranks, this run has {env.world_size}: "
+            f"DeepSpeed's partitioned state ({cfg.parallel.engine}) resumes on the same world size only"
         )
     engine.load(path)
-    loader.load_state_dict(trainer["data"][env.rank])
-    rng = ckpt.load_torch(path / "rng.pt")[env.rank]
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] is not None and env.device.type == "cuda":
-        torch.cuda.set_rng_state(rng["cuda"])
+    if same_layout:
+        loader.load_state_dict(trainer["data"][env.rank])
+    else:
+        note = loader.load_elastic(trainer["data"])
+        if env.is_main:
+            log.warning(note)
+    rngs = ckpt.load_torch(path / "rng.pt")
+    if env.rank < len(rngs):  # (a rank the old run did not have keeps its seeded generator)
+        torch.set_rng_state(rngs[env.rank]["torch"])
+        if rngs[env.rank]["cuda"] is not None and env.device.type == "cuda":
+            torch.cuda.set_rng_state(rngs[env.rank]["cuda"])
     state.step, state.samples_seen = trainer["step"], trainer["samples_seen"]
     return path
 
@@ -340,6 +356,7 @@ def _train(cfg: RootConfig, run_dir: Path, loaders: list) -> dict:
                 "data_wait_pct": wait_pct,
                 "peak_mem_gb": peak_memory_gb(env.device),
                 "data_errors": dict(loader.errors),  # this rank's (rank 0); summary.json sums all ranks
+                "data_retries": loader.retried,  # transient remote read errors retried (rank 0)
                 "loss_spike": spiked,  # (rank 0's own rows; a warning, never an action)
             }
             spiked = False

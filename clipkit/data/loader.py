@@ -485,7 +485,7 @@ class TrainLoader:
         worker = self.next_worker
         slot = self.plan.rank * self.plan.num_workers + worker
         epoch, t, k, j = (int(x) for x in self._progress[4 * worker : 4 * worker + 4].tolist())
-        segments = self.plan.segments(worker, epoch)
+        segments = self.plan.span(worker, epoch)[0] if self.plan.sized else self.plan.segments(worker, epoch)
         where = f"reading {segments[k].url} at its sample {j}" if k < len(segments) else "at its span's end"
         return (
             f"no batch for data.stall_timeout_s={self.stall_timeout_s:g} s: loader slot {slot} (rank "
@@ -525,6 +525,7 @@ class TrainLoader:
             "epoch_errors": dict(self.epoch_errors),
             "bad_urls": dict(self.bad_urls.most_common(100)),
             "samples_delivered": self.samples_delivered,
+            "elastic": self.plan.elastic,
         }
 
     def errors_by_epoch(self) -> dict[str, dict[str, int]]:
@@ -555,4 +556,59 @@ class TrainLoader:
         self.epoch_errors = collections.Counter(state.get("epoch_errors", {}))
         self.bad_urls = collections.Counter(state["bad_urls"])
         self.samples_delivered = state["samples_delivered"]
+        self.plan.elastic = state.get("elastic")
         self._iter = None
+
+    def load_elastic(self, states: list[dict]) -> str:
+        """Resumes from the data states of every rank of a run with another layout (world size or workers).
+
+        epoch mode: the epochs the old slots were in are re-planned from what they had not consumed
+        (``StreamPlan.elastic_span``): every remaining sample once, none twice, in another order. resampled:
+        new slots start a fresh draw (there is no exactly-once to keep). The skip counts so far go to rank 0.
+        Returns a line for the log."""
+        mine = self.state_dict()
+        for key in ("version", "mode", "seed", "num_shards", "total_samples"):
+            if any(st.get(key) != mine[key] for st in states):
+                raise DataError(
+                    f"cannot resume the data stream: the checkpoint has {key}={states[0].get(key)!r}, this run "
+                    f"{mine[key]!r}. Resume with the same data and seed, or start a new run directory"
+                )
+        if not self.plan.sized:
+            raise DataError(
+                "shards of unknown size cannot be re-planned for another world size or data.num_workers: resume "
+                "with the same layout, or add sizes.json beside the shards"
+            )
+        old = [tuple(p) for st in states for p in st["positions"]]  # slot = rank * workers + worker
+        epochs = [e for e, _ in old]
+        before = f"{states[0]['world_size']} rank(s) x {states[0]['num_workers']} worker(s)"
+        after = f"{self.plan.world_size} x {self.plan.num_workers}"
+        pending = states[0].get("elastic")
+        if pending is not None and min(epochs) <= pending["last_epoch"]:
+            raise DataError(
+                f"the checkpoint is itself a re-planned resume still inside epoch {min(epochs)}: resume with its "
+                f"layout ({before}) until that epoch ends, then change it"
+            )
+        if self.plan.mode == "resampled":
+            self.positions = [(max(epochs) + 1, 0)] * self.plan.num_workers
+            note = f"resampled stream: new draws for {after} slots (was {before})"
+        else:
+            self.plan.elastic = {
+                "positions": [list(p) for p in old],
+                "first_epoch": min(epochs),
+                "last_epoch": max(epochs),
+            }
+            self.positions = [(min(epochs), 0)] * self.plan.num_workers
+            note = (
+                f"data stream re-planned from {before} to {after}: the samples not yet consumed in epoch(s) "
+                f"{min(epochs)}-{max(epochs)} are shared out anew, each seen once; their order differs from an "
+                "uninterrupted run"
+            )
+        self.next_worker = 0
+        if self.plan.rank == 0:
+            for st in states:
+                self.errors.update(st["errors"])
+                self.epoch_errors.update(st.get("epoch_errors", {}))
+                self.bad_urls.update(st["bad_urls"])
+                self.samples_delivered += st["samples_delivered"]
+        self._iter = None
+        return note

@@ -119,6 +119,9 @@ class StreamPlan:
         per_source = np.bincount(self.shards.sources, minlength=len(source_weights))
         per_shard = np.asarray(source_weights, dtype=np.float64)[self.shards.sources] / per_source[self.shards.sources]
         self.shard_probs = per_shard / per_shard.sum()
+        # After a resume with another layout (ranks x workers): the old slots' positions; the epochs they were in
+        # are re-planned from what they had not yet consumed (see elastic_span).
+        self.elastic: dict | None = None
         # Resampled "epochs" are chunks of this many shards per slot (only sets the reshuffle granularity).
         self.resampled_shards = max(1, math.ceil(len(self.shards) / self.num_slots))
 
@@ -133,11 +136,17 @@ class StreamPlan:
         if self.mode == "resampled":
             picks = self._rng(1, epoch, slot).choice(len(self.shards), self.resampled_shards, p=self.shard_probs)
             return [self._segment(int(i), 0, int(self.shards.sizes[i])) for i in picks]
-        perm = self._rng(0, epoch).permutation(len(self.shards))
         if not self.sized:  # whole shards, read to their end
+            perm = self._rng(0, epoch).permutation(len(self.shards))
             return [self._segment(int(i), 0, UNKNOWN) for i in perm[slot :: self.num_slots]]
-        ends = np.cumsum(self.shards.sizes[perm])
         lo, hi = slot * self.total // self.num_slots, (slot + 1) * self.total // self.num_slots
+        return self.range_segments(epoch, lo, hi)
+
+    def range_segments(self, epoch: int, lo: int, hi: int) -> list[Segment]:
+        """Shard ranges holding samples [lo, hi) of epoch ``epoch``'s sample space (the permuted shards, end to
+        end); the same for every layout, since the permutation depends on (seed, epoch) only."""
+        perm = self._rng(0, epoch).permutation(len(self.shards))
+        ends = np.cumsum(self.shards.sizes[perm])
         first, last = int(np.searchsorted(ends, lo, side="right")), int(np.searchsorted(ends, hi, side="left"))
         segments = []
         for k in range(first, min(last + 1, len(perm))):
@@ -147,12 +156,53 @@ class StreamPlan:
                 segments.append(self._segment(i, a - offset, b - offset))
         return segments
 
-    def order(self, worker: int, epoch: int, n: int) -> np.ndarray:
+    def span(self, worker: int, epoch: int) -> tuple[list[Segment], np.ndarray]:
+        """A sized plan's (segments, order) of one slot and epoch: what ``read_span`` reads."""
+        if self.elastic is not None and self.elastic["first_epoch"] <= epoch <= self.elastic["last_epoch"]:
+            return self.elastic_span(self.rank * self.num_workers + worker, epoch)
+        segments = self.segments(worker, epoch)
+        return segments, self.order(worker, epoch, sum(s.stop - s.start for s in segments))
+
+    def _slot_order(self, slot: int, epoch: int, n: int, salt: int = 2) -> np.ndarray:
         if self.window <= 1:
             return np.arange(n)
-        slot = self.rank * self.num_workers + worker
-        keys = np.arange(n) + self._rng(2, epoch, slot).random(n) * self.window
+        keys = np.arange(n) + self._rng(salt, epoch, slot).random(n) * self.window
         return np.argsort(keys, kind="stable")
+
+    def elastic_span(self, slot: int, epoch: int) -> tuple[list[Segment], np.ndarray]:
+        """Epoch ``epoch`` re-planned after a layout change: the samples the old slots had not consumed, in global
+        order, cut into equal contiguous chunks, one per new slot, each in its own windowed shuffle. Every sample
+        the old run had not consumed is read exactly once; the order differs from an uninterrupted run."""
+        old = self.elastic["positions"]
+        num_old = len(old)
+        counts, spans = [], []
+        for s, (e, t) in enumerate(old):
+            lo, hi = s * self.total // num_old, (s + 1) * self.total // num_old
+            spans.append((lo, hi))
+            counts.append(0 if e > epoch else (hi - lo) - (t if e == epoch else 0))
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        remaining = int(starts[-1])
+        a, b = slot * remaining // self.num_slots, (slot + 1) * remaining // self.num_slots
+        parts = []
+        for s, (e, t) in enumerate(old):
+            lo_r, hi_r = max(a, int(starts[s])), min(b, int(starts[s + 1]))
+            if lo_r >= hi_r:
+                continue
+            lo, hi = spans[s]
+            if e == epoch:  # what old slot s had left: its order from position t on
+                left = lo + np.sort(self._slot_order(s, epoch, hi - lo)[t:])
+            else:
+                left = np.arange(lo, hi)
+            parts.append(left[lo_r - int(starts[s]) : hi_r - int(starts[s])])
+        if not parts:
+            return [], np.zeros(0, dtype=np.int64)
+        chunk = np.concatenate(parts)  # ascending global indices
+        g0 = int(chunk[0])
+        segments = self.range_segments(epoch, g0, int(chunk[-1]) + 1)
+        return segments, (chunk - g0)[self._slot_order(slot, epoch, len(chunk), salt=4)]
+
+    def order(self, worker: int, epoch: int, n: int) -> np.ndarray:
+        return self._slot_order(self.rank * self.num_workers + worker, epoch, n)
 
 
 class ShardReadError(OSError):
@@ -252,13 +302,13 @@ def read_span(
     """Yields ``(t, sample)`` for t >= start in ``order``; where the data never arrived (truncated or unreadable
     shard) ``sample`` is ``{"__missing__": True, "__url__": url}``. Samples carry ``__shard__``, the shard's name."""
     reader = reader or Reader()
-    n = len(order)
+    n = len(order)  # (a re-planned span's order covers only some positions of its segments)
     if start >= n:
         return
-    due = np.zeros(n, dtype=bool)
+    seg_offsets = np.cumsum([0] + [s.stop - s.start for s in segments])
+    due = np.zeros(int(seg_offsets[-1]), dtype=bool)
     due[order[start:]] = True
     first_due = int(order[start:].min())
-    seg_offsets = np.cumsum([0] + [s.stop - s.start for s in segments])
 
     def source() -> Iterator[tuple[int, dict]]:
         for k in range(int(np.searchsorted(seg_offsets, first_due, side="right")) - 1, len(segments)):
@@ -281,7 +331,7 @@ def read_span(
         while idx >= read_pos:
             nxt = next(samples, None)
             if nxt is None:
-                read_pos = n
+                read_pos = int(seg_offsets[-1])
                 break
             read_pos = nxt[0] + 1
             held[nxt[0]] = nxt[1]
@@ -329,11 +379,11 @@ def iter_slot(
     """The slot's endless stream from position (epoch, t): yields ``(epoch, t, sample)``."""
     reader = reader or Reader()
     while True:
-        segments = plan.segments(worker, epoch)
         if plan.sized:
-            order = plan.order(worker, epoch, sum(s.stop - s.start for s in segments))
+            segments, order = plan.span(worker, epoch)
             samples = read_span(segments, order, t, reader)
         else:
+            segments = plan.segments(worker, epoch)
             rng = plan._rng(2, epoch, plan.rank * plan.num_workers + worker)
             samples = read_stream(segments, rng, plan.window, t, reader)
         emitted = False

@@ -15,7 +15,7 @@ from PIL import Image
 
 from clipkit.data.loader import BadSample, DataError, SampleDecoder, TrainLoader, decoded, resolve_shards
 from clipkit.data.shards import ShardSpecError, expand_spec
-from clipkit.data.stream import StreamPlan
+from clipkit.data.stream import StreamPlan, iter_slot
 from clipkit.data.writer import write_shard, write_sizes_file
 
 
@@ -208,3 +208,30 @@ def test_pipe_urls_refused_when_switched_off():
     assert expand_spec("pipe:cat /data/{0..2}.tar")[0].urls[0] == "pipe:cat /data/0.tar"
     with pytest.raises(ShardSpecError, match="pipe: URLs are refused"):
         expand_spec("pipe:curl -s http://x/{0..2}.tar", allow_pipe=False)
+
+
+def test_shards_of_unknown_size_are_read_to_their_end(tmp_path):
+    """pipe: shards (no size known): every sample of every shard once per epoch, the tail of larger shards
+    included, with several slots; a position resumes exactly."""
+    rng = random.Random(4)
+    sizes = [13, 40, 7, 25]
+    for s, n in enumerate(sizes):
+        write_shard(
+            tmp_path / f"{s}.tar", [{"__key__": f"s{s}_{i}", "jpg": _jpeg(rng, 8), "txt": "t"} for i in range(n)]
+        )
+    spec = f"pipe:cat {tmp_path}/{{0..3}}.tar"
+    shards, weights = resolve_shards(spec)
+    assert [s.num_samples for s in shards] == [-1] * 4
+    keys = collections.Counter()
+    for rank in range(2):
+        plan = StreamPlan(shards, weights, "epoch", 0, rank, 2, 2, 8)
+        for w in range(2):
+            for e, _, sample in iter_slot(plan, w, 0, 0):
+                if e > 0:
+                    break
+                keys[sample["__key__"]] += 1
+    assert len(keys) == sum(sizes) and set(keys.values()) == {1}
+    plan = StreamPlan(shards, weights, "epoch", 0, 0, 1, 2, 8)
+    full = [(e, t, s["__key__"]) for e, t, s in itertools.islice(iter_slot(plan, 1, 0, 0), 60)]
+    resumed = [(e, t, s["__key__"]) for e, t, s in itertools.islice(iter_slot(plan, 1, *full[20][:2]), 40)]
+    assert resumed == full[20:]
