@@ -244,19 +244,19 @@ def evaluate(cfg: RootConfig, built, env, engine, demo: Path | None) -> dict:
 def train(cfg: RootConfig, run_dir: Path) -> dict:
     """Builds, resumes and runs the loop; on any error the loader's workers are stopped before it propagates."""
     loaders: list[TrainLoader] = []
+    preemption = Preemption()  # from here a signal ends the run; once the loop starts, at a step boundary
     failed = True
     try:
-        out = _train(cfg, Path(run_dir), loaders)
+        out = _train(cfg, Path(run_dir), loaders, preemption)
         failed = False
         return out
     finally:
-        for item in loaders:  # on an error or interrupt the loader workers are killed at once (see stop_workers)
-            item.close(kill=failed) if isinstance(item, TrainLoader) else item.close()
+        for loader in loaders:  # on an error or interrupt the workers are killed at once (see stop_workers)
+            loader.close(kill=failed)
+        preemption.close()
 
 
-def _train(cfg: RootConfig, run_dir: Path, loaders: list) -> dict:
-    preemption = Preemption()  # from here a signal ends the run; once the loop starts, at a step boundary
-    loaders.append(preemption)  # (closed with the loaders)
+def _train(cfg: RootConfig, run_dir: Path, loaders: list, preemption: Preemption) -> dict:
     env = distributed.init(cfg.train.device, cfg.parallel.timeout_s)
     if cfg.data.num_workers or cfg.eval.num_workers:
         worker_context(start=True)  # the loader workers' fork server warms up while the model is built

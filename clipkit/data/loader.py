@@ -142,17 +142,19 @@ def watch_parent(pid: int) -> None:
     process is blocked: a daemon thread waits on a pidfd (Linux), else polls once a second. A fork-server
     worker's parent is the fork server, which lives as long as any of its workers does, so neither
     PR_SET_PDEATHSIG nor torch's own watchdog (both watch the parent) would notice an OOM-killed trainer."""
+    import select
     import threading
     import time
 
-    def wait_pidfd() -> None:
-        import select
+    try:
+        fd = os.pidfd_open(pid)  # readable once the process has exited
+    except (AttributeError, OSError):  # not Linux >= 5.3, or the process is already gone
+        fd = None
 
-        fd = os.pidfd_open(pid)
-        select.select([fd], [], [])  # readable once the process has exited
-        os._exit(1)
-
-    def poll() -> None:
+    def watch() -> None:
+        if fd is not None:
+            select.select([fd], [], [])
+            os._exit(1)
         while True:
             try:
                 os.kill(pid, 0)
@@ -162,16 +164,7 @@ def watch_parent(pid: int) -> None:
                 pass
             time.sleep(1.0)
 
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        os._exit(1)
-    target = wait_pidfd if hasattr(os, "pidfd_open") else poll
-    try:
-        os.pidfd_open(pid) if target is wait_pidfd else None
-    except OSError:
-        target = poll
-    threading.Thread(target=target, name="clipkit-parent-watch", daemon=True).start()
+    threading.Thread(target=watch, name="clipkit-parent-watch", daemon=True).start()
 
 
 def worker_init(_worker_id: int = 0) -> None:
@@ -237,7 +230,7 @@ def worker_context(start: bool = False):
     if "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "clipkit.data.loader", "clipkit.eval.data"])
+    ctx.set_forkserver_preload(["torch", "open_clip", "clipkit.data.loader", "clipkit.eval.data"])
     if start:
         from multiprocessing import forkserver
 

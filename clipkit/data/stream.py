@@ -18,13 +18,12 @@ earliest sample still due without opening them, and reads (never decodes) the re
 
 from __future__ import annotations
 
-import collections
 import heapq
 import logging
 import math
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from webdataset.tariterators import group_by_keys, tar_file_expander
@@ -222,7 +221,6 @@ class Reader:
     retries: int = 5
     backoff_s: float = 1.0
     num_retries: int = 0
-    failed: collections.Counter = field(default_factory=collections.Counter)
     # Where it reads, for a stall message: the caller sets ``segment`` (its index in the slot's segment list);
     # ``progress[base + 2 : base + 4]`` (shared memory) get (segment, sample index in the shard).
     progress: object = None
@@ -267,7 +265,6 @@ class Reader:
                 return
             err = failure[0]
             if attempt == self.retries or not remote.is_transient(err):
-                self.failed[url] += 1
                 raise ShardReadError(url, err, attempt + 1)
             self.num_retries += 1
             log.warning("retrying %s after %s: %s (attempt %d)", url, type(err).__name__, err, attempt + 2)

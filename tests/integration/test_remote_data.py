@@ -143,3 +143,22 @@ def test_clipkit_train_on_s3_as_a_user_types_it(s3_bucket, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 1 and losses[0] > 0  # (log_every=10: the last step is logged)
+
+
+def test_eval_source_over_http_equals_local(shard_dir):
+    """Eval datasets stream from remote storage too: the same records, captions and images as on local disk."""
+    from clipkit.config import RetrievalConfig
+    from clipkit.eval.data import open_source
+
+    def records(spec):
+        return [
+            (i, load() if load else None, target)
+            for i, load, target in open_source("retrieval", spec, RetrievalConfig()).records()
+        ]
+
+    names = f"{{00000..{SHARDS - 1:05d}}}.tar"
+    with FaultyServer(root=shard_dir) as srv:
+        srv.plan("00003.tar", "drop")
+        remote = records(f"{srv.url}/{names}")
+    local = records(f"{shard_dir}/{names}")
+    assert len(local) == SHARDS * PER_SHARD and remote == local
