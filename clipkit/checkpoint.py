@@ -1,7 +1,10 @@
 """Atomic, verified checkpoint directories.
 
-A checkpoint is ``<run>/checkpoints/step_XXXXXXXX/``. It is written under a temporary name; a manifest with
-every file's size and SHA-256 is written last; then the directory is renamed into place. A directory without
+A checkpoint is ``<run>/checkpoints/step_XXXXXXXX/``. It is written under a temporary name; every file and
+folder is fsynced, a manifest with every file's size and SHA-256 is written last (fsynced), then the directory
+is renamed into place and the parent folder fsynced. Re-saving an existing step moves the old one aside first
+(restored by ``find_latest`` if the save dies before its replacement lands), so there is never a moment with
+neither. A directory without
 a valid manifest (killed mid-save, truncated, bit-flipped) is never loaded: ``find_latest`` falls back to the
 newest one that verifies, warning with the offending file's name. Tensors go to safetensors; everything else
 to JSON or ``torch.save`` files that load with ``weights_only=True`` (no arbitrary pickles).
@@ -78,21 +81,58 @@ def save(
             for p in sorted(tmp.rglob("*"))
             if p.is_file()
         }
+        _fsync_tree(tmp)  # every file and folder on disk before the manifest can vouch for them
         manifest = {"step": step, "files": files, **(meta or {})}
         with open(tmp / MANIFEST, "w") as f:
             json.dump(manifest, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
+        _fsync_dir(tmp)
         faults.at("save_manifest", step)
-        if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        aside = root / f".old_{final.name}"
+        if final.exists():  # re-saving a step (e.g. after a resume): move it aside, never delete it first
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(final, aside)
+        os.replace(tmp, final)  # the publish: atomic, then made durable
+        _fsync_dir(root)
+        shutil.rmtree(aside, ignore_errors=True)
         faults.at("save_done", step)
         if keep_last > 0:
             for old in list_steps(root)[:-keep_last]:
                 shutil.rmtree(step_dir(root, old), ignore_errors=True)
     barrier()
     return final
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    """fsync every file below ``path``, then every folder (deepest first), then ``path`` itself."""
+    dirs = []
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+        elif p.is_dir():
+            dirs.append(p)
+    for d in sorted(dirs, key=lambda d: len(d.parts), reverse=True):
+        _fsync_dir(d)
+    _fsync_dir(path)
+
+
+def _restore_aside(root: Path) -> None:
+    """A save killed between moving an existing step aside and renaming its replacement in: put it back."""
+    for aside in root.glob(".old_step_*"):
+        final = root / aside.name[len(".old_") :]
+        if not final.exists() and _STEP_DIR.match(final.name):
+            os.replace(aside, final)
+            log.warning("restored %s, set aside by a save that did not finish", final)
 
 
 def list_steps(root: Path) -> list[int]:
@@ -124,6 +164,8 @@ def verify(path: Path) -> dict:
 
 def find_latest(root: Path) -> Path | None:
     """Newest checkpoint under ``root`` that verifies; corrupt ones are skipped with a warning."""
+    if Path(root).is_dir():
+        _restore_aside(Path(root))
     for step in reversed(list_steps(root)):
         path = step_dir(root, step)
         try:

@@ -218,8 +218,6 @@ def _export(cfg) -> None:
 
 
 def _train(cfg, run_dir: Path) -> None:
-    from omegaconf import OmegaConf
-
     from clipkit.checkpoint import CorruptCheckpoint
     from clipkit.data.loader import DataError
     from clipkit.data.shards import ShardSpecError
@@ -228,8 +226,6 @@ def _train(cfg, run_dir: Path) -> None:
     from clipkit.train import ResumeError, train
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     try:
         train(cfg, run_dir)
     except (DataError, ResumeError, ShardSpecError, CorruptCheckpoint, NonFiniteError) as err:

@@ -140,6 +140,8 @@ class OptimConfig:
     min_lr_ratio: float = 0.0
     # Max global gradient norm; 0 disables clipping.
     grad_clip_norm: float = 1.0
+    # Weight decay follows open_clip's trainer (token and positional embeddings decayed); true exempts them.
+    exclude_embeddings_from_decay: bool = False
 
 
 @dataclass

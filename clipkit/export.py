@@ -316,7 +316,8 @@ def load_tower(path: str | Path) -> torch.nn.Module:
     path = Path(path)
     cfg = json.loads((path / "tower_config.json").read_text())
     build = _build_vision_tower if cfg["tower"] == "image" else _build_text_tower
-    tower = build(cfg["embed_dim"], cfg["vision_cfg" if cfg["tower"] == "image" else "text_cfg"])
+    tower_cfg = cfg["vision_cfg" if cfg["tower"] == "image" else "text_cfg"]
+    tower = build(cfg["embed_dim"], tower_cfg, quick_gelu=bool(cfg.get("quick_gelu", False)))
     tower.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
     return tower.eval()
 
@@ -332,7 +333,12 @@ def export_towers(built: Built, cfg: RootConfig, out: Path) -> dict:
     for which, sub in (("image", "image_encoder"), ("text", "text_encoder")):
         d = out / sub
         d.mkdir(parents=True, exist_ok=True)
-        meta = {"tower": which, "embed_dim": model_cfg["embed_dim"], "source_model": built.name}
+        meta = {
+            "tower": which,
+            "embed_dim": model_cfg["embed_dim"],
+            "quick_gelu": bool(model_cfg.get("quick_gelu", False)),  # (the *-quickgelu configs: OpenAI's weights)
+            "source_model": built.name,
+        }
         if which == "image":
             meta.update(vision_cfg=model_cfg["vision_cfg"], preprocess_cfg=pre)
         else:

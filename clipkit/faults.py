@@ -11,7 +11,8 @@ A fault fires once; ``@S+`` fires at every attempt of step S (a skipped step is 
 
 Points: ``save_start`` (temporary dir created), ``save_written`` (all files written, no manifest yet),
 ``save_manifest`` (manifest written, not yet renamed into place), ``save_done`` (renamed, not yet pruned),
-``eval`` (before a periodic eval), ``step`` (after the update of step S).
+``eval`` (before a periodic eval), ``step`` (after the update of step S), ``skip`` (after step S was skipped as
+non-finite).
 ``/RANK`` limits a fault to one rank (default: every rank). Steps are 1-based, as in ``metrics.jsonl``.
 """
 

@@ -106,6 +106,19 @@ class Throughput:
         return out
 
 
+def lines_up_to(path: Path, step: int) -> list[str]:
+    """The JSON lines of ``path`` whose step is <= ``step``; a line torn by a kill mid-write is dropped."""
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line)
+    return kept
+
+
 class RunLogger:
     """Rank 0 writes; other ranks' calls are no-ops. Truncates ``metrics.jsonl`` to the resumed step."""
 
@@ -141,11 +154,8 @@ class RunLogger:
 
     def _truncate(self, start_step: int) -> None:
         """Drops lines past the checkpoint we resume from, so the file is one consistent curve."""
-        if not self.path.exists():
-            return
-        lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
-        keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= start_step]
-        self.path.write_text("".join(ln + "\n" for ln in keep))
+        if self.path.exists():
+            self.path.write_text("".join(ln + "\n" for ln in lines_up_to(self.path, start_step)))
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -239,9 +249,7 @@ class KeyLog:
     def __init__(self, run_dir: Path, rank: int, start_step: int):
         self.path = Path(run_dir) / "keys" / f"rank_{rank:03d}.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        kept = []
-        if self.path.exists():
-            kept = [ln for ln in self.path.read_text().splitlines() if json.loads(ln)["step"] <= start_step]
+        kept = lines_up_to(self.path, start_step) if self.path.exists() else []
         self.path.write_text("".join(ln + "\n" for ln in kept))
 
     def write(self, step: int, batches: list[dict]) -> None:

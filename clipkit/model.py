@@ -106,8 +106,3 @@ def _built(model: torch.nn.Module, tokenizer, name: str) -> Built:
         std=tuple(pre["std"]),
         context_length=int(getattr(model, "context_length", 77)),
     )
-
-
-def no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
-    """open_clip's rule: no decay on 1-D params (biases, norms, logit scale/bias) and embeddings."""
-    return param.ndim < 2 or "bias" in name or "embedding" in name or "logit_" in name or name.endswith("_emb")

@@ -7,14 +7,23 @@ import math
 import torch
 
 from clipkit.config import OptimConfig
-from clipkit.model import no_weight_decay
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def no_weight_decay(name: str, param: torch.nn.Parameter, exclude_embeddings: bool = False) -> bool:
+    """open_clip's trainer's rule, so that its published recipes reproduce: no decay on parameters of fewer than
+    2 dimensions (biases, norms, class embedding, logit scale/bias) and on names with ``bn``, ``ln``, ``bias`` or
+    ``logit_scale``; token and positional embeddings *are* decayed. ``exclude_embeddings`` (optim.
+    exclude_embeddings_from_decay) exempts them too, as many other codebases (timm, BERT-style) do."""
+    if param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name:
+        return True
+    return exclude_embeddings and ("embedding" in name or name.endswith("_emb"))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, exclude_embeddings: bool = False) -> list[dict]:
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if no_weight_decay(name, param) else decay).append(param)
+            (no_decay if no_weight_decay(name, param, exclude_embeddings) else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -22,7 +31,11 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.devi
     # Fused AdamW is the fast path on GPU; on CPU the foreach implementation is the fast one.
     fused = device.type == "cuda"
     return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None
+        param_groups(model, cfg.weight_decay, cfg.exclude_embeddings_from_decay),
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+        fused=fused or None,
     )
 
 

@@ -284,6 +284,8 @@ def _train(cfg: RootConfig, run_dir: Path, loaders: list, preemption: Preemption
     loaders.append(loader)
     state = TrainState()
     resumed = resume(run_dir, cfg, env, engine, loader, state)
+    if env.is_main:  # only now: a refused resume leaves the run dir describing the run that ran there
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     global_batch = cfg.train.global_batch_size
 
     logger = RunLogger(
@@ -325,6 +327,10 @@ def _train(cfg: RootConfig, run_dir: Path, loaders: list, preemption: Preemption
         if result is None:  # non-finite, train.nonfinite=skip: this batch is dropped, the step is retried
             logger.log({"step": state.step + 1, "samples_seen": state.samples_seen, "skipped": guard.last_error})
             logger.write(f"skipped: {guard.last_error}")
+            faults.at("skip", state.step + 1)
+            stop_signal = preemption.agreed(env.device)  # a signal during a run of skips is honoured here too
+            if stop_signal:
+                break
             continue
         loss, out, lr, grad_norm = result
         if key_log:
@@ -388,8 +394,10 @@ def _train(cfg: RootConfig, run_dir: Path, loaders: list, preemption: Preemption
             requeue_slurm_job()
         distributed.destroy()
         return {"step": state.step, "samples_seen": state.samples_seen, "stopped_by": name}
-    logger.close()
     results = evaluate(cfg, built, env, engine, demo)
+    if results:  # the final eval reaches metrics.jsonl and wandb too, not only summary.json
+        logger.log({"step": state.step, "samples_seen": state.samples_seen, "eval": results})
+    logger.close()
     summary = {
         "step": state.step,
         "samples_seen": state.samples_seen,

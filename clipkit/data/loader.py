@@ -435,7 +435,14 @@ class TrainLoader:
             self.max_bad_fraction,
             self._progress,
         )
-        kwargs = dict(num_workers=self.num_workers, batch_size=None, pin_memory=self.pin_memory)
+        # Its own generator: the iterator's base seed must not come from torch's global generator, which the model
+        # draws from (patch dropout), or a resumed run (whose loader starts at another step) would drift.
+        kwargs = dict(
+            num_workers=self.num_workers,
+            batch_size=None,
+            pin_memory=self.pin_memory,
+            generator=torch.Generator().manual_seed(self.plan.seed),
+        )
         if self.num_workers:
             kwargs.update(
                 prefetch_factor=self.prefetch_factor,

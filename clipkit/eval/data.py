@@ -131,6 +131,40 @@ def image_folder(root: Path) -> Source:
     return Source(partial(_item_records, items), names, f"{len(items)} images in {len(classes)} folders")
 
 
+def match_classnames(
+    folder_names: list[str] | None, named: list[str] | None, spec: str | None, verbose: bool = True
+) -> list[str]:
+    """The class name of each label. An image folder's labels are its sorted sub-folders; a class-name file
+    (``spec``) that names the same classes in another order (a dataset's natural order) is matched by name,
+    never by position. A file that names something else (wnid folders: n01440764 -> tench) maps by sorted folder
+    position, and the first pairs are logged; a file of another length is refused."""
+    if named is None:
+        return folder_names  # (no file: the folder names themselves)
+    if folder_names is None:
+        return named
+    if len(named) != len(folder_names):
+        raise EvalDataError(
+            f"{spec} lists {len(named)} class names; the image folder has {len(folder_names)} class sub-folders"
+        )
+
+    def key(name: str) -> str:
+        return " ".join(name.replace("_", " ").lower().split())
+
+    by_key = {key(n): n for n in named}
+    if len(by_key) == len(named) and set(by_key) == {key(f) for f in folder_names}:
+        if verbose:
+            log.info("class names of %s matched to the image folder's sub-folders by name", spec)
+        return [by_key[key(f)] for f in folder_names]
+    pairs = ", ".join(f"{f} -> {n}" for f, n in list(zip(folder_names, named, strict=True))[:4])
+    if verbose:
+        log.warning(
+            "class names of %s are not the image folder's sub-folder names: mapped by sorted folder position: %s, ...",
+            spec,
+            pairs,
+        )
+    return named
+
+
 def table_classification(path: Path, image_column: str, label_column: str, classnames: list[str]) -> Source:
     rows = read_records(path, [image_column, label_column])
     by_name = {name: i for i, name in enumerate(classnames)}
@@ -251,5 +285,6 @@ def loader(source: Source, transform, rank: int, world_size: int, batch_size: in
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=collate,
+        generator=torch.Generator().manual_seed(0),  # an eval never draws from the training's global generator
         **extra,
     )

@@ -13,7 +13,7 @@ from clipkit import distributed
 from clipkit.config import EvalConfig, EvalTask, load_eval_suite
 from clipkit.data import dir_spec
 from clipkit.eval import prompts
-from clipkit.eval.data import open_source
+from clipkit.eval.data import match_classnames, open_source
 from clipkit.eval.zeroshot import zeroshot_classification, zeroshot_retrieval
 
 
@@ -81,7 +81,8 @@ def run_evals(built, cfg: EvalConfig, device: torch.device, demo_dir: Path | Non
             c = task.cfg
             named = prompts.classnames(c.classnames) if c.classnames else None  # read once
             source = open_source("zeroshot", c.dataset, c, named)
-            classnames = named if named is not None else prompts.classnames(None, source.classnames)
+            matched = match_classnames(source.classnames, named, c.classnames, verbose=_is_main())
+            classnames = prompts.classnames(None, matched)
             templates = prompts.templates(c.templates, c.classnames)
             out = zeroshot_classification(
                 model, built.tokenizer, source, transform, classnames, templates, device, opts, bar.update

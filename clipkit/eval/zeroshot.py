@@ -112,6 +112,10 @@ def zeroshot_classification(model, tokenizer, source, transform, classnames, tem
     if shares is None:
         return None
     img_emb_ND, labels, skips = _merge(shares)
+    known = [i for i, label in enumerate(labels) if 0 <= label < len(classnames)]
+    if len(known) < len(labels):  # a shard's cls beyond the class list: counted, never silently scored as wrong
+        skips = {**skips, "unknown_label": skips.get("unknown_label", 0) + len(labels) - len(known)}
+        img_emb_ND, labels = img_emb_ND[known], [labels[i] for i in known]
     if not labels:
         raise eval_data.EvalDataError(f"no usable images in {source.description} (skipped: {skips})")
     logits_NC = 100.0 * img_emb_ND.to(device) @ classifier_DC

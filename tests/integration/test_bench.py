@@ -15,7 +15,7 @@ def test_bench_reports_both_trainers(tmp_path):
     result = json.loads(out.read_text())
     assert set(result["results"]) == {"clipkit", "open_clip"}
     for row in result["results"].values():
-        assert row["samples_per_s"] > 0 and 0 < row["mfu"] < 1.5 and row["peak_mem_gb"] > 0
+        assert row["samples_per_s"] > 0 and 0 < row["mfu"] < 1 and row["peak_mem_gb"] > 0  # (MFU is a fraction)
     assert result["peak_kind"] == "measured fp32 matmul peak" and result["forward_gflops_per_sample"] > 0
     assert result["speedup"] > 0 and "clipkit / open_clip samples/s" in proc.stdout
 

@@ -61,8 +61,12 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "checkpoints" / f"step_{STEPS:08d}" / "model.safetensors"))
 
 
+def logged(run_dir: Path, key: str) -> list[float]:
+    return [r[key] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if key in r]
+
+
 def losses(run_dir: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return logged(run_dir, "loss")
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +91,8 @@ def test_engine_matches_single_process(runs, engine):
         assert got[name].shape == ref[name].shape, name  # logit_scale stays 0-d under DeepSpeed too
         torch.testing.assert_close(got[name], ref[name], atol=ATOL, rtol=0, msg=name)
     assert losses(runs[engine]) == pytest.approx(losses(runs["single"]), rel=1e-5)
+    # The gradient itself, every step: AdamW and clipping would hide a factor-K gradient error in the parameters.
+    assert logged(runs[engine], "grad_norm") == pytest.approx(logged(runs["single"], "grad_norm"), rel=1e-4)
 
 
 def test_zero3_resume_and_export(runs, tmp_path):

@@ -232,3 +232,39 @@ def test_bad_eval_inputs(trained, folders, tmp_path):
         f"eval.retrieval.dataset={folders['root'] / 'coco_gap.json'}",
     )
     assert out["eval"]["retrieval"]["skipped"] == {"no_caption": 1} and out["eval"]["retrieval"]["num_images"] == 50
+
+
+def test_folder_classnames_file_in_another_order_is_matched_by_name(trained, folders, tmp_path):
+    """An image folder (sub-folders sorted alphabetically) with a class-name file in the dataset's natural order:
+    names are matched to folders by name, so the accuracy is the folder names' own. A file of wnid-style
+    folders' names maps by sorted folder position (and says so); a file of another length is refused."""
+    natural = tmp_path / "natural.txt"
+    natural.write_text("\n".join(folders["classnames"]))  # demo order: red circle, red square, ...
+    assert folders["classnames"] != sorted(folders["classnames"])
+    common = ["eval.retrieval.dataset=", f"eval.zeroshot.dataset={folders['folder']}"]
+    by_folder = clipkit_eval(trained, tmp_path / "a.json", *common)["eval"]["zeroshot"]
+    by_file = clipkit_eval(trained, tmp_path / "b.json", *common, f"eval.zeroshot.classnames={natural}")
+    assert by_file["eval"]["zeroshot"]["acc1"] == by_folder["acc1"] > 3 / len(folders["classnames"])
+
+    wnid = tmp_path / "wnid"
+    wnid.mkdir()
+    for i, name in enumerate(sorted(p.name for p in folders["folder"].iterdir())):
+        (wnid / f"n{i:08d}").symlink_to(folders["folder"] / name, target_is_directory=True)
+    names_in_folder_order = tmp_path / "wnid_names.txt"
+    names_in_folder_order.write_text("\n".join(sorted(n.replace("_", " ") for n in os.listdir(folders["folder"]))))
+    proc = run_cli(
+        "eval",
+        f"checkpoint={trained}",
+        f"eval.zeroshot.dataset={wnid}",
+        f"eval.zeroshot.classnames={names_in_folder_order}",
+        "eval.retrieval.dataset=",
+        f"eval.output={tmp_path / 'c.json'}",
+        check=True,
+    )
+    assert "by sorted folder position: n00000000 -> blue circle" in proc.stderr
+    assert json.loads((tmp_path / "c.json").read_text())["eval"]["zeroshot"]["acc1"] == by_folder["acc1"]
+
+    short = tmp_path / "short.txt"
+    short.write_text("\n".join(folders["classnames"][:-1]))
+    proc = run_cli("eval", f"checkpoint={trained}", *common, f"eval.zeroshot.classnames={short}")
+    assert proc.returncode == 1 and "35 class names" in proc.stderr and "36 class sub-folders" in proc.stderr

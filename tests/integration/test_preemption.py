@@ -29,7 +29,8 @@ ARGS = [
 
 def logged_steps(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return [r for r in records if "loss" in r]  # (not the eval records)
 
 
 def wait_for_step(run_dir: Path, step: int, procs, timeout: float = 300) -> None:

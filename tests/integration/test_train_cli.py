@@ -55,6 +55,8 @@ def test_train_writes_metrics_summary_checkpoints(finished_run):
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_00000020", "step_00000040"]
     assert (run_dir / "config.yaml").is_file()
     assert "zero-shot top-1" in proc.stdout and "chance" in proc.stdout
+    final = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "eval" in r]
+    assert final and final[-1]["step"] == 40 and final[-1]["eval"]["zeroshot"]["acc1"] == zs["acc1"]
 
 
 def test_killed_run_resumes_with_bit_identical_losses(finished_run, tmp_path):
@@ -90,8 +92,10 @@ def test_eval_verb_on_a_run_dir(finished_run, tmp_path):
 
 
 def test_resuming_a_different_config_is_refused(finished_run):
+    saved = (finished_run[0] / "config.yaml").read_text()
     proc = run_cli("train", f"hydra.run.dir={finished_run[0]}", *RUN_ARGS, "optim.lr=0.5")
     assert proc.returncode == 1 and "optim.lr" in proc.stderr and "Traceback" not in proc.stderr
+    assert (finished_run[0] / "config.yaml").read_text() == saved  # the run dir still describes the run
 
 
 @pytest.mark.parametrize("fmt", ["open_clip", "hf", "onnx", "towers"])
@@ -205,3 +209,43 @@ def test_moving_the_data_changes_nothing(small_demo, tmp_path):
         run_cli("train", f"hydra.run.dir={run}", f"data.train={data}/*.tar", *RUN_ARGS[:4], *args, check=True)
         losses.append(_losses(run))
     assert len(losses[0]) == 6 and losses[0] == losses[1]
+
+
+def test_towers_export_of_a_quickgelu_model(tmp_path):
+    """format=towers rebuilds each tower from its config: a quick-GELU model (the *-quickgelu open_clip configs,
+    OpenAI's weights) must come back with quick GELU, or its embeddings differ."""
+    from clipkit.config import RootConfig
+    from clipkit.export import export
+    from clipkit.model import SHIPPED_CONFIGS, build
+
+    cfg_json = json.loads((SHIPPED_CONFIGS / "clipkit-tiny.json").read_text())
+    cfg_json["quick_gelu"] = True
+    path = tmp_path / "tiny-quickgelu.json"
+    path.write_text(json.dumps(cfg_json))
+    cfg = RootConfig()
+    cfg.model.config = str(path)
+    result = export(build(cfg.model), cfg, "towers", tmp_path / "out")
+    assert max(result["image_max_abs_diff"], result["text_max_abs_diff"]) < 1e-5
+    assert json.loads((tmp_path / "out" / "image_encoder" / "tower_config.json").read_text())["quick_gelu"] is True
+
+
+def test_resume_with_patch_dropout_and_evals_is_bit_exact(small_demo, tmp_path):
+    """Patch dropout draws from torch's global CPU generator; neither the loader (re)starting after a resume nor
+    an eval right after a checkpoint may draw from it, or the resumed run's masks differ from step 9 on."""
+    args = [
+        *SMALL_DEMO,
+        "train.steps=12",
+        "train.checkpoint_every=4",
+        "train.log_every=1",
+        "eval.every=4",  # zero-shot and retrieval: two eval loaders per eval
+        "model.patch_dropout=0.5",
+        "optim.warmup_steps=2",
+        "train.global_batch_size=32",
+        "logging.progress=false",
+    ]
+    run_cli("train", f"hydra.run.dir={tmp_path / 'ref'}", *args, check=True)
+    killed = run_cli("train", f"hydra.run.dir={tmp_path / 'run'}", *args, env={"CLIPKIT_FAULTS": "kill:step@9"})
+    assert killed.returncode == -9
+    run_cli("train", f"hydra.run.dir={tmp_path / 'run'}", *args, check=True)
+    ref, got = _losses(tmp_path / "ref"), _losses(tmp_path / "run")
+    assert sorted(got) == list(range(1, 13)) and [got[s] for s in range(9, 13)] == [ref[s] for s in range(9, 13)]

@@ -7,15 +7,15 @@ import io
 import os
 import pickle
 import random
+import sys
 import tarfile
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 
 from clipkit.cli import main
-from tests.conftest import SMALL_DEMO, run_cli
+from tests.conftest import run_cli
 from tests.reliability.harness import LONG, record, train
 from tests.unit.test_config import BAD_CONFIGS
 
@@ -45,6 +45,17 @@ def test_bad_configs_fail_fast_naming_the_field(capsys):
     )
     record("bad configs", n, named, fig)
     assert len(BAD_CONFIGS) >= 25 and named == n and max(proc_times) < 3.0 and max(times) < 3.0
+
+
+_AUDIT: dict = {"sink": None}
+
+
+def _audit(event: str, args: tuple) -> None:
+    if event == "open" and _AUDIT["sink"] is not None:
+        _AUDIT["sink"].append(str(args[0]))
+
+
+sys.addaudithook(_audit)  # (audit hooks cannot be removed; it records only while a sink is set)
 
 
 class _Exploit:
@@ -92,22 +103,29 @@ def test_untrusted_input(small_demo, tmp_path):
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
-    proc = train(
-        tmp_path / "evil_run",
-        "data=shards",
-        f"data.train={shard_dir}/00000.tar",
-        "data.mode=epoch",
-        "data.num_workers=1",
-        "train.steps=4",
-        "train.global_batch_size=16",
-        *SMALL_DEMO,
+    # Read it as training and eval do, with an audit hook on every file open: the only file opened is the shard
+    # itself (the real risk is code that extracts, or opens a path built from a member name), and the hostile
+    # names stay plain keys of samples that are delivered whole.
+    from clipkit.data.stream import iter_shard
+
+    opened: list[str] = []
+    _AUDIT["sink"] = opened
+    try:
+        samples = list(iter_shard(str(shard_dir / "00000.tar")))
+    finally:
+        _AUDIT["sink"] = None
+    hostile = [s for s in samples if s["__key__"].startswith("../")]
+    checks["tar paths"] = (
+        len(samples) == 64
+        and len(hostile) == 8
+        and all({"jpg", "txt"} <= set(s) for s in hostile)
+        and {p for p in opened if "evil" in p or ".." in p} == set()
+        and any(p.endswith("00000.tar") for p in opened)
     )
-    written = [*tmp_path.parent.glob("evil-*"), *Path("/tmp").glob(Path(evil).name + "*")]
-    checks["tar paths"] = proc.returncode == 0 and not written
     record(
         "untrusted input",
         len(checks),
         sum(checks.values()),
         ", ".join(f"{k}: {'ok' if v else 'FAIL'}" for k, v in checks.items()),
     )
-    assert all(checks.values()), (checks, proc.stderr[-1500:])
+    assert all(checks.values()), (checks, proc.stderr[-1500:], opened)

@@ -110,3 +110,15 @@ def test_spike_detector(small_demo, tmp_path):
         "loss-spike detector", 2, sum(checks), f"clean run: {len(alarms_clean)} alarms; injected x20 spike: {alarms}"
     )
     assert all(checks), (alarms_clean, alarms)
+
+
+def test_signal_during_a_run_of_skipped_steps_is_honoured(small_demo, tmp_path):
+    """SIGTERM while steps are being skipped (non-finite, train.nonfinite=skip): the preemption check still runs
+    after each skipped attempt, so the run stops with a checkpoint at once instead of after the skips."""
+    run = tmp_path / "skips"
+    faults = "nan_loss@5+;sigterm:skip@5"
+    proc = train(run, "train.nonfinite=skip", "train.max_nonfinite_skips=50", faults=faults)
+    skipped = [r for r in records(run) if "skipped" in r]
+    ok = proc.returncode == 0 and "SIGTERM: stopped after step 4" in proc.stderr and len(skipped) == 1
+    record("signal during skipped steps", 1, int(ok), f"stopped after {len(skipped)} skip(s), exit {proc.returncode}")
+    assert ok, proc.stderr[-2000:]
