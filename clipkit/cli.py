@@ -103,8 +103,9 @@ def path_overrides(args: list[str]) -> list[str]:
 
     - A value with braces, globs, ``::`` or ``@W`` (``data.train=/d/{0..9}.tar`` in single quotes, or a
       user's own Hydra quotes) is quoted for Hydra, which otherwise refuses ``{`` or reads ``,`` as a list.
-    - Unquoted braces are expanded by bash into one word per shard (``data.train=/d/0.tar data.train=/d/1.tar
-      ...``); Hydra would keep only the last. Repeated path keys are joined back into one brace list.
+    - Unquoted braces are expanded by bash into adjacent words, one per shard (``data.train=/d/0.tar
+      data.train=/d/1.tar ...``); Hydra would keep only the last. Adjacent repeats of a path key are joined back
+      into one brace list; a key given again later keeps Hydra's rule (the last wins).
     """
     from clipkit.config import PATH_KEYS, ConfigError
 
@@ -117,7 +118,7 @@ def path_overrides(args: list[str]) -> list[str]:
             out.append(arg)
             continue
         prefix, key, value = parts
-        if key in merged:
+        if key in merged and merged[key] == len(out) - 1:  # adjacent: words of one shell-expanded pattern
             values[key].append(value)
             joined = "{" + ",".join(values[key]) + "}"
             if any(c in v for v in values[key] for c in "{},"):

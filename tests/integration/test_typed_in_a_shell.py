@@ -183,15 +183,16 @@ def test_interrupt_while_waiting_for_data_ends_the_run(tmp_path, sig, code):
     assert proc.returncode == code, err[-2000:]
     assert ("interrupted" if sig == signal.SIGINT else "while starting or waiting for data") in err
     assert not (tmp_path / "checkpoints").exists()  # (the run dir is tmp_path)
-    assert _wait_for(lambda: not _alive(workers - _sleeps(workers)), 10), _alive(workers)
+    assert _wait_for(lambda: not _alive(_pythons(workers)), 10), _alive(_pythons(workers))
 
 
-def _sleeps(pids: set[int]) -> set[int]:
-    """The `sleep` commands the pipe: shards started (a shell command outlives its reader, as with any pipe)."""
+def _pythons(pids: set[int]) -> set[int]:
+    """The Python processes among ``pids``: loader workers, their fork server, the resource tracker. (The
+    commands of pipe: shards, `sh -c sleep ...`, outlive their reader as any pipe writer does.)"""
     out = set()
     for p in pids:
         try:
-            if Path(f"/proc/{p}/comm").read_text().strip() == "sleep":
+            if Path(f"/proc/{p}/comm").read_text().strip().startswith("python"):
                 out.add(p)
         except OSError:
             pass

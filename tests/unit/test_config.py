@@ -111,3 +111,14 @@ def test_warmup_longer_than_the_run_is_clamped_with_a_warning():
     validate(cfg)
     cfg, _ = compose(["train.steps=200"])
     assert adjust(cfg) == [] and cfg.optim.warmup_steps == 50
+
+
+def test_repeated_path_overrides_join_only_when_the_shell_expanded_them():
+    """bash turns data.train=/d/{0..2}.tar into three adjacent words: joined back into one spec. A key given again
+    later (a base list of overrides, then a change) keeps Hydra's rule: the last one wins."""
+    from clipkit.cli import compose, path_overrides
+
+    adjacent = path_overrides(["data.train=/d/0.tar", "data.train=/d/1.tar", "data.train=/d/2.tar", "x.y=1"])
+    assert adjacent == ["data.train='{/d/0.tar,/d/1.tar,/d/2.tar}'", "x.y=1"]
+    later = path_overrides(["eval.zeroshot.dataset=", "train.steps=3", "eval.zeroshot.dataset=demo"])
+    assert compose(later)[0].eval.zeroshot.dataset == "demo"
