@@ -181,17 +181,6 @@ def count_tar_samples(path: Path) -> int:
     return keys
 
 
-def announced_size(url: str) -> int | None:
-    """A shard's sample count as its folder's sizes.json or its _stats.json announce it; None if neither does."""
-    if remote.is_pipe(url):
-        return None
-    folder, name = _split(url)
-    sizes = _sizes_file(folder)
-    if name in sizes:
-        return sizes[name]
-    return _stats_successes(url)
-
-
 def shard_sizes(urls: list[str], max_parallel: int = 16) -> list[int | None]:
     """Sample counts of many shards: sizes.json (one read per folder), then _stats.json, then (local files) a
     header scan; None where nothing announces it. Linear in the number of shards; remote _stats.json files are
