@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: install demo test test-all reliability-long lint format clean
+.PHONY: install demo test test-all reliability-long lint format clean gpu-wheels gpu-suite
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -45,3 +45,11 @@ format: install
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
+
+# What the GPU machine lacks (open_clip, webdataset, Hydra, DeepSpeed, ...) as wheels in .gpu-wheels/, to carry
+# there; then, on the GPU machine, `make gpu-suite` (or `bash benchmarks/gpu_suite.sh`). See benchmarks/README.md.
+gpu-wheels: install
+	$(PY) benchmarks/gpu_wheels.py --out .gpu-wheels $(GPU_WHEELS_ARGS)
+
+gpu-suite:
+	bash benchmarks/gpu_suite.sh

@@ -115,8 +115,8 @@ def main() -> None:
     torch.manual_seed(0)
 
     from clipkit import model as model_lib
-    from clipkit.config import ModelConfig
     from clipkit.eval.runner import eval_transform
+    from clipkit.model import ModelConfig
 
     results = {"args": vars(args), "throughput": [], "retrieval": []}
     with tempfile.TemporaryDirectory() as tmp:

@@ -42,7 +42,7 @@ def measure(impl: str, n: int, dim: int, world: int, device: str, repeats: int) 
     import torch
     import torch.nn.functional as F
 
-    import clipkit.loss as L
+    import clipkit.loss.contrastive as L
 
     torch.manual_seed(0)
     rows = n // world if impl.startswith("clipkit") else n

@@ -19,18 +19,22 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from clipkit import model as model_lib
-from clipkit.accumulate import make_step
-from clipkit.config import RootConfig, micro_batch_size
 from clipkit.data.transforms import DeviceNormalize
 from clipkit.distributed import DistEnv
+from clipkit.engine import build_engine
+from clipkit.engine.parts import MAX_LOGIT_SCALE, autocast_dtype
 from clipkit.loss import build_loss
 from clipkit.metrics import forward_flops_per_sample, peak_flops, peak_memory_gb, reset_peak_memory
 from clipkit.optim import build_optimizer
-from clipkit.parallel import MAX_LOGIT_SCALE, autocast_dtype, build_engine
+from clipkit.step import train_step
+
+if TYPE_CHECKING:
+    from clipkit.config import RootConfig
 
 log = logging.getLogger("clipkit")
 
@@ -70,7 +74,7 @@ def train_batches(cfg: RootConfig, built, num: int) -> list[tuple]:
 
     demo = ensure_demo(cfg.data, say=lambda m: log.info(m)) if cfg.data.train == "demo" else None
     loader = build_loader(cfg, built, DistEnv(), demo)
-    micro = micro_batch_size(cfg, 1)
+    micro = cfg.train.micro_batch(1)
     out = []
     for _ in range(num):
         parts = [next(loader) for _ in range(cfg.train.global_batch_size // micro)]
@@ -84,8 +88,7 @@ def bench_clipkit(cfg: RootConfig, batches: list[tuple], device: torch.device, w
     built = model_lib.build(cfg.model, device)
     engine = build_engine(built.model, cfg, DistEnv(device=device))
     loss_fn = build_loss(cfg.loss.name, cfg.loss.impl, cfg.loss.chunk_size)
-    micro = micro_batch_size(cfg, 1)
-    step_fn = make_step(cfg.train.global_batch_size // micro)
+    micro = cfg.train.micro_batch(1)
     normalize = DeviceNormalize(built.mean, built.std).to(device)
     built.model.train()
     wait = 0.0
@@ -100,8 +103,7 @@ def bench_clipkit(cfg: RootConfig, batches: list[tuple], device: torch.device, w
             for im, tx in zip(images_u8.split(micro), text.split(micro), strict=True)
         ]
         wait += time.perf_counter() - t_fetch
-        step_fn(engine, loss_fn, pairs)
-        engine.step()
+        train_step(engine, loss_fn, pairs)
     _sync(device)
     elapsed = time.perf_counter() - t0
     return {"seconds": elapsed, "data_wait_s": wait, "peak_mem_gb": peak_memory_gb(device)}
@@ -148,7 +150,7 @@ def bench_open_clip(cfg: RootConfig, batches: list[tuple], device: torch.device,
     args = parse_args([])
     args.device, args.batch_size, args.world_size, args.rank, args.local_rank = str(device), len(batches[0][0]), 1, 0, 0
     args.precision = {None: "fp32", torch.bfloat16: "amp_bf16", torch.float16: "amp"}[amp]
-    args.accum_freq = cfg.train.global_batch_size // micro_batch_size(cfg, 1)
+    args.accum_freq = cfg.train.global_batch_size // cfg.train.micro_batch(1)
     args.grad_clip_norm = cfg.optim.grad_clip_norm or None
     args.log_every_n_steps, args.distill, args.skip_scheduler, args.wandb, args.save_logs = (
         10**9,

@@ -24,8 +24,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from clipkit import faults
-
 log = logging.getLogger("clipkit")
 
 MANIFEST = "manifest.json"
@@ -57,12 +55,14 @@ def save(
     *,
     is_main: bool = True,
     barrier: Callable[[], None] = lambda: None,
+    at: Callable[[str, int], None] = lambda point, step: None,
 ) -> Path:
     """Writes checkpoint ``step`` under ``root``; returns its dir. Called by every rank of a job.
 
     The main rank creates the temporary dir; every rank runs ``write(tmp_dir)`` (sharded engines write their
     own shards; the shared dir must be on a file system all ranks see); then the main rank adds the manifest
-    (every file, subfolders included), renames the dir into place and prunes to ``keep_last``.
+    (every file, subfolders included), renames the dir into place and prunes to ``keep_last``. ``at(point,
+    step)`` is called at the named points of the save (the reliability suite's fault injection hooks in there).
     """
     root = Path(root)
     final = step_dir(root, step)
@@ -70,12 +70,12 @@ def save(
     if is_main:
         shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a run killed mid-save
         tmp.mkdir(parents=True)
-        faults.at("save_start", step)
+        at("save_start", step)
     barrier()
     write(tmp)
     barrier()
     if is_main:
-        faults.at("save_written", step)
+        at("save_written", step)
         files = {
             p.relative_to(tmp).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
             for p in sorted(tmp.rglob("*"))
@@ -88,7 +88,7 @@ def save(
             f.flush()
             os.fsync(f.fileno())
         _fsync_dir(tmp)
-        faults.at("save_manifest", step)
+        at("save_manifest", step)
         aside = root / f".old_{final.name}"
         if final.exists():  # re-saving a step (e.g. after a resume): move it aside, never delete it first
             shutil.rmtree(aside, ignore_errors=True)
@@ -96,7 +96,7 @@ def save(
         os.replace(tmp, final)  # the publish: atomic, then made durable
         _fsync_dir(root)
         shutil.rmtree(aside, ignore_errors=True)
-        faults.at("save_done", step)
+        at("save_done", step)
         if keep_last > 0:
             for old in list_steps(root)[:-keep_last]:
                 shutil.rmtree(step_dir(root, old), ignore_errors=True)

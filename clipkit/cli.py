@@ -107,14 +107,15 @@ def path_overrides(args: list[str]) -> list[str]:
       data.train=/d/1.tar ...``); Hydra would keep only the last. Adjacent repeats of a path key are joined back
       into one brace list; a key given again later keeps Hydra's rule (the last wins).
     """
-    from clipkit.config import PATH_KEYS, ConfigError
+    from clipkit.config import ConfigError, path_keys
 
+    keys = path_keys()
     out: list[str] = []
     merged: dict[str, int] = {}  # path key -> its index in out
     values: dict[str, list[str]] = {}
     for arg in args:
         parts = _split_override(arg)
-        if parts is None or parts[1] not in PATH_KEYS or parts[0] == "~":
+        if parts is None or parts[1] not in keys or parts[0] == "~":
             out.append(arg)
             continue
         prefix, key, value = parts
@@ -222,7 +223,7 @@ def _train(cfg, run_dir: Path) -> None:
     from clipkit.checkpoint import CorruptCheckpoint
     from clipkit.data.loader import DataError
     from clipkit.data.shards import ShardSpecError
-    from clipkit.parallel import NonFiniteError
+    from clipkit.engine import NonFiniteError
     from clipkit.preempt import Preempted
     from clipkit.train import ResumeError, train
 

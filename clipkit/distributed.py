@@ -121,16 +121,6 @@ def all_gather_with_grad(x_BD: torch.Tensor) -> torch.Tensor:
     return _AllGatherWithGrad.apply(x_BD)
 
 
-def mean_over_ranks(value: float, device: torch.device) -> float:
-    """The average of a per-rank scalar (e.g. each rank's local-rows loss -> the global-batch loss)."""
-    world = rank_and_world()[1]
-    if world == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return float(t.item()) / world
-
-
 def flags_of_all_ranks(flag: bool, device: torch.device) -> list[bool]:
     """Every rank's boolean, in rank order (one tiny all-gather)."""
     world = rank_and_world()[1]

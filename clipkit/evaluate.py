@@ -14,8 +14,9 @@ from omegaconf import OmegaConf
 from clipkit import checkpoint as ckpt
 from clipkit import distributed
 from clipkit import model as model_lib
-from clipkit.config import DataConfig, RootConfig
+from clipkit.config import RootConfig
 from clipkit.data import ensure_demo
+from clipkit.data.config import DataConfig
 from clipkit.eval.runner import format_table, run_evals
 
 log = logging.getLogger("clipkit")

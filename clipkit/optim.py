@@ -3,10 +3,42 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+from clipkit.errors import Choice, non_negative, positive, require
 
-from clipkit.config import OptimConfig
+if TYPE_CHECKING:
+    import torch
+
+
+class Schedule(Choice):
+    cosine = "cosine"  # to min_lr_ratio x lr
+    constant = "constant"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.2
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    warmup_steps: int = 50
+    # After warmup.
+    schedule: Schedule = Schedule.cosine
+    min_lr_ratio: float = 0.0
+    # Max global gradient norm; 0 disables clipping.
+    grad_clip_norm: float = 1.0
+    # Weight decay follows open_clip's trainer (token and positional embeddings decayed); true exempts them.
+    exclude_embeddings_from_decay: bool = False
+
+    def validate(self, prefix: str = "optim") -> None:
+        positive(prefix, self, "lr", "eps")
+        non_negative(prefix, self, "weight_decay", "warmup_steps", "grad_clip_norm", "min_lr_ratio")
+        for name in ("beta1", "beta2"):
+            require(f"{prefix}.{name}", getattr(self, name), 0 <= getattr(self, name) < 1, "must be in [0, 1)")
+        require(f"{prefix}.min_lr_ratio", self.min_lr_ratio, self.min_lr_ratio <= 1, "must be <= 1")
 
 
 def no_weight_decay(name: str, param: torch.nn.Parameter, exclude_embeddings: bool = False) -> bool:
@@ -28,6 +60,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float, exclude_embeddings
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    import torch
+
     # Fused AdamW is the fast path on GPU; on CPU the foreach implementation is the fast one.
     fused = device.type == "cuda"
     return torch.optim.AdamW(
@@ -50,4 +84,6 @@ def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
+    import torch
+
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, total_steps))

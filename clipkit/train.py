@@ -17,11 +17,11 @@ import clipkit
 from clipkit import checkpoint as ckpt
 from clipkit import distributed, faults
 from clipkit import model as model_lib
-from clipkit.accumulate import make_step
-from clipkit.config import RootConfig, micro_batch_size
+from clipkit.config import RootConfig
 from clipkit.data import ensure_demo, train_spec
 from clipkit.data.loader import SampleDecoder, TrainLoader, resolve_shards, worker_context
 from clipkit.data.transforms import DeviceNormalize
+from clipkit.engine import NonFiniteError, build_engine
 from clipkit.eval.runner import format_table, run_evals
 from clipkit.loss import build_loss
 from clipkit.metrics import (
@@ -33,8 +33,8 @@ from clipkit.metrics import (
     peak_flops,
     peak_memory_gb,
 )
-from clipkit.parallel import NonFiniteError, build_engine
 from clipkit.preempt import Preemption, requeue_slurm_job
+from clipkit.step import StepResult, train_step
 
 log = logging.getLogger("clipkit")
 
@@ -94,7 +94,7 @@ def build_loader(cfg: RootConfig, built: model_lib.Built, env: distributed.DistE
         rank=env.rank,
         world_size=env.world_size,
         num_workers=cfg.data.num_workers,
-        batch_size=micro_batch_size(cfg, env.world_size),
+        batch_size=cfg.train.micro_batch(env.world_size),
         window=cfg.data.shuffle_window,
         prefetch_factor=cfg.data.prefetch_factor,
         pin_memory=env.device.type == "cuda",
@@ -137,6 +137,7 @@ def save_checkpoint(run_dir: Path, cfg: RootConfig, env, engine, loader: TrainLo
         meta={"clipkit_version": clipkit.__version__},
         is_main=env.is_main,
         barrier=distributed.barrier,
+        at=faults.at,
     )
 
 
@@ -207,32 +208,50 @@ def summed_data_errors(loader: TrainLoader) -> dict:
     }
 
 
-class NonFiniteGuard:
-    """Runs one update under ``train.nonfinite``: ``fail`` re-raises (the step was not applied); ``skip``
-    returns None (every rank skips the same step: the check is agreed across ranks) until more than
-    ``max_in_a_row`` consecutive skips, which stop the run."""
+class NonFinitePolicy:
+    """``train.nonfinite`` for a step whose gradient norm was not finite (nothing was applied; every rank sees
+    the same norm, so every rank is here together): ``fail`` raises; ``skip`` returns the reason, until more
+    than ``max_in_a_row`` consecutive skips, which raise."""
 
     def __init__(self, policy: str, max_in_a_row: int):
-        self.policy, self.max_in_a_row, self.in_a_row, self.last_error = policy, max_in_a_row, 0, ""
+        self.policy, self.max_in_a_row, self.in_a_row = policy, max_in_a_row, 0
 
-    def run(self, engine, step_fn, loss_fn, micro) -> tuple | None:
-        try:
-            loss, out = step_fn(engine, loss_fn, micro)
-            lr = engine.lr
-            grad_norm = engine.step()
-        except NonFiniteError as err:
-            engine.skip_step()
-            if self.policy == "fail":
-                raise
-            self.in_a_row, self.last_error = self.in_a_row + 1, str(err)
-            if self.in_a_row > self.max_in_a_row:
-                raise NonFiniteError(
-                    f"{self.in_a_row} non-finite steps in a row (train.max_nonfinite_skips={self.max_in_a_row}); "
-                    f"last: {err}"
-                ) from None
-            return None
+    def applied(self) -> None:
         self.in_a_row = 0
-        return loss, out, lr, grad_norm
+
+    def skipped(self, result: StepResult, step: int, env: distributed.DistEnv) -> str:
+        # The rare path may talk: which ranks' losses were non-finite (one tiny all-gather, on every rank).
+        finite = distributed.flags_of_all_ranks(bool(torch.isfinite(result.loss).all()), env.device)
+        if not all(finite):
+            bad = ", ".join(str(r) for r, ok in enumerate(finite) if not ok)
+            reason = f"non-finite loss at step {step} on rank {bad}; no update was applied"
+        else:
+            reason = (
+                f"non-finite gradient (norm {float(result.grad_norm)}) at step {step} on rank {env.rank} "
+                "(and every other: gradients are reduced); no update was applied"
+            )
+        if self.policy == "fail":
+            raise NonFiniteError(reason)
+        self.in_a_row += 1
+        if self.in_a_row > self.max_in_a_row:
+            raise NonFiniteError(
+                f"{self.in_a_row} non-finite steps in a row (train.max_nonfinite_skips={self.max_in_a_row}); "
+                f"last: {reason}"
+            )
+        return reason
+
+
+def read_for_log(losses: list[torch.Tensor], last: StepResult, world_size: int) -> tuple[list[float], list[float]]:
+    """The logging step's one host read: this rank's loss of every step since the last log (for the spike
+    detector), and the global-batch loss, grad norm and temperature of the last step (averaged over ranks:
+    each rank's loss covers its own rows; norm and temperature are the same everywhere)."""
+    dtype = torch.float64 if losses[-1].device.type != "mps" else torch.float32
+    shared = torch.stack([losses[-1], last.grad_norm.to(losses[-1].device), last.logit_scale]).to(dtype)
+    if world_size > 1:
+        torch.distributed.all_reduce(shared)
+        shared /= world_size
+    values = torch.cat([torch.stack(losses).to(dtype), shared]).tolist()
+    return values[: len(losses)], values[len(losses) :]
 
 
 def evaluate(cfg: RootConfig, built, env, engine, demo: Path | None) -> dict:
@@ -277,8 +296,7 @@ def _train(cfg: RootConfig, run_dir: Path, loaders: list, preemption: Preemption
     peak = peak_flops(env.device, engine.amp_dtype, cfg.logging.peak_tflops)
     loss_fn = build_loss(cfg.loss.name, cfg.loss.impl, cfg.loss.chunk_size)
     loss_fn = faults.loss_hook(loss_fn, lambda: state.step + 1)  # (inert unless CLIPKIT_FAULTS is set)
-    num_micro = cfg.train.global_batch_size // (env.world_size * micro_batch_size(cfg, env.world_size))
-    step_fn = make_step(num_micro)
+    num_micro = cfg.train.global_batch_size // (env.world_size * cfg.train.micro_batch(env.world_size))
     normalize = DeviceNormalize(built.mean, built.std).to(env.device)
     loader = build_loader(cfg, built, env, demo)
     loaders.append(loader)
@@ -311,8 +329,10 @@ def _train(cfg: RootConfig, run_dir: Path, loaders: list, preemption: Preemption
     meter, t_start, last_saved = Throughput(), time.perf_counter(), state.step if resumed else -1
     stop_signal = 0
     preemption.started()
-    guard = NonFiniteGuard(cfg.train.nonfinite, cfg.train.max_nonfinite_skips)
-    spikes, spiked = SpikeDetector(), False
+    nonfinite = NonFinitePolicy(cfg.train.nonfinite, cfg.train.max_nonfinite_skips)
+    # Agreeing on a signal is a collective and a host read: every N steps (every step when alone).
+    check_every = cfg.parallel.signal_check_every if env.world_size > 1 else 1
+    spikes, spiked, losses = SpikeDetector(), False, []  # losses: device tensors since the last log
     key_log = KeyLog(run_dir, env.rank, state.step) if cfg.train.record_keys else None
     built.model.train()
     while state.step < cfg.train.steps:
@@ -323,28 +343,33 @@ def _train(cfg: RootConfig, run_dir: Path, loaders: list, preemption: Preemption
             (normalize(b["image"].to(env.device, non_blocking=True)), b["text"].to(env.device, non_blocking=True))
             for b in batches
         ]
-        result = guard.run(engine, step_fn, loss_fn, micro)
-        if result is None:  # non-finite, train.nonfinite=skip: this batch is dropped, the step is retried
-            logger.log({"step": state.step + 1, "samples_seen": state.samples_seen, "skipped": guard.last_error})
-            logger.write(f"skipped: {guard.last_error}")
+        lr = engine.lr
+        result = train_step(engine, loss_fn, micro)
+        if not result.applied:  # non-finite norm, train.nonfinite=skip: the batch is dropped, the step retried
+            reason = nonfinite.skipped(result, state.step + 1, env)  # (raises for fail, or too many in a row)
+            logger.log({"step": state.step + 1, "samples_seen": state.samples_seen, "skipped": reason})
+            logger.write(f"skipped: {reason}")
             faults.at("skip", state.step + 1)
             stop_signal = preemption.agreed(env.device)  # a signal during a run of skips is honoured here too
             if stop_signal:
                 break
             continue
-        loss, out, lr, grad_norm = result
+        nonfinite.applied()
         if key_log:
             key_log.write(state.step + 1, batches)
-        loss_value = loss.item()
-        if spikes.update(loss_value):
-            spiked = True
-            logger.write(f"loss spike at step {state.step + 1}: {loss_value:.4f} (recent mean {spikes.mean:.4f})")
+        losses.append(result.loss)
         state.step += 1
         state.samples_seen += global_batch
         meter.add(global_batch, data_wait)
 
         if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
-            loss_value = distributed.mean_over_ranks(loss_value, env.device)  # each rank's loss covers its rows
+            own_losses, (loss_value, grad_norm, logit_scale) = read_for_log(losses, result, env.world_size)
+            first = state.step - len(losses) + 1
+            for step, value in enumerate(own_losses, first):
+                if spikes.update(value):
+                    spiked = True
+                    logger.write(f"loss spike at step {step}: {value:.4f} (recent mean {spikes.mean:.4f})")
+            losses = []
             samples_per_s, wait_pct = meter.rate()
             per_rank = samples_per_s / env.world_size
             mfu = per_rank * train_flops / peak if train_flops and peak else None
@@ -354,7 +379,7 @@ def _train(cfg: RootConfig, run_dir: Path, loaders: list, preemption: Preemption
                 "epoch": round(loader.epoch, 4),
                 "loss": loss_value,
                 "lr": lr,
-                "logit_scale": float(out["logit_scale"].detach()),
+                "logit_scale": logit_scale,
                 "grad_norm": grad_norm,
                 "samples_per_s": samples_per_s,
                 "samples_per_s_per_rank": per_rank,
@@ -379,9 +404,10 @@ def _train(cfg: RootConfig, run_dir: Path, loaders: list, preemption: Preemption
             logger.log({"step": state.step, "samples_seen": state.samples_seen, "eval": results})
             logger.write(f"eval @ step {state.step}:\n{format_table(results)}")
         faults.at("step", state.step)
-        stop_signal = preemption.agreed(env.device)  # any rank's SIGTERM/SIGUSR1 stops every rank here
-        if stop_signal:
-            break
+        if state.step % check_every == 0 or state.step == cfg.train.steps:
+            stop_signal = preemption.agreed(env.device)  # any rank's SIGTERM/SIGUSR1 stops every rank here
+            if stop_signal:
+                break
 
     if last_saved != state.step:
         save_checkpoint(run_dir, cfg, env, engine, loader, state)

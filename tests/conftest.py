@@ -32,8 +32,8 @@ def cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def small_demo(cache_dir) -> Path:
     """The small demo data set, generated through the same code path as `clipkit train`."""
-    from clipkit.config import DataConfig, DemoDataConfig
     from clipkit.data import ensure_demo
+    from clipkit.data.config import DataConfig, DemoDataConfig
 
     cfg = DataConfig(
         cache_dir=str(cache_dir),

@@ -6,7 +6,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from clipkit.config import DataConfig
+from clipkit.data.config import DataConfig
 
 
 def demo_dir(cfg: DataConfig) -> Path:

@@ -23,7 +23,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 # What to generate is part of the data config (data.demo.*); every field changes the cache key.
-from clipkit.config import DemoDataConfig as DemoSpec
+from clipkit.data.config import DemoDataConfig as DemoSpec
 
 # Bumped whenever the generator's output changes, so stale caches are never reused.
 DEMO_VERSION = 1

@@ -10,9 +10,9 @@ import torch
 from tqdm import tqdm
 
 from clipkit import distributed
-from clipkit.config import EvalConfig, EvalTask, load_eval_suite
 from clipkit.data import dir_spec
 from clipkit.eval import prompts
+from clipkit.eval.config import EvalConfig, EvalTask, load_eval_suite
 from clipkit.eval.data import match_classnames, open_source
 from clipkit.eval.zeroshot import zeroshot_classification, zeroshot_retrieval
 

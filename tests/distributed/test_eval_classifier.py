@@ -14,8 +14,8 @@ CLASSES = ["red circle", "blue star"]
 
 def _classifier():
     from clipkit import model as model_lib
-    from clipkit.config import ModelConfig
     from clipkit.eval.zeroshot import build_classifier
+    from clipkit.model import ModelConfig
 
     torch.manual_seed(0)
     built = model_lib.build(ModelConfig())

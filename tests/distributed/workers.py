@@ -76,40 +76,44 @@ CASES = [
 ]
 
 
-def _engine(model, world: int):
+def _engine(model, world: int, device: torch.device = torch.device("cpu")):
     from clipkit.config import RootConfig
-    from clipkit.parallel import DDPEngine, LocalEngine
+    from clipkit.distributed import DistEnv
+    from clipkit.engine import build_engine
 
     cfg = RootConfig()
     cfg.train.precision = "fp32"
-    return (DDPEngine if world > 1 else LocalEngine)(
-        model, cfg, torch.device("cpu"), dist.get_rank() if world > 1 else 0
-    )
+    rank = dist.get_rank() if world > 1 else 0
+    return build_engine(model.to(device), cfg, DistEnv(rank=rank, world_size=world, local_rank=rank, device=device))
 
 
 def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
-def loss_exactness(rank: int, world: int, port: int, out_path: str) -> None:
-    """Every case at this world size: clipkit's distributed step vs the single-process reference."""
+def loss_exactness(rank: int, world: int, port: int, out_path: str, device: str = "cpu") -> None:
+    """Every case at this world size: clipkit's distributed step vs the single-process reference (on ``device``:
+    gloo on CPU, NCCL on CUDA, one GPU per rank)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dev = torch.device(device, rank) if device == "cuda" else torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
     if world > 1:
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    from clipkit.accumulate import make_step
     from clipkit.loss import build_loss
+    from clipkit.step import forward_backward
 
     results = {}
     for name, loss_name, impl, chunk, K, pdrop in CASES:
         siglip = loss_name == "siglip"
-        images, text = global_batch(world * K * B)
+        images, text = (t.to(dev) for t in global_batch(world * K * B))
         rows = slice(rank * K * B, (rank + 1) * K * B)
         mine = list(zip(images[rows].split(B), text[rows].split(B), strict=True))
-        engine = _engine(micro_clip(pdrop, siglip), world)
+        engine = _engine(micro_clip(pdrop, siglip), world, dev)
         torch.manual_seed(1000 + rank)  # patch-dropout randomness differs per rank, as in training
         start_rng = torch.get_rng_state()
-        loss, _ = make_step(K)(engine, build_loss(loss_name, impl, chunk), mine)
+        loss, _ = forward_backward(engine, build_loss(loss_name, impl, chunk), mine)
         total = loss.clone()
         if world > 1:
             dist.all_reduce(total)
@@ -118,7 +122,7 @@ def loss_exactness(rank: int, world: int, port: int, out_path: str) -> None:
         # Reference: one process, the whole global batch. With patch dropout, the model's randomness must be
         # the same as each rank's no-grad pass saw, so the reference replays every rank's micro-batches in
         # turn from that rank's RNG seed and takes the plain loss on the concatenated outputs.
-        ref_model = micro_clip(pdrop, siglip)
+        ref_model = micro_clip(pdrop, siglip).to(dev)
         if pdrop:
             outs = []
             for r in range(world):
@@ -147,7 +151,7 @@ def loss_exactness(rank: int, world: int, port: int, out_path: str) -> None:
             "missing_grads": missing,
         }
     if world > 1:
-        results.update(open_clip_parity(rank, world))
+        results.update(open_clip_parity(rank, world, dev))
         dist.barrier()
     if rank == 0:
         Path(out_path).write_text(json.dumps(results))
@@ -155,7 +159,7 @@ def loss_exactness(rank: int, world: int, port: int, out_path: str) -> None:
         dist.destroy_process_group()
 
 
-def open_clip_parity(rank: int, world: int) -> dict:
+def open_clip_parity(rank: int, world: int, device: torch.device = torch.device("cpu")) -> dict:
     """clipkit's losses vs open_clip's exact modes on the same embeddings: values and embedding gradients."""
     import warnings
 
@@ -167,7 +171,8 @@ def open_clip_parity(rank: int, world: int) -> dict:
     g = torch.Generator().manual_seed(7 + rank)
     img = F.normalize(torch.randn(5, 16, generator=g, dtype=torch.float64), dim=-1)
     txt = F.normalize(torch.randn(5, 16, generator=g, dtype=torch.float64), dim=-1)
-    scale, bias = torch.tensor(12.0, dtype=torch.float64), torch.tensor(-3.0, dtype=torch.float64)
+    img, txt = img.to(device), txt.to(device)
+    scale, bias = (torch.tensor(v, dtype=torch.float64, device=device) for v in (12.0, -3.0))
     pairs = [
         (
             "open_clip ClipLoss(local_loss, gather_with_grad)",
@@ -227,3 +232,78 @@ def loader_epoch_keys(rank: int, world: int, port: int, out_path: str, shard_spe
     if rank == 0:
         Path(out_path).write_text(json.dumps(gathered))
     dist.destroy_process_group()
+
+
+READS = ("item", "tolist", "__bool__", "__float__", "__int__")
+COLLECTIVES = (
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_gather_single",
+    "reduce_scatter_tensor",
+    "broadcast",
+    "barrier",
+    "all_gather_object",
+    "broadcast_object_list",
+)
+
+
+def count_host_syncs(rank: int, world: int, port: int, out_path: str, cache_dir: str, overrides: list[str]) -> None:
+    """Runs ``clipkit.train.train`` for real on ``world`` gloo ranks while counting, between consecutive step
+    boundaries, the host reads of tensors made from clipkit's code (``item``/``tolist``/``bool``/``float``/
+    ``int``) and every ``torch.distributed`` collective. Rank 0 writes the per-step counts."""
+    import collections
+    import sys
+
+    from clipkit import faults
+    from clipkit.cli import compose
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
+    os.environ.update(CLIPKIT_CACHE=cache_dir, OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    counts: collections.Counter = collections.Counter()
+    clipkit_dir = str(Path(__file__).resolve().parents[2] / "clipkit")
+
+    def counting_read(name, original):
+        def wrapper(self, *args, **kwargs):
+            if sys._getframe(1).f_code.co_filename.startswith(clipkit_dir):
+                counts["reads"] += 1
+                counts[f"read:{Path(sys._getframe(1).f_code.co_filename).name}:{sys._getframe(1).f_lineno}"] += 1
+            return original(self, *args, **kwargs)
+
+        return wrapper
+
+    def counting_collective(name, original):
+        def wrapper(*args, **kwargs):
+            counts["collectives"] += 1
+            counts[f"collective:{name}"] += 1
+            return original(*args, **kwargs)
+
+        return wrapper
+
+    for name in READS:
+        setattr(torch.Tensor, name, counting_read(name, getattr(torch.Tensor, name)))
+    for name in COLLECTIVES:
+        if hasattr(dist, name):
+            setattr(dist, name, counting_collective(name, getattr(dist, name)))
+
+    per_step = []
+    original_at = faults.at
+
+    def at(point: str, step: int) -> None:  # the loop calls faults.at("step", N) after the update of step N
+        if point == "step":
+            per_step.append({"step": step, **counts})
+            counts.clear()
+        original_at(point, step)
+
+    faults.at = at
+    cfg, _ = compose(overrides)
+    from clipkit.train import train
+
+    run_dir = Path(out_path).parent / f"run{world}"
+    run_dir.mkdir(exist_ok=True)
+    train(cfg, run_dir)
+    if rank == 0:
+        Path(out_path).write_text(json.dumps(per_step))

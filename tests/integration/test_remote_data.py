@@ -147,7 +147,7 @@ def test_clipkit_train_on_s3_as_a_user_types_it(s3_bucket, tmp_path):
 
 def test_eval_source_over_http_equals_local(shard_dir):
     """Eval datasets stream from remote storage too: the same records, captions and images as on local disk."""
-    from clipkit.config import RetrievalConfig
+    from clipkit.eval.config import RetrievalConfig
     from clipkit.eval.data import open_source
 
     def records(spec):

@@ -122,3 +122,18 @@ def test_repeated_path_overrides_join_only_when_the_shell_expanded_them():
     assert adjacent == ["data.train='{/d/0.tar,/d/1.tar,/d/2.tar}'", "x.y=1"]
     later = path_overrides(["eval.zeroshot.dataset=", "train.steps=3", "eval.zeroshot.dataset=demo"])
     assert compose(later)[0].eval.zeroshot.dataset == "demo"
+
+
+def test_config_check_imports_neither_torch_nor_open_clip():
+    """Components own their configs, and those modules stay light: a config mistake is reported in well under a
+    second, before torch (about 2 s to import) or open_clip (about 5 s) would load."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from clipkit.cli import compose; from clipkit.config import validate; "
+        "validate(compose(['train.steps=3'])[0]); print(sorted(m for m in ('torch', 'open_clip') if m in sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]", proc.stdout

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from clipkit.config import ModelConfig, OptimConfig
-from clipkit.model import build
-from clipkit.optim import build_optimizer
+from clipkit.model import ModelConfig, build
+from clipkit.optim import OptimConfig, build_optimizer
 
 
 def _no_decay_names(model, optimizer) -> set[str]:

@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-1/2/3: the third engine, a sibling of ``LocalEngine`` / ``DDPEngine`` (``parallel=zero1|2|3``).
+"""DeepSpeed ZeRO-1/2/3 (``parallel=zero1|2|3``), a sibling of the local and DDP engines.
 
 What DeepSpeed does here: partitions optimizer state (1), gradients (2) and parameters (3) over the ranks,
 reduces gradients, clips, and steps the *client* torch AdamW (so no fused_adam op has to be compiled). What
@@ -23,17 +23,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from clipkit import checkpoint as ckpt
-from clipkit.config import RootConfig, micro_batch_size
 from clipkit.distributed import DistEnv, free_port
+from clipkit.engine.parts import MAX_LOGIT_SCALE, Forward, autocast_dtype
 from clipkit.optim import build_optimizer, build_scheduler
-from clipkit.parallel import MAX_LOGIT_SCALE, LocalEngine, autocast_dtype
+
+if TYPE_CHECKING:
+    from clipkit.config import RootConfig
 
 log = logging.getLogger("clipkit")
 TAG = "deepspeed"  # the DeepSpeed checkpoint's folder inside clipkit's checkpoint dir
@@ -42,7 +46,7 @@ TAG = "deepspeed"  # the DeepSpeed checkpoint's folder inside clipkit's checkpoi
 def deepspeed_config(cfg: RootConfig, world_size: int) -> dict:
     """The DeepSpeed JSON for ``parallel=zero1|2|3``, derived from clipkit's config alone."""
     stage = int(cfg.parallel.engine.removeprefix("zero"))
-    micro = micro_batch_size(cfg, world_size)
+    micro = cfg.train.micro_batch_size or cfg.train.global_batch_size // world_size
     bucket = cfg.parallel.bucket_size_m * 1_000_000
     zero: dict = {
         "stage": stage,
@@ -125,8 +129,14 @@ def _ensure_process_group(env: DistEnv, timeout_s: int) -> None:
         )
 
 
-class DeepSpeedEngine(LocalEngine):
-    """``deepspeed.initialize`` around the open_clip model and a client AdamW + warmup/cosine schedule."""
+class DeepSpeedEngine:
+    """``deepspeed.initialize`` around the open_clip model and a client AdamW + warmup/cosine schedule.
+
+    Non-finite gradients: DeepSpeed computes the global norm inside ``step`` and, when it is not finite, leaves
+    the parameters, the optimizer state and the client schedule untouched (stages 1-3 checked by
+    ``tests/integration/test_engines.py``); ``step`` reads that norm and reports the update as not applied, so
+    ``train.nonfinite=fail|skip`` mean what they mean on the other engines. DeepSpeed's own ``global_steps``
+    counts such steps too; clipkit counts updates itself and never reads it."""
 
     def __init__(self, model: torch.nn.Module, cfg: RootConfig, env: DistEnv):
         import deepspeed
@@ -134,10 +144,8 @@ class DeepSpeedEngine(LocalEngine):
         _ensure_process_group(env, cfg.parallel.timeout_s)
         deepspeed.init_distributed(dist_backend=dist.get_backend(), timeout=None)
         self.rank, self.device, self.model = env.rank, env.device, model
-        self.channels_last, self._compiled = False, None  # refused for ZeRO by config validation
+        # fp16, torch.compile and channels-last are refused for ZeRO by config validation; bf16 needs no scaler.
         self.amp_dtype = autocast_dtype(cfg.train.precision, env.device)
-        self.scaler = None  # fp16 is refused for ZeRO by config validation; bf16 needs no loss scaling
-        self.grad_clip_norm = cfg.optim.grad_clip_norm
         self.stage = int(cfg.parallel.engine.removeprefix("zero"))
         self.ds_config = deepspeed_config(cfg, env.world_size)
         self.scalar_names = _hold_scalars_as_vectors(model)  # before the optimizer sees the parameters
@@ -147,9 +155,10 @@ class DeepSpeedEngine(LocalEngine):
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config, dist_init_required=False
         )
         self.module.train()
+        self._forward = Forward(self.module, env.device, self.amp_dtype, channels_last=False, compile=False)
 
     def forward(self, images: torch.Tensor, text: torch.Tensor) -> dict:
-        out = super().forward(images, text)
+        out = self._forward(images, text)
         for key in ("logit_scale", "logit_bias"):
             if out.get(key) is not None:
                 out[key] = out[key].reshape(())
@@ -165,17 +174,24 @@ class DeepSpeedEngine(LocalEngine):
     def no_sync(self):
         return contextlib.nullcontext()  # unmanaged accumulation: backward never reduces; step does
 
-    def step_number(self) -> int:
-        return self.module.global_steps + 1
+    def step(self) -> tuple[torch.Tensor, bool]:
+        self.module.step()  # reduce (scatter), clip, AdamW, schedule, zero_grad; all skipped if the norm is bad
+        norm = self.module.get_global_grad_norm()
+        norm = torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32, device=self.device)
+        # The one host read: the norm and the updated temperature (the working copy; under ZeRO-3, where it is
+        # partitioned, the fp32 master gathered on the device).
+        scale = self.model.logit_scale.detach()
+        if scale.numel() == 0:
+            from deepspeed.utils import safe_get_full_fp32_param
 
-    def skip_step(self) -> None:
-        self.module.zero_grad()
-
-    def step(self) -> float:
-        self.module.step()  # reduce (scatter), clip, AdamW, schedule, zero_grad
-        grad_norm = self.module.get_global_grad_norm()
-        self._clamp_logit_scale()
-        return float(grad_norm) if grad_norm is not None else float("nan")
+            scale = safe_get_full_fp32_param(self.model.logit_scale)  # collective under ZeRO-3
+        norm_value, scale = torch.stack([norm, scale.reshape(()).float().to(self.device)]).tolist()
+        if not math.isfinite(norm_value):
+            self.module.zero_grad()
+            return norm, False
+        if not 0 <= scale <= MAX_LOGIT_SCALE:
+            self._clamp_logit_scale()
+        return norm, True
 
     def _clamp_logit_scale(self) -> None:
         """Clamps the temperature in DeepSpeed's fp32 master copy and in the module's working copy."""
@@ -183,9 +199,8 @@ class DeepSpeedEngine(LocalEngine):
 
         param = self.model.logit_scale
         master = safe_get_full_fp32_param(param)  # collective under ZeRO-3
-        if master is None or 0 <= float(master) <= MAX_LOGIT_SCALE:
-            return
-        safe_set_full_fp32_param(param, master.clamp(0, MAX_LOGIT_SCALE))
+        if master is not None:
+            safe_set_full_fp32_param(param, master.clamp(0, MAX_LOGIT_SCALE))
         with self.full_params(modifier_rank=0), torch.no_grad():
             param.clamp_(0, MAX_LOGIT_SCALE)
 
@@ -219,6 +234,3 @@ class DeepSpeedEngine(LocalEngine):
         )
         if loaded is None:
             raise ckpt.CorruptCheckpoint(f"{path / TAG}: DeepSpeed could not load its checkpoint")
-
-    def state_dict(self) -> dict:
-        raise NotImplementedError("DeepSpeed state is saved by save(); see DeepSpeedEngine.save")

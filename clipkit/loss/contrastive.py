@@ -185,11 +185,3 @@ class SigLIPLoss(torch.nn.Module):
             img_BD, all_txt_ND, logit_scale.to(dtype), logit_bias.to(dtype), rank * B, chunk
         )
         return total / B
-
-
-def build_loss(name: str, impl: str = "gathered", chunk_size: int | str = "auto") -> torch.nn.Module:
-    if name == "infonce":
-        return InfoNCELoss(impl, chunk_size)
-    if name == "siglip":
-        return SigLIPLoss(chunk_size)
-    raise ValueError(f"unknown loss {name!r}")

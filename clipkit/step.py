@@ -1,4 +1,12 @@
-"""One optimisation step's forward + backward, plain or with gradient caching.
+"""One training step: ``train_step(engine, loss_fn, micro_batches) -> StepResult``.
+
+Read top to bottom: forward (plain, or gradient-cached over K micro-batches), loss, backward, then the engine's
+update, which clips, checks that the global gradient norm is finite and applies the update only then.
+
+Host synchronisation: nothing here reads a device value; the engine's finite check is the step's one host read
+(a NaN/inf loss on any rank makes the reduced gradients, hence every rank's norm, non-finite, so no separate
+collective is needed). The loss, the norm and the temperature come back as device tensors; the loop reads them
+when it logs.
 
 Gradient caching (GradCache) lets a rank contribute K micro-batches to one global batch of negatives:
   1. forward every micro-batch without autograd and keep only the embeddings (cheap in memory);
@@ -17,10 +25,37 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (normalised images, token ids)
+LossFn = Callable[..., torch.Tensor]  # (image_features, text_features, logit_scale, logit_bias) -> scalar
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # this rank's loss over its rows (detached, on the device)
+    grad_norm: torch.Tensor  # global pre-clip gradient norm (on the device)
+    logit_scale: torch.Tensor  # the temperature the loss used (detached, on the device)
+    applied: bool  # False: the norm was not finite and nothing was applied
+
+
+def train_step(engine, loss_fn: LossFn, micro_batches: list[Batch]) -> StepResult:
+    loss, out = forward_backward(engine, loss_fn, micro_batches)
+    grad_norm, applied = engine.step()  # clip; apply only if the global norm is finite
+    return StepResult(loss, grad_norm, out["logit_scale"].detach(), applied)
+
+
+def forward_backward(engine, loss_fn: LossFn, micro_batches: list[Batch]) -> tuple[torch.Tensor, dict]:
+    """Leaves this step's gradients in the engine; returns (detached loss, the last forward's outputs)."""
+    if len(micro_batches) > 1:
+        return cached_forward_backward(engine, loss_fn, micro_batches)
+    ((images, text),) = micro_batches
+    out = engine.forward(images, text)
+    loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias"))
+    engine.backward([loss])
+    return loss.detach(), out
 
 
 def _rng_state(device: torch.device) -> tuple:
@@ -33,17 +68,7 @@ def _set_rng_state(state: tuple, device: torch.device) -> None:
         torch.cuda.set_rng_state(state[1], device)
 
 
-def plain_step(engine, loss_fn, micro_batches: list[Batch]) -> tuple[torch.Tensor, dict]:
-    """Forward, loss and backward of a single micro-batch; returns (detached loss, model outputs)."""
-    ((images, text),) = micro_batches
-    out = engine.forward(images, text)
-    loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias"))
-    engine.check_finite(loss)
-    engine.backward([loss])
-    return loss.detach(), out
-
-
-def cached_step(engine, loss_fn, micro_batches: list[Batch]) -> tuple[torch.Tensor, dict]:
+def cached_forward_backward(engine, loss_fn: LossFn, micro_batches: list[Batch]) -> tuple[torch.Tensor, dict]:
     """Gradient-cached forward/backward over K micro-batches (see the module docstring)."""
     device = micro_batches[0][0].device
     rng_states, img_parts, txt_parts = [], [], []
@@ -60,7 +85,6 @@ def cached_step(engine, loss_fn, micro_batches: list[Batch]) -> tuple[torch.Tens
     scale = out["logit_scale"].detach().requires_grad_()
     bias = out["logit_bias"].detach().requires_grad_() if out.get("logit_bias") is not None else None
     loss = loss_fn(img_all, txt_all, scale, bias)
-    engine.check_finite(loss)
     loss.backward()
     img_grads = img_all.grad.split([p.shape[0] for p in img_parts])
     txt_grads = txt_all.grad.split([p.shape[0] for p in txt_parts])
@@ -81,8 +105,3 @@ def cached_step(engine, loss_fn, micro_batches: list[Batch]) -> tuple[torch.Tens
             engine.backward(outputs, grads)
     _set_rng_state(after_state, device)
     return loss.detach(), out
-
-
-def make_step(num_micro_batches: int) -> Callable:
-    """The step function for K micro-batches per rank (chosen once, not branched on in the loop)."""
-    return plain_step if num_micro_batches == 1 else cached_step

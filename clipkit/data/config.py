@@ -1,0 +1,105 @@
+"""The data component's config: the training stream (``data.*``) and the embedded demo data (``data.demo.*``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from clipkit.errors import PATH, Choice, ConfigError, non_negative, positive, require
+
+
+class Mode(Choice):
+    epoch = "epoch"  # each sample once per epoch
+    resampled = "resampled"  # shards drawn with replacement, forever
+
+
+@dataclass
+class DemoDataConfig:
+    seed: int = 0
+    image_size: int = 40
+    num_train: int = 24000
+    num_zeroshot: int = 1800
+    num_retrieval: int = 1000
+    shard_size: int = 2000
+    num_captions: int = 4
+
+    def validate(self, prefix: str = "data.demo") -> None:
+        positive(prefix, self, "image_size", "num_train", "shard_size", "num_captions")
+        non_negative(prefix, self, "num_zeroshot", "num_retrieval")
+
+
+@dataclass
+class DataConfig:
+    # Shard spec (``/data/{00000..00099}.tar``) or ``demo`` for the embedded demo data.
+    train: str = field(default="demo", metadata=PATH)
+    mode: Mode = Mode.epoch
+    num_workers: int = 2
+    # Window of the seeded sample shuffle (samples); 0 keeps tar order.
+    shuffle_window: int = 1000
+    # Image members tried in order, separated by ``;``.
+    image_key: str = "jpg;png;webp;jpeg"
+    # ``auto``: a ``txt`` member, else the ``json`` member's ``caption`` (img2dataset), else its ``captions``;
+    # or a member (``txt``), or ``json:FIELD`` (a list gives one seeded pick per use).
+    caption_key: str = "auto"
+    # Shards whose size nothing announces (pipe:, no sizes.json / _stats.json) are read to their end; this
+    # total only sets the epoch fraction shown in logs (0 = whole epochs).
+    num_samples: int = 0
+    # Above this fraction of bad samples (undecodable, no caption, lost to a broken tar) the run stops.
+    max_bad_fraction: float = 0.1
+    # False refuses ``pipe:`` shard URLs (shell commands): set it when running configs you did not write.
+    allow_pipe: bool = True
+    # A shard of the spec that does not exist: refused up front (False), or, when True, warned about and its
+    # announced samples (sizes.json) counted as ``missing`` while the run goes on.
+    allow_missing_shards: bool = False
+    # No batch for this long (seconds) stops the run, naming the slot, shard and position it was reading; 0 = off.
+    stall_timeout_s: float = 300.0
+    # Remote shards: transient errors (connection reset, timeout, HTTP 5xx) retried per shard, with exponential
+    # backoff from retry_backoff_s; a shard that keeps failing counts its remaining samples as missing.
+    remote_retries: int = 5
+    retry_backoff_s: float = 1.0
+    crop_scale_min: float = 0.9
+    crop_scale_max: float = 1.0
+    prefetch_factor: int = 4
+    # Where the demo data is generated and cached.
+    cache_dir: str = field(default="${oc.env:CLIPKIT_CACHE,'~/.cache/clipkit'}", metadata=PATH)
+    demo: DemoDataConfig = field(default_factory=DemoDataConfig)
+
+    def validate(self, check_shards: bool, prefix: str = "data") -> None:
+        """Own fields; with ``check_shards`` (training reads ``train``) the shard spec is expanded and probed."""
+        positive(prefix, self, "prefetch_factor")
+        non_negative(prefix, self, "num_workers", "shuffle_window", "num_samples", "stall_timeout_s", "remote_retries")
+        non_negative(prefix, self, "retry_backoff_s")
+        require(
+            f"{prefix}.max_bad_fraction", self.max_bad_fraction, 0 <= self.max_bad_fraction <= 1, "must be in [0, 1]"
+        )
+        require(
+            f"{prefix}.crop_scale_min",
+            self.crop_scale_min,
+            0 < self.crop_scale_min <= self.crop_scale_max <= 1,
+            "need 0 < crop_scale_min <= crop_scale_max <= 1",
+        )
+        self.demo.validate(f"{prefix}.demo")
+        if not check_shards:
+            return
+        sources = check_shard_spec(
+            f"{prefix}.train", self.train, allow_pipe=self.allow_pipe, check_exists=not self.allow_missing_shards
+        )
+        if self.mode == Mode.epoch and any(s.weight != 1.0 for s in sources):
+            raise ConfigError(
+                f"{prefix}.train",
+                self.train,
+                "source weights (@W) need data.mode=resampled; an epoch visits every sample exactly once",
+            )
+
+
+def check_shard_spec(
+    key: str, spec: str, allow_empty: bool = False, allow_pipe: bool = True, check_exists: bool = True
+) -> list:
+    """The sources of shard spec ``spec`` (``key`` names it in the error); ``demo`` has none."""
+    if spec == "demo" or (allow_empty and spec == ""):
+        return []
+    from clipkit.data.shards import ShardSpecError, expand_spec
+
+    try:
+        return expand_spec(spec, check_exists=check_exists, allow_pipe=allow_pipe)
+    except ShardSpecError as err:
+        raise ConfigError(key, spec, str(err)) from None

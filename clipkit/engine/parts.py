@@ -1,0 +1,165 @@
+"""The parts engines are composed of: the autocast forward (with torch.compile and channels-last), the torch
+optimizer update (clip, finite check, AdamW, schedule, temperature clamp, fp16 scaling), and plain checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from clipkit import checkpoint as ckpt
+from clipkit.optim import build_optimizer, build_scheduler
+
+if TYPE_CHECKING:
+    from clipkit.config import RootConfig
+    from clipkit.distributed import DistEnv
+
+log = logging.getLogger("clipkit")
+MAX_LOGIT_SCALE = math.log(100)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``train.precision`` (None = full fp32)."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+class Forward:
+    """Calls ``module`` under autocast (and channels-last images); with ``compile``, through torch.compile, which
+    is lazy: if the first compiled call fails, training goes on in eager mode with a warning."""
+
+    def __init__(self, module: torch.nn.Module, device: torch.device, amp_dtype, channels_last: bool, compile: bool):
+        self.module, self.device, self.amp_dtype, self.channels_last = module, device, amp_dtype, channels_last
+        self.compiled = torch.compile(module) if compile else None
+        self.checked = False
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def __call__(self, images: torch.Tensor, text: torch.Tensor) -> dict:
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with self.autocast():
+            if self.compiled is None:
+                return self.module(images, text)
+            if self.checked:
+                return self.compiled(images, text)
+            try:
+                out = self.compiled(images, text)
+                self.checked = True
+                return out
+            except Exception as err:  # dynamo / inductor failures surface at the first call
+                log.warning("torch.compile failed (%s: %s); training in eager mode", type(err).__name__, err)
+                self.compiled = None
+                return self.module(images, text)
+
+
+def is_finite(norm: torch.Tensor | float | None) -> bool:
+    """The step's one host read: whether the global gradient norm is finite."""
+    return norm is not None and bool(torch.isfinite(torch.as_tensor(norm)))
+
+
+class TorchUpdate:
+    """AdamW + warmup/cosine schedule over ``model``'s parameters, with global-norm clipping, a finite check before
+    the update, the temperature clamp after it, and fp16 loss scaling when ``train.precision=fp16``."""
+
+    def __init__(self, model: torch.nn.Module, cfg: RootConfig, device: torch.device, amp_dtype):
+        self.model = model
+        self.optimizer = build_optimizer(model, cfg.optim, device)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
+        self.max_norm = cfg.optim.grad_clip_norm if cfg.optim.grad_clip_norm > 0 else float("inf")
+        self.scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+
+    def backward(self, outputs: list[torch.Tensor], grads: list[torch.Tensor] | None) -> None:
+        if self.scaler:
+            if grads is None:
+                outputs = [self.scaler.scale(o) for o in outputs]
+            else:
+                grads = [self.scaler.scale(g) for g in grads]
+        torch.autograd.backward(outputs, grads)
+
+    def step(self) -> tuple[torch.Tensor, bool]:
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm)
+        if self.scaler:  # fp16: the scaler skips inf/NaN steps itself and adapts the scale (its normal dynamics)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        elif is_finite(norm):
+            self.optimizer.step()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            return norm.detach(), False
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        return norm.detach(), True
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def state_dict(self) -> dict:
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        if self.scaler:
+            state["scaler"] = self.scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+
+    def save(self, path: Path, rank: int) -> None:
+        """Rank 0 writes the full weights and the optimizer state (the model is replicated)."""
+        if rank == 0:
+            ckpt.save_tensors(path / "model.safetensors", self.model.state_dict())
+            ckpt.save_torch(path / "engine.pt", self.state_dict())
+
+    def load(self, path: Path, device: torch.device) -> None:
+        self.model.load_state_dict(ckpt.load_tensors(path / "model.safetensors", device))
+        self.load_state_dict(ckpt.load_torch(path / "engine.pt"))
+
+
+class Replicated:
+    """The engine shape of a replicated model (one process, or DDP): the forward over ``module`` (the model or
+    its DDP wrapper), the torch update over the model's own parameters, plain checkpoints from rank 0."""
+
+    def __init__(self, model: torch.nn.Module, module: torch.nn.Module, cfg: RootConfig, env: DistEnv):
+        self.model, self.device, self.rank = model, env.device, env.rank
+        self.amp_dtype = autocast_dtype(cfg.train.precision, env.device)
+        self.forward = Forward(module, env.device, self.amp_dtype, cfg.train.channels_last, cfg.train.compile)
+        self.update = TorchUpdate(model, cfg, env.device, self.amp_dtype)
+        self.optimizer, self.scheduler = self.update.optimizer, self.update.scheduler
+
+    def backward(self, outputs: list[torch.Tensor], grads: list[torch.Tensor] | None = None) -> None:
+        self.update.backward(outputs, grads)
+
+    def no_sync(self):
+        return contextlib.nullcontext()
+
+    def step(self) -> tuple[torch.Tensor, bool]:
+        return self.update.step()
+
+    @property
+    def lr(self) -> float:
+        return self.update.lr
+
+    def full_params(self):
+        return contextlib.nullcontext()
+
+    def save(self, path: Path) -> None:
+        self.update.save(path, self.rank)
+
+    def load(self, path: Path) -> None:
+        self.update.load(path, self.device)

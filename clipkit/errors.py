@@ -1,0 +1,45 @@
+"""Errors every component may raise about its own config (a leaf module: it imports nothing from clipkit)."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A user mistake in the config: names the dotted field, the value and what is wrong."""
+
+    def __init__(self, key: str, value: Any, reason: str):
+        self.key, self.value, self.reason = key, value, reason
+        super().__init__(f"{key}={value!r}: {reason}")
+
+
+class NonFiniteError(FloatingPointError):
+    """A NaN/inf gradient norm (from a NaN/inf loss or gradient); raised on every rank, before any update."""
+
+
+class Choice(str, Enum):
+    """A config field's allowed values, declared beside the field. Members are named by their own value, so
+    Hydra/OmegaConf accept exactly the strings users type (``data.mode=resampled``) and name the allowed ones in
+    the error; a member compares equal to its string and prints as it."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+PATH = {"path": True}  # dataclass field metadata: the CLI passes this override to Hydra as a quoted string
+
+
+def require(key: str, value: Any, ok: bool, reason: str) -> None:
+    if not ok:
+        raise ConfigError(key, value, reason)
+
+
+def positive(prefix: str, obj: Any, *names: str) -> None:
+    for name in names:
+        require(f"{prefix}.{name}", getattr(obj, name), getattr(obj, name) > 0, "must be > 0")
+
+
+def non_negative(prefix: str, obj: Any, *names: str) -> None:
+    for name in names:
+        require(f"{prefix}.{name}", getattr(obj, name), getattr(obj, name) >= 0, "must be >= 0")

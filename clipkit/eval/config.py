@@ -1,0 +1,137 @@
+"""The eval component's config: zero-shot classification, retrieval, a suite file of more tasks (``eval.*``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+
+from clipkit.errors import PATH, Choice, ConfigError, non_negative, positive
+
+
+class EvalPrecision(Choice):
+    auto = "auto"  # bf16 autocast on GPU, fp32 on CPU
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+@dataclass
+class ZeroShotConfig:
+    # Shards with a ``cls`` member, an image folder (one sub-folder per class), a CSV/parquet table (image
+    # path, label), or ``demo``; empty disables.
+    dataset: str = field(default="demo", metadata=PATH)
+    # A built-in set (imagenet1k, cifar10, cifar100) or a .txt/.json/.yaml file; an image folder's default is
+    # its sub-folder names.
+    classnames: Optional[str] = field(default=None, metadata=PATH)
+    # A built-in set (openai_imagenet, simple_imagenet, cifar) or a file of templates with ``{c}``; default:
+    # the class-name set's own, else "a photo of a {c}."
+    templates: Optional[str] = field(default=None, metadata=PATH)
+    image_column: str = "image"
+    label_column: str = "label"
+
+    def validate(self, prefix: str, allow_pipe: bool) -> None:
+        from clipkit.eval import prompts
+
+        _check_dataset(prefix, self.dataset, allow_pipe)
+        for key in ("classnames", "templates"):
+            value = getattr(self, key)
+            builtin = prompts.BUILTIN_CLASSNAMES if key == "classnames" else prompts.BUILTIN_TEMPLATES
+            if value is not None and value not in builtin and not Path(value).expanduser().is_file():
+                raise ConfigError(f"{prefix}.{key}", value, f"neither a file nor a built-in set ({', '.join(builtin)})")
+        try:
+            prompts.templates(self.templates, self.classnames)
+        except ValueError as err:
+            raise ConfigError(f"{prefix}.templates", self.templates, str(err)) from None
+        folder = Path(self.dataset).expanduser()
+        is_folder = folder.is_dir() and not list(folder.glob("*.tar"))
+        if self.dataset not in ("", "demo") and not is_folder and self.classnames is None:
+            raise ConfigError(f"{prefix}.classnames", None, f"required for dataset {self.dataset!r}")
+
+
+@dataclass
+class RetrievalConfig:
+    # Shards with captions, a CSV/parquet table (image path, caption; repeated paths = several captions),
+    # a COCO captions or Karpathy-style JSON, or ``demo``; empty disables.
+    dataset: str = field(default="demo", metadata=PATH)
+    image_column: str = "image"
+    caption_column: str = "caption"
+    # JSON datasets: folder the image file names are relative to (default: the JSON's folder), and the
+    # Karpathy split to use.
+    image_root: Optional[str] = field(default=None, metadata=PATH)
+    split: str = "test"
+
+    def validate(self, prefix: str, allow_pipe: bool) -> None:
+        _check_dataset(prefix, self.dataset, allow_pipe)
+
+
+def _check_dataset(prefix: str, dataset: str, allow_pipe: bool) -> None:
+    if dataset in ("", "demo"):
+        return
+    from clipkit.data.config import check_shard_spec
+    from clipkit.data.shards import is_shard_spec  # (imports webdataset, hence torch)
+
+    if is_shard_spec(dataset):
+        check_shard_spec(f"{prefix}.dataset", dataset, allow_empty=True, allow_pipe=allow_pipe)
+    elif not Path(dataset).expanduser().exists():
+        raise ConfigError(f"{prefix}.dataset", dataset, "not found (shards, a folder, a table or a JSON file)")
+
+
+@dataclass
+class EvalConfig:
+    # Evaluate every N steps during training (0 = only at the end).
+    every: int = 0
+    batch_size: int = 256
+    num_workers: int = 1
+    precision: EvalPrecision = EvalPrecision.auto
+    zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    # A YAML file listing more tasks: [{name, task: zeroshot|retrieval, dataset, ...}], run in one call.
+    suite: Optional[str] = field(default=None, metadata=PATH)
+    # JSON output of ``clipkit eval`` (default: eval.json in the run dir).
+    output: Optional[str] = field(default=None, metadata=PATH)
+
+    def validate(self, check_sources: bool, allow_pipe: bool = True, prefix: str = "eval") -> None:
+        """Own fields; with ``check_sources`` (train, eval) every dataset, class-name and template source."""
+        positive(prefix, self, "batch_size")
+        non_negative(prefix, self, "every", "num_workers")
+        if not check_sources:
+            return
+        self.zeroshot.validate(f"{prefix}.zeroshot", allow_pipe)
+        self.retrieval.validate(f"{prefix}.retrieval", allow_pipe)
+        if self.suite is None:
+            return
+        if not Path(self.suite).expanduser().is_file():
+            raise ConfigError(f"{prefix}.suite", self.suite, "file not found")
+        try:
+            tasks = load_eval_suite(self.suite)
+        except Exception as err:  # OmegaConf names the unknown or mistyped field
+            raise ConfigError(f"{prefix}.suite", self.suite, str(err).splitlines()[0]) from None
+        for task in tasks:
+            task.cfg.validate(f"{prefix}.suite[{task.name}]", allow_pipe)
+
+
+@dataclass
+class EvalTask:
+    name: str
+    kind: str  # "zeroshot" | "retrieval"
+    cfg: Any  # ZeroShotConfig | RetrievalConfig
+
+
+def load_eval_suite(path: str | Path) -> list[EvalTask]:
+    """An ``eval.suite`` YAML file: a list of {name, task: zeroshot|retrieval, dataset, ...that task's fields}.
+    Unknown fields fail with their name (merged into the typed configs)."""
+    entries = OmegaConf.load(Path(path).expanduser())
+    if not OmegaConf.is_list(entries):
+        raise ValueError(f"{path}: expected a list of tasks")
+    tasks = []
+    for i, entry in enumerate(entries):
+        entry = OmegaConf.to_container(entry)
+        name, kind = entry.pop("name", None), entry.pop("task", None)
+        if kind not in ("zeroshot", "retrieval"):
+            raise ValueError(f"{path}: task {i} needs task: zeroshot or retrieval (got {kind!r})")
+        schema = ZeroShotConfig if kind == "zeroshot" else RetrievalConfig
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), entry))
+        tasks.append(EvalTask(name or f"{kind}_{i}", kind, cfg))
+    return tasks

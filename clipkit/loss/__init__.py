@@ -1,0 +1,58 @@
+"""The loss component: its config (``loss.*``) and ``build_loss``; the losses themselves are in ``contrastive.py``
+(imported on first use, so that validating a config does not import torch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from clipkit.errors import Choice, ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["InfoNCEImpl", "InfoNCELoss", "LossConfig", "LossName", "SigLIPLoss", "build_loss"]
+
+
+class LossName(Choice):
+    infonce = "infonce"  # softmax, CLIP
+    siglip = "siglip"  # sigmoid; needs model.init_logit_bias (see conf/loss/siglip.yaml)
+
+
+class InfoNCEImpl(Choice):
+    gathered = "gathered"  # B x N logits
+    tiled = "tiled"  # blockwise, memory O(B x chunk)
+
+
+@dataclass
+class LossConfig:
+    name: LossName = LossName.infonce
+    # InfoNCE only: how the logits are computed.
+    impl: InfoNCEImpl = InfoNCEImpl.gathered
+    # Columns per block for tiled InfoNCE and SigLIP: ``auto`` or a positive integer.
+    chunk_size: str = "auto"
+
+    def validate(self, prefix: str = "loss") -> None:
+        chunk = self.chunk_size
+        if chunk != "auto" and not (chunk.isdigit() and int(chunk) > 0):
+            raise ConfigError(f"{prefix}.chunk_size", chunk, "must be 'auto' or a positive integer")
+        if self.name == LossName.siglip and self.impl != InfoNCEImpl.gathered:
+            raise ConfigError(f"{prefix}.impl", self.impl.value, "applies to InfoNCE only; SigLIP is always blockwise")
+
+
+def build_loss(name: str, impl: str = "gathered", chunk_size: int | str = "auto") -> torch.nn.Module:
+    from clipkit.loss.contrastive import InfoNCELoss, SigLIPLoss
+
+    if name == "infonce":
+        return InfoNCELoss(impl, chunk_size)
+    if name == "siglip":
+        return SigLIPLoss(chunk_size)
+    raise ValueError(f"unknown loss {name!r}")
+
+
+def __getattr__(name: str):
+    if name in ("InfoNCELoss", "SigLIPLoss"):
+        from clipkit.loss import contrastive
+
+        return getattr(contrastive, name)
+    raise AttributeError(f"module 'clipkit.loss' has no attribute {name!r}")
