@@ -18,7 +18,9 @@ import logging
 import os
 import re
 import shutil
+import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
@@ -49,20 +51,26 @@ def _sha256(path: Path) -> str:
 def save(
     root: Path,
     step: int,
-    write: Callable[[Path], None],
+    write: Callable[[Path], Future | None],
     keep_last: int = 0,
     meta: dict | None = None,
     *,
     is_main: bool = True,
     barrier: Callable[[], None] = lambda: None,
     at: Callable[[str, int], None] = lambda point, step: None,
-) -> Path:
+) -> Path | PendingSave:
     """Writes checkpoint ``step`` under ``root``; returns its dir. Called by every rank of a job.
 
     The main rank creates the temporary dir; every rank runs ``write(tmp_dir)`` (sharded engines write their
     own shards; the shared dir must be on a file system all ranks see); then the main rank adds the manifest
     (every file, subfolders included), renames the dir into place and prunes to ``keep_last``. ``at(point,
     step)`` is called at the named points of the save (the reliability suite's fault injection hooks in there).
+
+    Asynchronous saves: when ``write`` returns a future (the engine's shards are still being written in the
+    background, after a synchronous copy of the state), ``save`` returns a ``PendingSave`` at once; the main rank
+    publishes (manifest, rename, prune) from a background thread when the future completes, which for torch
+    DCP's ``async_save`` on the main (coordinator) rank means every rank's shards and the metadata are written.
+    Until then the checkpoint is an unpublished temporary dir that ``find_latest`` never loads.
     """
     root = Path(root)
     final = step_dir(root, step)
@@ -72,36 +80,68 @@ def save(
         tmp.mkdir(parents=True)
         at("save_start", step)
     barrier()
-    write(tmp)
+    background = write(tmp)
+    if background is not None:
+        publish = (lambda: _publish(root, tmp, final, step, keep_last, meta, at)) if is_main else None
+        return PendingSave(final, background, publish)
     barrier()
     if is_main:
-        at("save_written", step)
-        files = {
-            p.relative_to(tmp).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
-            for p in sorted(tmp.rglob("*"))
-            if p.is_file()
-        }
-        _fsync_tree(tmp)  # every file and folder on disk before the manifest can vouch for them
-        manifest = {"step": step, "files": files, **(meta or {})}
-        with open(tmp / MANIFEST, "w") as f:
-            json.dump(manifest, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        at("save_manifest", step)
-        aside = root / f".old_{final.name}"
-        if final.exists():  # re-saving a step (e.g. after a resume): move it aside, never delete it first
-            shutil.rmtree(aside, ignore_errors=True)
-            os.replace(final, aside)
-        os.replace(tmp, final)  # the publish: atomic, then made durable
-        _fsync_dir(root)
-        shutil.rmtree(aside, ignore_errors=True)
-        at("save_done", step)
-        if keep_last > 0:
-            for old in list_steps(root)[:-keep_last]:
-                shutil.rmtree(step_dir(root, old), ignore_errors=True)
+        _publish(root, tmp, final, step, keep_last, meta, at)
     barrier()
     return final
+
+
+class PendingSave:
+    """An asynchronous save in flight: ``wait()`` blocks until its files are written and (main rank) published,
+    re-raising any error of the background write."""
+
+    def __init__(self, path: Path, background: Future, publish: Callable[[], None] | None):
+        self.path, self.background, self.error = path, background, None
+        self.thread = threading.Thread(target=self._finish, args=(publish,), name="clipkit-ckpt", daemon=True)
+        self.thread.start()
+
+    def _finish(self, publish: Callable[[], None] | None) -> None:
+        try:
+            self.background.result()
+            if publish is not None:
+                publish()
+        except BaseException as err:  # re-raised in the training loop by wait()
+            self.error = err
+
+    def wait(self) -> Path:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.path
+
+
+def _publish(root: Path, tmp: Path, final: Path, step: int, keep_last: int, meta: dict | None, at) -> None:
+    """Main rank: manifest written last and fsynced, then the atomic, durable rename; then pruning."""
+    at("save_written", step)
+    files = {
+        p.relative_to(tmp).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(tmp.rglob("*"))
+        if p.is_file()
+    }
+    _fsync_tree(tmp)  # every file and folder on disk before the manifest can vouch for them
+    manifest = {"step": step, "files": files, **(meta or {})}
+    with open(tmp / MANIFEST, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    at("save_manifest", step)
+    aside = root / f".old_{final.name}"
+    if final.exists():  # re-saving a step (e.g. after a resume): move it aside, never delete it first
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(final, aside)
+    os.replace(tmp, final)  # the publish: atomic, then made durable
+    _fsync_dir(root)
+    shutil.rmtree(aside, ignore_errors=True)
+    at("save_done", step)
+    if keep_last > 0:
+        for old in list_steps(root)[:-keep_last]:
+            shutil.rmtree(step_dir(root, old), ignore_errors=True)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -101,6 +101,8 @@ class TrainConfig:
     compile: bool = False
     # Channels-last memory format for images and the patch-embedding conv (can help convolutional stems on GPU).
     channels_last: bool = False
+    # Checkpoints written in the background (parallel=fsdp): the step loop waits only for the copy of the state.
+    async_checkpoint: bool = False
     # ``auto`` resumes from the newest complete checkpoint in the run dir; ``never`` starts fresh.
     resume: Resume = Resume.auto
 
@@ -207,12 +209,14 @@ def validate(cfg: RootConfig, verb: str = "train", world_size: Optional[int] = N
 
 
 def _validate_engine_support(cfg: RootConfig, world_size: int) -> None:
-    """What a DeepSpeed engine does not support of the training config."""
+    """What the sharded engines (DeepSpeed ZeRO, FSDP) do not support of the training config."""
     engine = cfg.parallel.engine
-    if not cfg.parallel.is_deepspeed:
+    if cfg.train.async_checkpoint and engine != EngineName.fsdp:
+        raise ConfigError("train.async_checkpoint", True, f"needs parallel=fsdp (torch DCP), not {engine}")
+    if engine == EngineName.ddp:
         return
     if cfg.train.precision == Precision.fp16:
-        raise ConfigError("train.precision", "fp16", "ZeRO engines run bf16 or fp32 (no fp16 loss scaler)")
+        raise ConfigError("train.precision", "fp16", f"parallel={engine} runs bf16 or fp32 (no fp16 loss scaler)")
     if cfg.train.compile or cfg.train.channels_last:
         key = "train.compile" if cfg.train.compile else "train.channels_last"
         raise ConfigError(key, True, f"supported with parallel=ddp only, not {engine}")

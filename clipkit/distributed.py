@@ -72,6 +72,22 @@ def init(device: str = "auto", timeout_s: int = 600) -> DistEnv:
     return DistEnv(rank, world, local_rank, dev)
 
 
+def ensure_process_group(env: DistEnv, timeout_s: int) -> None:
+    """A process group and the torchrun variables also for a single process (DeepSpeed and FSDP need one)."""
+    defaults = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(free_port())
+    if not dist.is_initialized():
+        dist.init_process_group(
+            "nccl" if env.device.type == "cuda" else "gloo",
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port free on ``host`` right now (for a single-node rendezvous)."""
     with socket.socket() as s:

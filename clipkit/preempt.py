@@ -1,8 +1,9 @@
-"""Preemption: SIGTERM / SIGUSR1 on any rank -> every rank checkpoints at the next step boundary, exits 0.
+"""Preemption: SIGTERM / SIGUSR1 on any rank -> every rank checkpoints at the next agreement, exits 0.
 
 The handler only records the signal (nothing unsafe runs inside it), so a signal during a step, an eval or a
-checkpoint save lets that finish. At each step boundary the ranks agree with one tiny all-reduce (MAX): one
-rank's signal stops them all at the same step, so the checkpoint is complete and consistent. Loader workers
+checkpoint save lets that finish. Every ``parallel.signal_check_every`` steps (every step in a single process)
+the ranks agree with one tiny all-reduce (MAX): one rank's signal stops them all at the same step, so the
+checkpoint is complete and consistent. Loader workers
 ignore these signals (a cluster signals every process of the job) and are shut down by their parent.
 
 Under SLURM, ``#SBATCH --signal=B:USR1@120`` (or ``srun --signal=USR1@120``) warns before the time limit;

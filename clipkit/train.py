@@ -18,8 +18,8 @@ from clipkit import checkpoint as ckpt
 from clipkit import distributed, faults
 from clipkit import model as model_lib
 from clipkit.config import RootConfig
-from clipkit.data import ensure_demo, train_spec
-from clipkit.data.loader import SampleDecoder, TrainLoader, resolve_shards, worker_context
+from clipkit.data import ensure_demo, train_spec, worker_context
+from clipkit.data.loader import SampleDecoder, TrainLoader, resolve_shards
 from clipkit.data.transforms import DeviceNormalize
 from clipkit.engine import NonFiniteError, build_engine
 from clipkit.eval.runner import format_table, run_evals
@@ -53,6 +53,8 @@ RESUME_MUTABLE = (
     "out",
     "parallel.timeout_s",
     "parallel.requeue",
+    "parallel.signal_check_every",
+    "train.async_checkpoint",
     "bench",
     # How the data is read, not which samples in which order per layout (a new layout is re-planned exactly):
     "data.num_workers",
@@ -106,16 +108,19 @@ def build_loader(cfg: RootConfig, built: model_lib.Built, env: distributed.DistE
     )
 
 
-def save_checkpoint(run_dir: Path, cfg: RootConfig, env, engine, loader: TrainLoader, state: TrainState) -> Path:
+def save_checkpoint(
+    run_dir: Path, cfg: RootConfig, env, engine, loader: TrainLoader, state: TrainState
+) -> Path | ckpt.PendingSave:
     """A collective: every rank contributes its data position and RNG (and, for sharded engines, its shards);
-    rank 0 writes the shared files."""
+    rank 0 writes the shared files. With ``train.async_checkpoint`` the engine's files are written in the
+    background and a ``PendingSave`` comes back."""
     data_states = distributed.all_gather_object(loader.state_dict())
     rng_states = distributed.all_gather_object(
         {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if env.device.type == "cuda" else None}
     )
 
-    def write(tmp: Path) -> None:
-        engine.save(tmp)
+    def write(tmp: Path):
+        background = engine.save(tmp, background=cfg.train.async_checkpoint)
         if env.is_main:
             ckpt.save_torch(tmp / "rng.pt", rng_states)
             ckpt.save_json(
@@ -128,6 +133,7 @@ def save_checkpoint(run_dir: Path, cfg: RootConfig, env, engine, loader: TrainLo
                 },
             )
             (tmp / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        return background
 
     return ckpt.save(
         run_dir / "checkpoints",
@@ -172,10 +178,11 @@ def resume(run_dir: Path, cfg: RootConfig, env, engine, loader: TrainLoader, sta
     same_layout = trainer["world_size"] == env.world_size and trainer["data"][0]["num_workers"] == max(
         1, cfg.data.num_workers
     )
-    if trainer["world_size"] != env.world_size and cfg.parallel.engine != "ddp":
+    if trainer["world_size"] != env.world_size and cfg.parallel.is_deepspeed:
         raise ResumeError(
             f"checkpoint {path} was written by {trainer['world_size']} ranks, this run has {env.world_size}: "
-            f"DeepSpeed's partitioned state ({cfg.parallel.engine}) resumes on the same world size only"
+            f"DeepSpeed's partitioned state ({cfg.parallel.engine}) resumes on the same world size only "
+            "(parallel=ddp and parallel=fsdp reshard)"
         )
     engine.load(path)
     if same_layout:
@@ -254,6 +261,30 @@ def read_for_log(losses: list[torch.Tensor], last: StepResult, world_size: int) 
     return values[: len(losses)], values[len(losses) :]
 
 
+class Checkpoints:
+    """The loop's checkpoint saves: one at a time (an asynchronous save is waited for before the next, and at the
+    end), with the seconds the step loop was held up by them since the last log."""
+
+    def __init__(self, save):
+        self.save_fn, self.pending, self.blocked_s = save, None, 0.0
+
+    def save(self) -> None:
+        t0 = time.perf_counter()
+        self.wait()
+        out = self.save_fn()
+        self.pending = out if isinstance(out, ckpt.PendingSave) else None
+        self.blocked_s += time.perf_counter() - t0
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.wait()
+
+    def take_blocked_s(self) -> float:
+        blocked, self.blocked_s = self.blocked_s, 0.0
+        return blocked
+
+
 def evaluate(cfg: RootConfig, built, env, engine, demo: Path | None) -> dict:
     """Every rank embeds its share of each eval set; rank 0 gets the metrics (the others an empty dict)."""
     with engine.full_params():
@@ -327,6 +358,7 @@ def _train(cfg: RootConfig, run_dir: Path, loaders: list, preemption: Preemption
     )
 
     meter, t_start, last_saved = Throughput(), time.perf_counter(), state.step if resumed else -1
+    checkpoints = Checkpoints(lambda: save_checkpoint(run_dir, cfg, env, engine, loader, state))
     stop_signal = 0
     preemption.started()
     nonfinite = NonFinitePolicy(cfg.train.nonfinite, cfg.train.max_nonfinite_skips)
@@ -389,6 +421,7 @@ def _train(cfg: RootConfig, run_dir: Path, loaders: list, preemption: Preemption
                 "data_errors": dict(loader.errors),  # this rank's (rank 0); summary.json sums all ranks
                 "data_retries": loader.retried,  # transient remote read errors retried (rank 0)
                 "loss_spike": spiked,  # (rank 0's own rows; a warning, never an action)
+                "checkpoint_s": checkpoints.take_blocked_s(),  # the step loop held up by saves since the last log
             }
             spiked = False
             logger.log(record)
@@ -396,7 +429,7 @@ def _train(cfg: RootConfig, run_dir: Path, loaders: list, preemption: Preemption
             shown.update({"mfu": f"{100 * mfu:.1f}%"} if mfu is not None else {}, wait=f"{wait_pct:.0f}%")
             logger.progress(state.step, shown)
         if state.step % cfg.train.checkpoint_every == 0:
-            save_checkpoint(run_dir, cfg, env, engine, loader, state)
+            checkpoints.save()
             last_saved = state.step
         if cfg.eval.every and state.step % cfg.eval.every == 0 and state.step < cfg.train.steps:
             faults.at("eval", state.step)
@@ -410,7 +443,8 @@ def _train(cfg: RootConfig, run_dir: Path, loaders: list, preemption: Preemption
                 break
 
     if last_saved != state.step:
-        save_checkpoint(run_dir, cfg, env, engine, loader, state)
+        checkpoints.save()
+    checkpoints.wait()  # (an asynchronous save published before anything else happens)
     preemption.close()
     if stop_signal:
         name = signal.Signals(stop_signal).name

@@ -43,3 +43,22 @@ def dir_spec(directory: Path) -> str:
 
 def train_spec(cfg: DataConfig, demo: Path | None) -> str:
     return dir_spec(demo / "train") if cfg.train == "demo" else cfg.train
+
+
+def worker_context(start: bool = False):
+    """Loader workers start from a fork server: forking the training process itself, whose loader threads and
+    queue feeders may hold a lock at that moment, can leave a child stuck right after fork. ``start``: launch
+    the server now: it imports torch and open_clip once, in the background, while the caller does the same (the
+    CLI starts it before its own heavy imports, so both run at once on two cores). Light: no torch imported
+    here."""
+    import multiprocessing as mp
+
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "open_clip", "clipkit.data.loader", "clipkit.eval.data"])
+    if start:
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+    return ctx

@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import multiprocessing as mp
 import os
 import random
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clipkit import preempt
-from clipkit.data import transforms
+from clipkit.data import transforms, worker_context
 from clipkit.data.shards import expand_spec, local_path, remote, shard_sizes
 from clipkit.data.stream import MISSING, UNKNOWN, Reader, ShardTable, StreamPlan, iter_slot
 
@@ -221,21 +220,6 @@ class WorkerGuard:
                 f"{self.bad} of {self.seen} samples read by one loader worker were bad ({dict(self.kinds)}), above "
                 f"data.max_bad_fraction={self.max_bad_fraction}; worst shards: {worst}"
             )
-
-
-def worker_context(start: bool = False):
-    """Loader workers start from a fork server: forking the training process itself, whose loader threads and
-    queue feeders may hold a lock at that moment, can leave a child stuck right after fork. ``start``: launch
-    the server now (it imports torch once, in the background, while the caller builds the model)."""
-    if "forkserver" not in mp.get_all_start_methods():
-        return mp.get_context("spawn")
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "open_clip", "clipkit.data.loader", "clipkit.eval.data"])
-    if start:
-        from multiprocessing import forkserver
-
-        forkserver.ensure_running()
-    return ctx
 
 
 def stop_workers(it, kill: bool = False) -> None:

@@ -9,6 +9,7 @@ strategies are siblings behind it (``local.py``, ``ddp.py``, ``zero.py``), each 
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ class EngineName(Choice):
     zero1 = "zero1"  # DeepSpeed ZeRO: optimizer state partitioned,
     zero2 = "zero2"  # ... and gradients,
     zero3 = "zero3"  # ... and parameters
+    fsdp = "fsdp"  # torch FSDP2: parameters, gradients and optimizer state sharded per transformer block
 
 
 @dataclass
@@ -40,10 +42,13 @@ class ParallelConfig:
     # Ranks agree on a received SIGTERM/SIGUSR1 (a collective and a host read) every N steps; a stop then comes
     # within N steps. A single process checks every step (it costs nothing there).
     signal_check_every: int = 10
-    # DeepSpeed only (the JSON is generated from these and from train/optim; there is no second file):
-    # keep optimizer state (and, for zero3, parameters) in CPU memory.
+    # DeepSpeed (the JSON is generated from these and from train/optim; there is no second file) and FSDP: keep
+    # optimizer state (zero3: and parameters; fsdp: parameters, gradients and optimizer state) in CPU memory.
     offload_optimizer: bool = False
     offload_params: bool = False
+    # FSDP only: free each block's gathered parameters after its forward (all-gather again in backward); false
+    # keeps them, trading memory for one all-gather less per block.
+    reshard_after_forward: bool = True
     # Overlap gradient reduction with backward (DeepSpeed supports it with clipkit's accumulation on zero2 only).
     overlap_comm: bool = True
     # Gradient reduce / parameter all-gather bucket size, in millions of elements.
@@ -53,17 +58,17 @@ class ParallelConfig:
 
     @property
     def is_deepspeed(self) -> bool:
-        return self.engine != EngineName.ddp
+        return self.engine in (EngineName.zero1, EngineName.zero2, EngineName.zero3)
 
     def validate(self, prefix: str = "parallel") -> None:
         """Own fields; what the engine supports of the training config is checked in ``clipkit.config``."""
         from clipkit.errors import ConfigError
 
         positive(prefix, self, "timeout_s", "signal_check_every", "bucket_size_m")
-        if not self.is_deepspeed:
+        if self.engine == EngineName.ddp:
             for key in ("offload_optimizer", "offload_params"):
                 if getattr(self, key):
-                    raise ConfigError(f"{prefix}.{key}", True, "offload needs a DeepSpeed engine (parallel=zero1|2|3)")
+                    raise ConfigError(f"{prefix}.{key}", True, "offload needs parallel=zero1|2|3 or fsdp")
         elif self.offload_params and self.engine != EngineName.zero3:
             raise ConfigError(
                 f"{prefix}.offload_params", True, f"parameter offload needs parallel=zero3, not {self.engine}"
@@ -96,8 +101,10 @@ class Engine(Protocol):
     def full_params(self) -> AbstractContextManager:
         """A context in which ``model`` holds all of its weights (eval, export); trivial when unsharded."""
 
-    def save(self, path: Path) -> None:
-        """Writes model and engine state into checkpoint dir ``path`` (collective: every rank calls it)."""
+    def save(self, path: Path, background: bool = False) -> Future | None:
+        """Writes model and engine state into checkpoint dir ``path`` (collective: every rank calls it). With
+        ``background`` (``train.async_checkpoint``, FSDP only) it may return a future that completes when the
+        files are written; the state was copied before it returns."""
 
     def load(self, path: Path) -> None:
         """Restores what ``save`` wrote (the checkpoint was verified before)."""
@@ -109,6 +116,10 @@ def build_engine(model: torch.nn.Module, cfg: RootConfig, env: DistEnv) -> Engin
         from clipkit.engine.zero import DeepSpeedEngine
 
         return DeepSpeedEngine(model, cfg, env)
+    if cfg.parallel.engine == EngineName.fsdp:
+        from clipkit.engine.fsdp import FSDPEngine
+
+        return FSDPEngine(model, cfg, env)
     if env.world_size > 1:
         from clipkit.engine.ddp import DDPEngine
 

@@ -29,6 +29,38 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def hold_scalars_as_vectors(model: torch.nn.Module, hooks: bool = True) -> list[str]:
+    """Re-registers the model's 0-d parameters (``logit_scale``, ``logit_bias``) as 1-element vectors.
+
+    DeepSpeed 0.19 cannot broadcast (``view(uint8)``) or partition 0-d tensors, and FSDP2 shards along dim 0.
+    Inside the engine they are shape [1]; with ``hooks``, ``state_dict()`` / ``load_state_dict()`` keep
+    open_clip's 0-d shapes for checkpoints and exports (without, the engine reshapes its consolidated weights
+    itself); the engines' ``forward`` hands the loss 0-d views.
+    """
+    names = []
+    for name, param in list(model.named_parameters()):
+        if param.dim() == 0:
+            owner_name, _, attr = name.rpartition(".")
+            owner = model.get_submodule(owner_name) if owner_name else model
+            setattr(owner, attr, torch.nn.Parameter(param.detach().reshape(1), requires_grad=param.requires_grad))
+            names.append(name)
+
+    def to_scalars(module, state, prefix, local_metadata):
+        for name in names:
+            if prefix + name in state and state[prefix + name].numel() == 1:  # (ZeRO-3 partitions are empty)
+                state[prefix + name] = state[prefix + name].reshape(())
+
+    def to_vectors(module, state, prefix, *args):
+        for name in names:
+            if prefix + name in state and state[prefix + name].dim() == 0:
+                state[prefix + name] = state[prefix + name].reshape(1)
+
+    if hooks:
+        model.register_state_dict_post_hook(to_scalars)
+        model.register_load_state_dict_pre_hook(to_vectors)
+    return names
+
+
 class Forward:
     """Calls ``module`` under autocast (and channels-last images); with ``compile``, through torch.compile, which
     is lazy: if the first compiled call fails, training goes on in eager mode with a warning."""
@@ -158,8 +190,8 @@ class Replicated:
     def full_params(self):
         return contextlib.nullcontext()
 
-    def save(self, path: Path) -> None:
-        self.update.save(path, self.rank)
+    def save(self, path: Path, background: bool = False) -> None:
+        self.update.save(path, self.rank)  # synchronous (train.async_checkpoint is refused for this engine)
 
     def load(self, path: Path) -> None:
         self.update.load(path, self.device)

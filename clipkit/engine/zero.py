@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-1/2/3 (``parallel=zero1|2|3``), a sibling of the local and DDP engines.
+"""DeepSpeed ZeRO-1/2/3 (``parallel=zero1|2|3``), a sibling of the local, DDP and FSDP engines.
 
 What DeepSpeed does here: partitions optimizer state (1), gradients (2) and parameters (3) over the ranks,
 reduces gradients, clips, and steps the *client* torch AdamW (so no fused_adam op has to be compiled). What
@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,8 +31,8 @@ import torch
 import torch.distributed as dist
 
 from clipkit import checkpoint as ckpt
-from clipkit.distributed import DistEnv, free_port
-from clipkit.engine.parts import MAX_LOGIT_SCALE, Forward, autocast_dtype
+from clipkit.distributed import DistEnv, ensure_process_group
+from clipkit.engine.parts import MAX_LOGIT_SCALE, Forward, autocast_dtype, hold_scalars_as_vectors
 from clipkit.optim import build_optimizer, build_scheduler
 
 if TYPE_CHECKING:
@@ -81,54 +80,6 @@ def deepspeed_config(cfg: RootConfig, world_size: int) -> dict:
     }
 
 
-def _hold_scalars_as_vectors(model: torch.nn.Module) -> list[str]:
-    """Re-registers the model's 0-d parameters (``logit_scale``, ``logit_bias``) as 1-element vectors.
-
-    DeepSpeed 0.19 cannot broadcast (``view(uint8)``) or partition 0-d tensors. Inside the engine they are
-    shape [1]; ``state_dict()`` / ``load_state_dict()`` (hooks) keep open_clip's 0-d shapes for checkpoints
-    and exports, and ``forward`` hands the loss 0-d views.
-    """
-    names = []
-    for name, param in list(model.named_parameters()):
-        if param.dim() == 0:
-            owner_name, _, attr = name.rpartition(".")
-            owner = model.get_submodule(owner_name) if owner_name else model
-            setattr(owner, attr, torch.nn.Parameter(param.detach().reshape(1), requires_grad=param.requires_grad))
-            names.append(name)
-
-    def to_scalars(module, state, prefix, local_metadata):
-        for name in names:
-            if prefix + name in state and state[prefix + name].numel() == 1:  # (ZeRO-3 partitions are empty)
-                state[prefix + name] = state[prefix + name].reshape(())
-
-    def to_vectors(module, state, prefix, *args):
-        for name in names:
-            if prefix + name in state and state[prefix + name].dim() == 0:
-                state[prefix + name] = state[prefix + name].reshape(1)
-
-    model.register_state_dict_post_hook(to_scalars)
-    model.register_load_state_dict_pre_hook(to_vectors)
-    return names
-
-
-def _ensure_process_group(env: DistEnv, timeout_s: int) -> None:
-    """DeepSpeed always needs a process group and the torchrun variables, also for a single process."""
-    import datetime
-
-    defaults = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
-    for key, value in defaults.items():
-        os.environ.setdefault(key, value)
-    if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(free_port())
-    if not dist.is_initialized():
-        dist.init_process_group(
-            "nccl" if env.device.type == "cuda" else "gloo",
-            rank=env.rank,
-            world_size=env.world_size,
-            timeout=datetime.timedelta(seconds=timeout_s),
-        )
-
-
 class DeepSpeedEngine:
     """``deepspeed.initialize`` around the open_clip model and a client AdamW + warmup/cosine schedule.
 
@@ -141,14 +92,14 @@ class DeepSpeedEngine:
     def __init__(self, model: torch.nn.Module, cfg: RootConfig, env: DistEnv):
         import deepspeed
 
-        _ensure_process_group(env, cfg.parallel.timeout_s)
+        ensure_process_group(env, cfg.parallel.timeout_s)
         deepspeed.init_distributed(dist_backend=dist.get_backend(), timeout=None)
         self.rank, self.device, self.model = env.rank, env.device, model
         # fp16, torch.compile and channels-last are refused for ZeRO by config validation; bf16 needs no scaler.
         self.amp_dtype = autocast_dtype(cfg.train.precision, env.device)
         self.stage = int(cfg.parallel.engine.removeprefix("zero"))
         self.ds_config = deepspeed_config(cfg, env.world_size)
-        self.scalar_names = _hold_scalars_as_vectors(model)  # before the optimizer sees the parameters
+        self.scalar_names = hold_scalars_as_vectors(model)  # before the optimizer sees the parameters
         optimizer = build_optimizer(model, cfg.optim, env.device)
         scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
         self.module, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -215,8 +166,9 @@ class DeepSpeedEngine:
 
         return deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=modifier_rank)
 
-    def save(self, path: Path) -> None:
-        """DeepSpeed's shards (every rank) under ``deepspeed/``; rank 0 adds the full fp32 weights."""
+    def save(self, path: Path, background: bool = False) -> None:
+        """DeepSpeed's shards (every rank) under ``deepspeed/``; rank 0 adds the full fp32 weights. Synchronous
+        (``train.async_checkpoint`` is refused for ZeRO)."""
         self.module.save_checkpoint(str(path), tag=TAG, save_latest=False)
         if self.stage == 3:
             weights = self.module._zero3_consolidated_16bit_state_dict()  # collective; fp32 here (no half mode)

@@ -277,7 +277,8 @@ def collate(items: list[dict]) -> dict:
 
 def loader(source: Source, transform, rank: int, world_size: int, batch_size: int, num_workers: int) -> DataLoader:
     """Workers from the fork server and dying with their parent, as the training loader's (see worker_context)."""
-    from clipkit.data.loader import worker_context, worker_init
+    from clipkit.data import worker_context
+    from clipkit.data.loader import worker_init
 
     extra = dict(multiprocessing_context=worker_context(), worker_init_fn=worker_init) if num_workers else {}
     return DataLoader(

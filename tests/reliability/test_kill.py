@@ -67,3 +67,20 @@ def test_kill_during_save(small_demo, tmp_path):
             fails.append(f"{point}: {why}; {started!r} in stderr: {started in resumed.stderr}")
     record("kill during checkpoint save", len(POINTS), passed, "resumed from newest complete: " + ", ".join(figures))
     assert not fails, fails
+
+
+def test_kill9_during_an_async_fsdp_save(small_demo, tmp_path):
+    """parallel=fsdp with train.async_checkpoint=true: rank 0 is killed while the step-8 save is written in the
+    background (its files written, no manifest yet); the resume starts from step 4 and ends bit-identical to an
+    uninterrupted FSDP run (parameters, schedule, losses, sample keys)."""
+    fsdp = ("parallel=fsdp", "train.async_checkpoint=true")
+    ref = tmp_path / "ref"
+    assert all(rc == 0 for rc, _ in srun_train(ref, *fsdp)), "reference run failed"
+    run = tmp_path / "run"
+    killed = srun_train(run, *fsdp, faults="kill:save_written@8/0")
+    resumed = srun_train(run, *fsdp)
+    from_step4 = "resumed from" in resumed[0][1] and "(step 4," in resumed[0][1]
+    same, why = same_run(run, ref) if all(rc == 0 for rc, _ in resumed) else (False, resumed[0][1][-800:])
+    ok = killed[0][0] == -9 and from_step4 and same
+    record("kill -9 during an async FSDP save (2 ranks)", 1, int(ok), f"resumed from step 4: {from_step4}; {why}")
+    assert ok, (killed[0][0], from_step4, why)

@@ -35,7 +35,7 @@ BAD_CONFIGS = [
     (["loss.impl=ring"], "loss.impl='ring'"),
     (["train.global_batch_size=128", "train.micro_batch_size=48"], "train.global_batch_size=128"),  # K not integral
     (["parallel=zero4"], "parallel/zero4"),  # unknown engine preset
-    (["parallel.engine=fsdp"], "parallel.engine='fsdp'"),
+    (["parallel.engine=fsdp1"], "parallel.engine='fsdp1'"),
     (["parallel.offload_optimizer=true"], "parallel.offload_optimizer"),  # offload without DeepSpeed
     (["parallel=zero2", "parallel.offload_params=true"], "parallel.offload_params"),  # param offload needs zero3
     (["parallel=zero2", "train.precision=fp16"], "train.precision='fp16'"),

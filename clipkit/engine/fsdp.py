@@ -1,0 +1,165 @@
+"""PyTorch-native fully sharded data parallel (FSDP2, ``parallel=fsdp``), a sibling of the local, DDP and ZeRO
+engines.
+
+- Sharding: ``fully_shard`` on every transformer block of both towers (``ResidualAttentionBlock``), then on the
+  root (the embeddings, projections, final norms and the 0-d temperature/bias, held as 1-element vectors because
+  FSDP2 shards along dim 0). ``parallel.reshard_after_forward`` trades memory for a second all-gather in
+  backward; ``parallel.offload_optimizer`` keeps parameters, gradients and optimizer state in CPU memory
+  (``CPUOffloadPolicy``).
+- Precision: with bf16 the parameters are cast to bf16 for compute by FSDP's ``MixedPrecisionPolicy``, gradients
+  are reduced in fp32 and the optimizer updates fp32 shards (master weights); autocast is then off, and the loss
+  upcasts to fp32 itself. fp32 runs without a policy.
+- Gradient caching: the K-1 first re-forwards run with gradient synchronisation off (``no_sync``: unsharded
+  gradients accumulate locally), the last reduce-scatters the sum once, which is what DDP does; the result equals
+  one process on the whole batch (tests/integration/test_engines.py).
+- Checkpoints: model and optimizer through torch.distributed.checkpoint (``dcp/``, each rank writes its shards; no
+  pickled code is loaded back), resharded on load when the number of ranks changed; the schedule in
+  ``engine.pt`` (loaded with ``weights_only``); the consolidated ``model.safetensors`` that eval, export and
+  ``model.init_from`` read without FSDP. ``train.async_checkpoint=true`` writes all of it in the background
+  (``save``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+from clipkit import checkpoint as ckpt
+from clipkit.distributed import ensure_process_group
+from clipkit.engine.parts import MAX_LOGIT_SCALE, Forward, autocast_dtype, hold_scalars_as_vectors
+from clipkit.optim import build_optimizer, build_scheduler
+
+if TYPE_CHECKING:
+    from clipkit.config import RootConfig
+    from clipkit.distributed import DistEnv
+
+DCP_DIR = "dcp"
+
+
+def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer blocks of both towers, the units FSDP shards one by one."""
+    from open_clip.transformer import CustomResidualAttentionBlock, ResidualAttentionBlock
+
+    return [m for m in model.modules() if isinstance(m, (ResidualAttentionBlock, CustomResidualAttentionBlock))]
+
+
+class FSDPEngine:
+    def __init__(self, model: torch.nn.Module, cfg: RootConfig, env: DistEnv):
+        ensure_process_group(env, cfg.parallel.timeout_s)  # (a single process too: DTensors need a group)
+        self.model, self.device, self.rank = model, env.device, env.rank
+        amp = autocast_dtype(cfg.train.precision, env.device)
+        policy = MixedPrecisionPolicy(param_dtype=amp, reduce_dtype=torch.float32) if amp else MixedPrecisionPolicy()
+        self.amp_dtype = amp  # (reported for MFU; the cast is FSDP's, not autocast's)
+        options = {"mp_policy": policy, "reshard_after_forward": cfg.parallel.reshard_after_forward}
+        if cfg.parallel.offload_optimizer:
+            options["offload_policy"] = CPUOffloadPolicy()
+        self.scalar_names = hold_scalars_as_vectors(model, hooks=False)
+        for block in _blocks(model):
+            fully_shard(block, **options)
+        fully_shard(model, **options)
+        self._forward = Forward(model, env.device, None, channels_last=False, compile=False)
+        self.optimizer = build_optimizer(model, cfg.optim, env.device)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
+        self.max_norm = cfg.optim.grad_clip_norm if cfg.optim.grad_clip_norm > 0 else float("inf")
+        # Asynchronous saves talk over their own group, so that they never interleave with the training's
+        # collectives (creating a group is itself a collective: every rank does it here, in the same order).
+        self.checkpoint_group = dist.new_group(backend="gloo") if cfg.train.async_checkpoint else None
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipkit-dcp")
+
+    def forward(self, images: torch.Tensor, text: torch.Tensor) -> dict:
+        out = self._forward(images, text)
+        for key in ("logit_scale", "logit_bias"):
+            if out.get(key) is not None:
+                out[key] = out[key].reshape(())
+        return out
+
+    def backward(self, outputs: list[torch.Tensor], grads: list[torch.Tensor] | None = None) -> None:
+        torch.autograd.backward(outputs, grads)
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        self.model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)
+
+    def step(self) -> tuple[torch.Tensor, bool]:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm)  # the global norm (a collective)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        if not math.isfinite(float(norm)):  # the step's one host read
+            self.optimizer.zero_grad(set_to_none=True)
+            return norm.detach(), False
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        with torch.no_grad():  # each rank clamps its own shard of the 1-element temperature
+            self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        return norm.detach(), True
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    @contextlib.contextmanager
+    def full_params(self):
+        """The root's parameters unsharded (the blocks unshard themselves when called), for eval and export."""
+        self.model.unshard()
+        try:
+            yield
+        finally:
+            self.model.reshard()
+
+    def consolidated_weights(self) -> dict[str, torch.Tensor] | None:
+        """The full fp32 weights with open_clip's names and shapes on rank 0 (a collective); None elsewhere."""
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights = get_model_state_dict(self.model, options=options)
+        if self.rank != 0:
+            return None
+        return {k: v.reshape(()) if k in self.scalar_names else v for k, v in weights.items()}
+
+    def save(self, path: Path, background: bool = False) -> Future | None:
+        """Shards through torch DCP, the consolidated weights and the schedule. With ``background``
+        (``train.async_checkpoint``) only the copy of the state is synchronous: DCP's ``async_save`` writes the
+        shards from a background thread over its own process group, and the consolidated weights (already
+        gathered to host memory) are written after them; the returned future completes when all is on disk."""
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_state, "optim": optim_state}
+        weights = self.consolidated_weights()  # a collective; host copies on rank 0
+        if self.rank == 0:
+            ckpt.save_torch(path / "engine.pt", {"scheduler": self.scheduler.state_dict()})
+        if not background:
+            dcp.save(state, checkpoint_id=str(path / DCP_DIR))
+            if weights is not None:
+                ckpt.save_tensors(path / "model.safetensors", weights)
+            return None
+        shards = dcp.async_save(state, checkpoint_id=str(path / DCP_DIR), process_group=self.checkpoint_group)
+
+        def finish() -> None:
+            shards.result()
+            if weights is not None:
+                ckpt.save_tensors(path / "model.safetensors", weights)
+
+        return self._writer.submit(finish)
+
+    def load(self, path: Path) -> None:
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_state, "optim": optim_state}
+        dcp.load(state, checkpoint_id=str(path / DCP_DIR))  # reshards when the number of ranks changed
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        self.scheduler.load_state_dict(ckpt.load_torch(path / "engine.pt")["scheduler"])
