@@ -61,6 +61,14 @@ def hold_scalars_as_vectors(model: torch.nn.Module, hooks: bool = True) -> list[
     return names
 
 
+def with_scalar_outputs(out: dict) -> dict:
+    """The model's outputs with the temperature and bias as 0-d views again (see ``hold_scalars_as_vectors``)."""
+    for key in ("logit_scale", "logit_bias"):
+        if out.get(key) is not None:
+            out[key] = out[key].reshape(())
+    return out
+
+
 class Forward:
     """Calls ``module`` under autocast (and channels-last images); with ``compile``, through torch.compile, which
     is lazy: if the first compiled call fails, training goes on in eager mode with a warning."""

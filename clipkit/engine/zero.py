@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from clipkit import checkpoint as ckpt
 from clipkit.distributed import DistEnv, ensure_process_group
-from clipkit.engine.parts import MAX_LOGIT_SCALE, Forward, autocast_dtype, hold_scalars_as_vectors
+from clipkit.engine.parts import MAX_LOGIT_SCALE, Forward, autocast_dtype, hold_scalars_as_vectors, with_scalar_outputs
 from clipkit.optim import build_optimizer, build_scheduler
 
 if TYPE_CHECKING:
@@ -110,10 +110,7 @@ class DeepSpeedEngine:
 
     def forward(self, images: torch.Tensor, text: torch.Tensor) -> dict:
         out = self._forward(images, text)
-        for key in ("logit_scale", "logit_bias"):
-            if out.get(key) is not None:
-                out[key] = out[key].reshape(())
-        return out
+        return with_scalar_outputs(out)
 
     def backward(self, outputs: list[torch.Tensor], grads: list[torch.Tensor] | None = None) -> None:
         if grads is None:
