@@ -4,9 +4,11 @@ parameter, divided by the world size where the engine partitions them).
 
 Each configuration runs as its own torchrun job on CPU (gloo): the real open_clip model, clipkit's engine, one
 training step of a tiny batch (so the optimizer state exists), then the forward/backward of a second step and,
-before its update, a count of every tensor storage alive in the process (each storage once; DTensors by their
-local shard). Activations are gone by then, so what is counted is the model state plus whatever buffers the engine
-keeps (DDP's gradient buckets, DeepSpeed's flat fp32 partitions and reduce buckets). Prints a table, writes JSON.
+before its update, the process's resident memory (after ``malloc_trim``) minus what it was before the model's
+weights existed. Activations are freed by then, so what is counted is the model state plus whatever the engine
+keeps (DDP's gradient buckets, DeepSpeed's flat fp32 partitions and reduce buckets, FSDP's unsharded buffers);
+a Python-level tensor count would miss the tensors only C++ holds (``.grad``, DDP's buckets). Prints a table,
+writes JSON.
 
     python benchmarks/engine_memory.py --models ViT-B-16 ViT-L-14 --worlds 2 4
 """
@@ -38,24 +40,19 @@ def predicted(engine: str, params: int, world: int) -> float:
     return per[engine] / GB
 
 
-def live_tensor_bytes() -> int:
-    import torch
-    from torch.distributed.tensor import DTensor
+def resident_bytes() -> int:
+    """This process's resident memory after handing freed heap pages back to the OS (glibc ``malloc_trim``)."""
+    import ctypes
 
     gc.collect()
-    seen, total = set(), 0
-    for obj in gc.get_objects():
-        try:
-            if not isinstance(obj, torch.Tensor) or obj.device.type != "cpu":
-                continue
-            t = obj._local_tensor if isinstance(obj, DTensor) else obj
-            storage = t.untyped_storage()
-        except Exception:  # (tensors without storage: meta, sparse, functional wrappers)
-            continue
-        if storage.data_ptr() and storage.data_ptr() not in seen:
-            seen.add(storage.data_ptr())
-            total += storage.nbytes()
-    return total
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
 
 
 def worker(model_name: str, engine: str, out: str) -> None:
@@ -76,20 +73,28 @@ def worker(model_name: str, engine: str, out: str) -> None:
     cfg.train.global_batch_size = 2 * env.world_size
     built = model_lib.build(cfg.model)
     params = sum(p.numel() for p in built.model.parameters())
-    base = live_tensor_bytes() - 4 * params  # everything but the fp32 weights (tokenizer tables, buffers, ...)
+    base = resident_bytes() - 4 * params  # the process without the fp32 weights (libraries, buffers, ...)
     eng = build_engine(built.model, cfg, env)
     loss_fn = build_loss("infonce", "gathered", "auto")
     size, ctx = built.image_size, built.context_length
     batch = [(torch.randn(2, 3, size, size), torch.randint(1, 1000, (2, ctx)))]
     train_step(eng, loss_fn, batch)  # the optimizer state now exists
     forward_backward(eng, loss_fn, batch)
-    state = live_tensor_bytes() - base  # params + grads + optimizer state + engine buffers, before the update
+    state = resident_bytes() - base  # params + grads + optimizer state + engine buffers, before the update
     eng.step()
     rows = [None] * env.world_size
     dist.all_gather_object(rows, state)
     if env.rank == 0:
         Path(out).write_text(json.dumps({"params": params, "per_rank_bytes": rows}))
     dist.destroy_process_group()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def main() -> None:
@@ -118,11 +123,12 @@ def main() -> None:
                     continue
                 tmp = Path(args.out).with_suffix(f".{model}.{engine}.{world}.json")
                 cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}"]
-                cmd += ["--master_port", str(29400 + len(rows)), __file__, "--worker", model, engine, str(tmp)]
+                cmd += ["--master_port", str(free_port()), __file__, "--worker", model, engine, str(tmp)]
                 t0 = time.perf_counter()
                 proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
                 if proc.returncode != 0 or not tmp.exists():
-                    rows.append({**row, "skipped": (proc.stderr.strip().splitlines() or ["failed"])[-1][:120]})
+                    errors = [x for x in proc.stderr.splitlines() if "Error" in x or "Killed" in x or "exitcode" in x]
+                    rows.append({**row, "skipped": "failed: " + (errors or ["see stderr"])[-1].strip()[:120]})
                     print(f"{model} {engine} x{world}: failed: {rows[-1]['skipped']}", flush=True)
                     continue
                 got = json.loads(tmp.read_text())
