@@ -115,10 +115,14 @@ class FSDPEngine:
 
     @contextlib.contextmanager
     def full_params(self):
-        """The root's parameters unsharded (the blocks unshard themselves when called), for eval and export."""
+        """The root's parameters unsharded (the blocks unshard themselves when called), for eval. Under a bf16
+        policy the unsharded copies are bf16, so fp32 inputs are cast by autocast (the eval computes in bf16,
+        as training does)."""
         self.model.unshard()
+        cast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
         try:
-            yield
+            with cast:
+                yield
         finally:
             self.model.reshard()
 
