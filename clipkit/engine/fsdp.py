@@ -22,7 +22,6 @@ engines.
 from __future__ import annotations
 
 import contextlib
-import math
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,8 +39,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully
 
 from clipkit import checkpoint as ckpt
 from clipkit.distributed import ensure_process_group
-from clipkit.engine.parts import MAX_LOGIT_SCALE, Forward, autocast_dtype, hold_scalars_as_vectors, with_scalar_outputs
-from clipkit.optim import build_optimizer, build_scheduler
+from clipkit.engine.parts import Forward, TorchUpdate, autocast_dtype, hold_scalars_as_vectors, with_scalar_outputs
 
 if TYPE_CHECKING:
     from clipkit.config import RootConfig
@@ -72,9 +70,10 @@ class FSDPEngine:
             fully_shard(block, **options)
         fully_shard(model, **options)
         self._forward = Forward(model, env.device, None, channels_last=False, compile=False)
-        self.optimizer = build_optimizer(model, cfg.optim, env.device)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
-        self.max_norm = cfg.optim.grad_clip_norm if cfg.optim.grad_clip_norm > 0 else float("inf")
+        # Clip, finite check, AdamW on the fp32 shards, schedule, temperature clamp (each rank clamps its own shard
+        # of the 1-element temperature): the same update as the replicated engines (no fp16 scaler: refused).
+        self.update = TorchUpdate(model, cfg, env.device, amp_dtype=None)
+        self.optimizer, self.scheduler = self.update.optimizer, self.update.scheduler
         # Asynchronous saves talk over their own group, so that they never interleave with the training's
         # collectives (creating a group is itself a collective: every rank does it here, in the same order).
         self.checkpoint_group = dist.new_group(backend="gloo") if cfg.train.async_checkpoint else None
@@ -96,22 +95,11 @@ class FSDPEngine:
             self.model.set_requires_gradient_sync(True)
 
     def step(self) -> tuple[torch.Tensor, bool]:
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm)  # the global norm (a collective)
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        if not math.isfinite(float(norm)):  # the step's one host read
-            self.optimizer.zero_grad(set_to_none=True)
-            return norm.detach(), False
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        with torch.no_grad():  # each rank clamps its own shard of the 1-element temperature
-            self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-        return norm.detach(), True
+        return self.update.step()  # the norm is global (clipping reduces it over the shards)
 
     @property
     def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+        return self.update.lr
 
     @contextlib.contextmanager
     def full_params(self):

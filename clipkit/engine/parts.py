@@ -130,6 +130,8 @@ class TorchUpdate:
             self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm)
+        if hasattr(norm, "full_tensor"):  # a sharded model's (FSDP) norm is a replicated DTensor
+            norm = norm.full_tensor()
         if self.scaler:  # fp16: the scaler skips inf/NaN steps itself and adapts the scale (its normal dynamics)
             self.scaler.step(self.optimizer)
             self.scaler.update()
