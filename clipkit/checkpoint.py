@@ -81,6 +81,7 @@ def save(
         at("save_start", step)
     barrier()
     background = write(tmp)
+    at("save_shards", step)  # (every rank: its own part written or, asynchronously, copied)
     if background is not None:
         publish = (lambda: _publish(root, tmp, final, step, keep_last, meta, at)) if is_main else None
         return PendingSave(final, background, publish)

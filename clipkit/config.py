@@ -217,9 +217,10 @@ def _validate_engine_support(cfg: RootConfig, world_size: int) -> None:
         return
     if cfg.train.precision == Precision.fp16:
         raise ConfigError("train.precision", "fp16", f"parallel={engine} runs bf16 or fp32 (no fp16 loss scaler)")
-    if cfg.train.compile or cfg.train.channels_last:
-        key = "train.compile" if cfg.train.compile else "train.channels_last"
-        raise ConfigError(key, True, f"supported with parallel=ddp only, not {engine}")
+    if cfg.train.compile and engine != EngineName.fsdp:
+        raise ConfigError("train.compile", True, f"supported with parallel=ddp or fsdp, not {engine}")
+    if cfg.train.channels_last:
+        raise ConfigError("train.channels_last", True, f"supported with parallel=ddp only, not {engine}")
     if engine == EngineName.zero3 and cfg.train.micro_batch(world_size) * world_size < cfg.train.global_batch_size:
         # Measured: DeepSpeed 0.19.8's stage 3 gives wrong gradients from the second step on when one step
         # runs several backward passes (gradient caching); stages 1 and 2 match one process.

@@ -9,7 +9,8 @@
   spike_loss@S     the loss of step S is 20x its value (a loss spike)
 A fault fires once; ``@S+`` fires at every attempt of step S (a skipped step is attempted again).
 
-Points: ``save_start`` (temporary dir created), ``save_written`` (all files written, no manifest yet),
+Points: ``save_start`` (temporary dir created), ``save_shards`` (every rank: its own files written, or copied
+for a background write), ``save_written`` (all files written, no manifest yet),
 ``save_manifest`` (manifest written, not yet renamed into place), ``save_done`` (renamed, not yet pruned),
 ``eval`` (before a periodic eval), ``step`` (after the update of step S), ``skip`` (after step S was skipped as
 non-finite).

@@ -6,6 +6,8 @@ engines.
   FSDP2 shards along dim 0). ``parallel.reshard_after_forward`` trades memory for a second all-gather in
   backward; ``parallel.offload_optimizer`` keeps parameters, gradients and optimizer state in CPU memory
   (``CPUOffloadPolicy``).
+- ``train.compile``: each block's forward is compiled before ``fully_shard`` (see ``parts.Forward``); the root's
+  few layers (patch embedding, projections) run eagerly.
 - Precision: with bf16 the parameters are cast to bf16 for compute by FSDP's ``MixedPrecisionPolicy``, gradients
   are reduced in fp32 and the optimizer updates fp32 shards (master weights); autocast is then off, and the loss
   upcasts to fp32 itself. fp32 runs without a policy.
@@ -66,10 +68,13 @@ class FSDPEngine:
         if cfg.parallel.offload_optimizer:
             options["offload_policy"] = CPUOffloadPolicy()
         self.scalar_names = hold_scalars_as_vectors(model, hooks=False)
-        for block in _blocks(model):
+        blocks = _blocks(model)
+        # train.compile: each block compiled before it is sharded (torch's documented order: activation
+        # checkpointing, then compile, then fully_shard), so FSDP's hooks run eagerly around the compiled blocks.
+        self._forward = Forward(model, env.device, None, False, cfg.train.compile, compile_blocks=blocks)
+        for block in blocks:
             fully_shard(block, **options)
         fully_shard(model, **options)
-        self._forward = Forward(model, env.device, None, channels_last=False, compile=False)
         # Clip, finite check, AdamW on the fp32 shards, schedule, temperature clamp (each rank clamps its own shard
         # of the 1-element temperature): the same update as the replicated engines (no fp16 scaler: refused).
         self.update = TorchUpdate(model, cfg, env.device, amp_dtype=None)

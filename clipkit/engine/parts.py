@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -71,12 +72,33 @@ def with_scalar_outputs(out: dict) -> dict:
 
 class Forward:
     """Calls ``module`` under autocast (and channels-last images); with ``compile``, through torch.compile, which
-    is lazy: if the first compiled call fails, training goes on in eager mode with a warning."""
+    is lazy: if the first compiled call fails, training goes on in eager mode with a warning.
 
-    def __init__(self, module: torch.nn.Module, device: torch.device, amp_dtype, channels_last: bool, compile: bool):
+    ``compile_blocks`` compiles those submodules' forwards in place instead of the whole module (FSDP2: each
+    transformer block is compiled *before* ``fully_shard`` wraps it, so that FSDP's unshard/reshard hooks stay
+    outside the compiled graphs; activation checkpointing, applied by the tower around each block call, stays
+    outside too). Construct the Forward before sharding."""
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        device: torch.device,
+        amp_dtype,
+        channels_last: bool,
+        compile: bool,
+        compile_blocks: list[torch.nn.Module] | None = None,
+    ):
         self.module, self.device, self.amp_dtype, self.channels_last = module, device, amp_dtype, channels_last
-        self.compiled = torch.compile(module) if compile else None
+        self.blocks = list(compile_blocks or []) if compile else []
+        for block in self.blocks:
+            block.forward = torch.compile(block.forward)  # an instance attribute: `del` restores eager
+        self.compiled = module if self.blocks else (torch.compile(module) if compile else None)
         self.checked = False
+
+    def _to_eager(self) -> None:
+        for block in self.blocks:
+            del block.forward
+        self.blocks, self.compiled = [], None
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -91,13 +113,16 @@ class Forward:
                 return self.module(images, text)
             if self.checked:
                 return self.compiled(images, text)
+            start = time.perf_counter()
             try:
                 out = self.compiled(images, text)
                 self.checked = True
+                what = f"{len(self.blocks)} blocks" if self.blocks else "the model"
+                log.info("torch.compile: %s compiled (first call %.0f s)", what, time.perf_counter() - start)
                 return out
             except Exception as err:  # dynamo / inductor failures surface at the first call
                 log.warning("torch.compile failed (%s: %s); training in eager mode", type(err).__name__, err)
-                self.compiled = None
+                self._to_eager()
                 return self.module(images, text)
 
 

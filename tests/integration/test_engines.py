@@ -82,8 +82,12 @@ def runs(tmp_path_factory, cache_dir) -> dict[str, Path]:
     # Gradient caching under ZeRO-2: 2 micro-batches of 64 per rank make the same global batch of 256.
     torchrun(root / "zero2_cached", "parallel=zero2", "train.micro_batch_size=64")
     out["zero2_cached"] = root / "zero2_cached"
-    # ... and under FSDP2 (synchronisation off for the first re-forward, one reduce-scatter on the last).
-    torchrun(root / "fsdp_cached", "parallel=fsdp", "train.micro_batch_size=64")
+    # ... and under FSDP2 (synchronisation off for the first re-forward, one reduce-scatter on the last), with
+    # train.compile on: each block compiled before fully_shard wraps it (the log line is printed only once the
+    # first compiled call has succeeded; a failed compile falls back to eager with a warning instead).
+    proc = torchrun(root / "fsdp_cached", "parallel=fsdp", "train.micro_batch_size=64", "train.compile=true")
+    assert (proc.stdout + proc.stderr).count("torch.compile: 7 blocks compiled") == 2  # one per rank
+    assert "torch.compile failed" not in proc.stdout + proc.stderr
     out["fsdp_cached"] = root / "fsdp_cached"
     return out
 

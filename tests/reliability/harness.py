@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import SMALL_DEMO
+from tests.conftest import SMALL_DEMO, srun_tasks
 
 LONG = os.environ.get("CLIPKIT_RELIABILITY") == "long"
 RESULTS: list[dict] = []
@@ -56,6 +56,13 @@ def train(run_dir: Path, *overrides: str, faults: str = "", timeout: float = 300
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "CLIPKIT_FAULTS": faults}
     cmd = [sys.executable, "-m", "clipkit", "train", f"hydra.run.dir={run_dir}", *RUN_ARGS, *overrides]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def srun_train(run_dir: Path, *overrides: str, faults: str = "", timeout: float = 300) -> list[tuple[int, str]]:
+    """Two ranks started as SLURM would (srun-style environment): (exit code, stderr) per rank."""
+    args = ["train", f"hydra.run.dir={run_dir}", *RUN_ARGS, "parallel.timeout_s=60", *overrides]
+    procs = srun_tasks(2, args, extra_env={"CLIPKIT_FAULTS": faults})
+    return [(p.wait(timeout), p.communicate()[1]) for p in procs]
 
 
 def losses(run_dir: Path) -> list[tuple[int, float]]:

@@ -6,28 +6,23 @@ import shutil
 
 import pytest
 
-from tests.conftest import srun_tasks
-from tests.reliability.harness import RUN_ARGS, STEPS, record, rng, same_run, train, trials
+from tests.reliability.harness import STEPS, record, rng, same_run, srun_train, train, trials
 
 pytestmark = pytest.mark.reliability
 
 
-def srun_train(run_dir, *overrides, faults="", timeout=300):
-    args = ["train", f"hydra.run.dir={run_dir}", *RUN_ARGS, "parallel.timeout_s=60", *overrides]
-    procs = srun_tasks(2, args, extra_env={"CLIPKIT_FAULTS": faults})
-    return [(p.wait(timeout), p.communicate()[1]) for p in procs]
-
-
-def test_kill9_random_rank_random_step(small_demo, tmp_path):
-    ref = tmp_path / "ref"
-    assert all(rc == 0 for rc, _ in srun_train(ref)), "reference run failed"
-    n, passed, fails, r = trials(2, 10), 0, [], rng("kill9")
+def kill9_trials(tmp_path, case: str, n: int, *overrides: str) -> None:
+    """n trials: kill -9 a random rank at a random step of a 2-rank run, resume, compare with an uninterrupted
+    run of the same engine bit for bit."""
+    ref = tmp_path / f"{case}_ref"
+    assert all(rc == 0 for rc, _ in srun_train(ref, *overrides)), "reference run failed"
+    passed, fails, r = 0, [], rng(case)
     for t in range(n):
         rank, step = r.randrange(2), r.randrange(2, STEPS)
-        run = tmp_path / f"trial{t}"
-        killed = srun_train(run, faults=f"kill:step@{step}/{rank}")
+        run = tmp_path / f"{case}_trial{t}"
+        killed = srun_train(run, *overrides, faults=f"kill:step@{step}/{rank}")
         assert killed[rank][0] == -9, f"trial {t}: rank {rank} was not killed ({killed[rank]})"
-        resumed = srun_train(run)
+        resumed = srun_train(run, *overrides)
         ok, why = (
             (False, f"resume failed: {resumed[0][1][-500:]}") if any(rc for rc, _ in resumed) else same_run(run, ref)
         )
@@ -35,10 +30,19 @@ def test_kill9_random_rank_random_step(small_demo, tmp_path):
         if not ok:
             fails.append(f"trial {t} (rank {rank}, step {step}): {why}")
         shutil.rmtree(run)
-    record(
-        "kill -9 a random rank (2 ranks)", n, passed, "bit-identical params, optimizer, losses; 0 keys lost/repeated"
-    )
+    engine = next((o.split("=")[1] for o in overrides if o.startswith("parallel=")), "ddp")
+    figure = "bit-identical params, optimizer, losses; 0 keys lost/repeated"
+    record(f"kill -9 a random rank (2 ranks, {engine})", n, passed, figure)
     assert not fails, fails
+
+
+def test_kill9_random_rank_random_step(small_demo, tmp_path):
+    kill9_trials(tmp_path, "kill9", trials(2, 10))
+
+
+def test_kill9_random_rank_random_step_fsdp(small_demo, tmp_path):
+    """The same under FSDP2 with synchronous torch-DCP checkpoints (each rank writes its own shards)."""
+    kill9_trials(tmp_path, "kill9_fsdp", trials(1, 5), "parallel=fsdp")
 
 
 POINTS = {  # where the step-8 save is killed -> the checkpoint a resume must start from

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.reliability.harness import record, same_run, train
+from tests.reliability.harness import record, same_run, srun_train, train
 
 pytestmark = pytest.mark.reliability
 
@@ -36,3 +36,20 @@ def test_signals_checkpoint_and_resume_exactly(small_demo, tmp_path):
             fails.append(f"{fault}: stop ok={ok} ({saved}); {why}; {stopped.stderr[-800:]}")
     record("signals during train / eval / save", len(CASES), passed, "complete checkpoint, exit 0, identical resume")
     assert not fails, fails
+
+
+def test_sigterm_on_one_fsdp_rank_during_a_save(small_demo, tmp_path):
+    """parallel=fsdp, 2 ranks, default parallel.signal_check_every=10: SIGTERM reaches rank 1 alone in the
+    middle of the step-8 torch-DCP save (its shards written, rank 0's manifest not yet); the save completes,
+    both ranks agree to stop at the next check (step 10), save step 10 and exit 0; the resume ends
+    bit-identical to an uninterrupted FSDP run."""
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert all(rc == 0 for rc, _ in srun_train(ref, "parallel=fsdp")), "reference run failed"
+    stopped = srun_train(run, "parallel=fsdp", faults="sigterm:save_shards@8/1")
+    saved = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
+    ok = all(rc == 0 for rc, _ in stopped) and "SIGTERM: stopped after step 10" in stopped[0][1]
+    ok = ok and saved[-2:] == ["step_00000008", "step_00000010"]
+    resumed = srun_train(run, "parallel=fsdp")
+    same, why = same_run(run, ref) if all(rc == 0 for rc, _ in resumed) else (False, resumed[0][1][-800:])
+    record("SIGTERM on one FSDP rank during a save (2 ranks)", 1, int(ok and same), f"stop at step 10; {why}")
+    assert ok and same, (saved, why, stopped[0][1][-1500:])

@@ -41,6 +41,8 @@ BAD_CONFIGS = [
     (["parallel=zero2", "train.precision=fp16"], "train.precision='fp16'"),
     (["parallel=zero3", "train.micro_batch_size=32"], "train.micro_batch_size=32"),  # caching under zero3
     (["parallel.timeout_s=0"], "parallel.timeout_s=0"),
+    (["parallel=zero2", "train.compile=true"], "train.compile=True"),  # compile: ddp and fsdp only
+    (["parallel=fsdp", "train.channels_last=true"], "train.channels_last=True"),
 ]
 
 
