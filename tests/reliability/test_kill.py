@@ -11,11 +11,9 @@ from tests.reliability.harness import STEPS, record, rng, same_run, srun_train, 
 pytestmark = pytest.mark.reliability
 
 
-def kill9_trials(tmp_path, case: str, n: int, *overrides: str) -> None:
-    """n trials: kill -9 a random rank at a random step of a 2-rank run, resume, compare with an uninterrupted
-    run of the same engine bit for bit."""
-    ref = tmp_path / f"{case}_ref"
-    assert all(rc == 0 for rc, _ in srun_train(ref, *overrides)), "reference run failed"
+def kill9_trials(tmp_path, ref, case: str, n: int, *overrides: str) -> None:
+    """n trials: kill -9 a random rank at a random step of a 2-rank run, resume, compare with ``ref`` (an
+    uninterrupted run of the same engine) bit for bit."""
     passed, fails, r = 0, [], rng(case)
     for t in range(n):
         rank, step = r.randrange(2), r.randrange(2, STEPS)
@@ -37,12 +35,14 @@ def kill9_trials(tmp_path, case: str, n: int, *overrides: str) -> None:
 
 
 def test_kill9_random_rank_random_step(small_demo, tmp_path):
-    kill9_trials(tmp_path, "kill9", trials(2, 10))
+    ref = tmp_path / "ref"
+    assert all(rc == 0 for rc, _ in srun_train(ref)), "reference run failed"
+    kill9_trials(tmp_path, ref, "kill9", trials(2, 10))
 
 
-def test_kill9_random_rank_random_step_fsdp(small_demo, tmp_path):
+def test_kill9_random_rank_random_step_fsdp(fsdp_ref, tmp_path):
     """The same under FSDP2 with synchronous torch-DCP checkpoints (each rank writes its own shards)."""
-    kill9_trials(tmp_path, "kill9_fsdp", trials(1, 5), "parallel=fsdp")
+    kill9_trials(tmp_path, fsdp_ref, "kill9_fsdp", trials(1, 5), "parallel=fsdp")
 
 
 POINTS = {  # where the step-8 save is killed -> the checkpoint a resume must start from
@@ -73,14 +73,12 @@ def test_kill_during_save(small_demo, tmp_path):
     assert not fails, fails
 
 
-def test_kill9_during_an_async_fsdp_save(small_demo, tmp_path):
+def test_kill9_during_an_async_fsdp_save(fsdp_ref, tmp_path):
     """parallel=fsdp with train.async_checkpoint=true: rank 0 is killed while the step-8 save is written in the
     background (its files written, no manifest yet); the resume starts from step 4 and ends bit-identical to an
-    uninterrupted FSDP run (parameters, schedule, losses, sample keys)."""
+    uninterrupted (synchronous) FSDP run (parameters, schedule, losses, sample keys)."""
     fsdp = ("parallel=fsdp", "train.async_checkpoint=true")
-    ref = tmp_path / "ref"
-    assert all(rc == 0 for rc, _ in srun_train(ref, *fsdp)), "reference run failed"
-    run = tmp_path / "run"
+    run, ref = tmp_path / "run", fsdp_ref
     killed = srun_train(run, *fsdp, faults="kill:save_written@8/0")
     resumed = srun_train(run, *fsdp)
     from_step4 = "resumed from" in resumed[0][1] and "(step 4," in resumed[0][1]

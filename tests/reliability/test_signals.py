@@ -38,13 +38,12 @@ def test_signals_checkpoint_and_resume_exactly(small_demo, tmp_path):
     assert not fails, fails
 
 
-def test_sigterm_on_one_fsdp_rank_during_a_save(small_demo, tmp_path):
+def test_sigterm_on_one_fsdp_rank_during_a_save(fsdp_ref, tmp_path):
     """parallel=fsdp, 2 ranks, default parallel.signal_check_every=10: SIGTERM reaches rank 1 alone in the
     middle of the step-8 torch-DCP save (its shards written, rank 0's manifest not yet); the save completes,
     both ranks agree to stop at the next check (step 10), save step 10 and exit 0; the resume ends
     bit-identical to an uninterrupted FSDP run."""
-    ref, run = tmp_path / "ref", tmp_path / "run"
-    assert all(rc == 0 for rc, _ in srun_train(ref, "parallel=fsdp")), "reference run failed"
+    ref, run = fsdp_ref, tmp_path / "run"
     stopped = srun_train(run, "parallel=fsdp", faults="sigterm:save_shards@8/1")
     saved = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
     ok = all(rc == 0 for rc, _ in stopped) and "SIGTERM: stopped after step 10" in stopped[0][1]
