@@ -22,6 +22,7 @@ verbs:
   shards  write webdataset shards from local images + captions: clipkit shards INPUT OUTPUT [--help]
   bench   samples/s, MFU, data-wait, peak memory of clipkit's training step vs open_clip's (model=..., bench.*)
 
+clipkit VERB --help lists that verb's overrides with their defaults.
 overrides are Hydra's: model=vit_b32  data.train='/data/{00000..00099}.tar'  train.steps=1000
   hydra.run.dir=DIR   run directory (default runs/${name}); re-running a command resumes its run
   --cfg               print the resolved config and exit
@@ -152,11 +153,9 @@ def main(argv: list[str] | None = None) -> None:
         from clipkit.data.make_shards import main as shards_main
 
         sys.exit(shards_main(rest))
-    if "--help" in rest or "-h" in rest:
-        print(USAGE)
-        sys.exit(0)
+    show_help = "--help" in rest or "-h" in rest
     print_cfg = "--cfg" in rest
-    overrides = [a for a in rest if a != "--cfg"]
+    overrides = [a for a in rest if a not in ("--cfg", "--help", "-h")]
     bad = [a for a in overrides if "=" not in a and not a.startswith("~")]
     if bad:
         _fail(f"config error: {bad[0]!r} is not a key=value override", EXIT_CONFIG)
@@ -171,6 +170,11 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         cfg, run_dir = compose(path_overrides(overrides))
+        if show_help:  # the values shown are the composed ones (overrides given before --help included)
+            from clipkit.help import verb_help
+
+            print(verb_help(verb, conf_dir(), cfg), end="")
+            return
         for note in adjust(cfg):
             logging.getLogger("clipkit").warning(note)
         validate(cfg, verb)

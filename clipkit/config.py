@@ -61,10 +61,15 @@ class BenchConfig:
     """``clipkit bench``: timed steps after ``warmup`` ones, on ``synthetic`` or ``train`` data, with open_clip's
     training step as the baseline (``baseline=false`` skips it)."""
 
+    # Timed steps.
     steps: int = 20
+    # Untimed steps first (allocation, compilation, caches).
     warmup: int = 5
+    # What the timed steps consume: random tensors, or batches decoded from data.train.
     data: BenchData = BenchData.synthetic
+    # Also time open_clip's own training step on the same model and batch.
     baseline: bool = True
+    # JSON results (default: bench.json in the run dir).
     output: Optional[str] = field(default=None, metadata=PATH)
 
     def validate(self, prefix: str = "bench") -> None:
@@ -80,20 +85,28 @@ class ExportFormat(Choice):
 
 @dataclass
 class TrainConfig:
+    # Optimizer updates in the run.
     steps: int = 800
+    # Samples per update over all ranks (the contrastive batch: every sample is a negative for the others).
     global_batch_size: int = 128
     # Per-rank micro-batch; 0 means global_batch_size / world_size (no accumulation).
     micro_batch_size: int = 0
+    # Seeds initialisation, data order and augmentation.
     seed: int = 0
+    # Training precision: auto = bf16 autocast on GPU, fp32 on CPU.
     precision: Precision = Precision.auto
     # ``auto`` = cuda if available else cpu.
     device: str = "auto"
+    # Write a metrics.jsonl record (and the progress bar, wandb) every N steps.
     log_every: int = 10
+    # Save a verified checkpoint every N steps (and at the end).
     checkpoint_every: int = 400
+    # Checkpoints kept in the run dir (older ones are pruned).
     keep_last: int = 2
     # A NaN/inf loss or gradient: ``fail`` stops before the update (naming step and rank); ``skip`` drops the
     # step on every rank (parameters and optimizer untouched) and stops after ``max_nonfinite_skips`` in a row.
     nonfinite: NonFinite = NonFinite.fail
+    # (skip: the most non-finite steps in a row before the run stops)
     max_nonfinite_skips: int = 3
     # Debug/verification: every rank appends the (epoch, key) of each trained sample to keys/rank_NNN.jsonl.
     record_keys: bool = False
@@ -117,6 +130,7 @@ class TrainConfig:
 
 @dataclass
 class RootConfig:
+    # Run name: the default run dir is runs/NAME.
     name: str = "demo"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -129,8 +143,9 @@ class RootConfig:
     bench: BenchConfig = field(default_factory=BenchConfig)
     # For ``clipkit eval`` / ``clipkit export``: a run dir, a checkpoint dir or an exported folder.
     checkpoint: Optional[str] = field(default=None, metadata=PATH)
-    # For ``clipkit export``.
+    # For ``clipkit export``: the kind of artifact to write.
     format: ExportFormat = ExportFormat.open_clip
+    # (the folder the export is written to)
     out: Optional[str] = field(default=None, metadata=PATH)
 
 

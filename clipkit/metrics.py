@@ -28,10 +28,15 @@ class WandbMode(Choice):
 
 @dataclass
 class LoggingConfig:
+    # A progress bar on the main rank's terminal.
     progress: bool = True
+    # Log to Weights & Biases (offline by default: no network needed).
     wandb: bool = False
+    # (the wandb project)
     wandb_project: str = "clipkit"
+    # (the wandb entity / team)
     wandb_entity: Optional[str] = None
+    # (offline writes runs to sync later with `wandb sync`)
     wandb_mode: WandbMode = WandbMode.offline
     # Peak dense TFLOP/s of one device at the precision in use, for MFU; 0 = known GPUs from a table, none on CPU.
     peak_tflops: float = 0.0

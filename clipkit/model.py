@@ -30,11 +30,13 @@ class ModelConfig:
     # Start from these weights (a clipkit run or checkpoint dir, an exported open_clip folder, or a .safetensors
     # state dict), e.g. to continue pretraining. Ignored once the run has its own checkpoint to resume from.
     init_from: Optional[str] = field(default=None, metadata=PATH)
+    # Activation checkpointing in both towers: less activation memory for about a third more compute.
     grad_checkpointing: bool = False
     # FLIP-style patch dropout: the fraction of image patches dropped in training (0 = off; eval sees all).
     patch_dropout: float = 0.0
     # Initial temperature log(t) and bias; None = open_clip's defaults (log(1/0.07), no bias). SigLIP: log(10), -10.
     init_logit_scale: Optional[float] = None
+    # (the bias: SigLIP only; None = no bias)
     init_logit_bias: Optional[float] = None
 
     def validate(self, prefix: str = "model") -> None:

@@ -19,14 +19,21 @@ class Schedule(Choice):
 
 @dataclass
 class OptimConfig:
+    # Peak learning rate of AdamW, reached after the warmup.
     lr: float = 1e-3
+    # Decoupled weight decay (not applied to biases, norms, embeddings, temperature).
     weight_decay: float = 0.2
+    # AdamW's first-moment decay.
     beta1: float = 0.9
+    # AdamW's second-moment decay (CLIP uses 0.98).
     beta2: float = 0.98
+    # AdamW's epsilon.
     eps: float = 1e-6
+    # Linear warmup from 0 to optim.lr over this many steps.
     warmup_steps: int = 50
     # After warmup.
     schedule: Schedule = Schedule.cosine
+    # The schedule ends at lr x min_lr_ratio.
     min_lr_ratio: float = 0.0
     # Max global gradient norm; 0 disables clipping.
     grad_clip_norm: float = 1.0

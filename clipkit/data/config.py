@@ -14,12 +14,19 @@ class Mode(Choice):
 
 @dataclass
 class DemoDataConfig:
+    # Seed of the demo world: which scenes, colours and captions are drawn.
     seed: int = 0
+    # Side of the generated demo images in pixels (the model's crop is taken from them).
     image_size: int = 40
+    # Training pairs generated.
     num_train: int = 24000
+    # Held-out zero-shot images (36 colour-shape classes, prompts never seen in training).
     num_zeroshot: int = 1800
+    # Held-out retrieval images, each with several captions.
     num_retrieval: int = 1000
+    # Samples per generated tar shard.
     shard_size: int = 2000
+    # Captions per training image (one is drawn per use).
     num_captions: int = 4
 
     def validate(self, prefix: str = "data.demo") -> None:
@@ -31,7 +38,9 @@ class DemoDataConfig:
 class DataConfig:
     # Shard spec (``/data/{00000..00099}.tar``) or ``demo`` for the embedded demo data.
     train: str = field(default="demo", metadata=PATH)
+    # `epoch`: every sample exactly once per epoch, resumable to the sample; `resampled`: shards drawn with replacement.
     mode: Mode = Mode.epoch
+    # Loader worker processes per rank (0 = decode in the training process).
     num_workers: int = 2
     # Window of the seeded sample shuffle (samples); 0 keeps tar order.
     shuffle_window: int = 1000
@@ -55,9 +64,13 @@ class DataConfig:
     # Remote shards: transient errors (connection reset, timeout, HTTP 5xx) retried per shard, with exponential
     # backoff from retry_backoff_s; a shard that keeps failing counts its remaining samples as missing.
     remote_retries: int = 5
+    # (first backoff of those retries, doubled each time)
     retry_backoff_s: float = 1.0
+    # Random-resized-crop area range, as fractions of the image (1, 1 = no crop).
     crop_scale_min: float = 0.9
+    # (upper end of that range)
     crop_scale_max: float = 1.0
+    # Batches each worker prepares ahead.
     prefetch_factor: int = 4
     # Where the demo data is generated and cached.
     cache_dir: str = field(default="${oc.env:CLIPKIT_CACHE,'~/.cache/clipkit'}", metadata=PATH)

@@ -36,6 +36,7 @@ class EngineName(Choice):
 
 @dataclass
 class ParallelConfig:
+    # ddp (replicated; one process is ddp too), zero1/2/3 (DeepSpeed), fsdp (torch FSDP2); presets parallel=NAME.
     engine: EngineName = EngineName.ddp
     # Collective timeout: a rank that dies or stalls makes the others fail after this long instead of hanging.
     timeout_s: int = 600
@@ -45,6 +46,7 @@ class ParallelConfig:
     # DeepSpeed (the JSON is generated from these and from train/optim; there is no second file) and FSDP: keep
     # optimizer state (zero3: and parameters; fsdp: parameters, gradients and optimizer state) in CPU memory.
     offload_optimizer: bool = False
+    # (zero3: parameters in CPU memory too)
     offload_params: bool = False
     # FSDP only: free each block's gathered parameters after its forward (all-gather again in backward); false
     # keeps them, trading memory for one all-gather less per block.

@@ -28,7 +28,9 @@ class ZeroShotConfig:
     # A built-in set (openai_imagenet, simple_imagenet, cifar) or a file of templates with ``{c}``; default:
     # the class-name set's own, else "a photo of a {c}."
     templates: Optional[str] = field(default=None, metadata=PATH)
+    # Table datasets: the column with image paths.
     image_column: str = "image"
+    # (the column with class indices or names)
     label_column: str = "label"
 
     def validate(self, prefix: str, allow_pipe: bool) -> None:
@@ -55,11 +57,14 @@ class RetrievalConfig:
     # Shards with captions, a CSV/parquet table (image path, caption; repeated paths = several captions),
     # a COCO captions or Karpathy-style JSON, or ``demo``; empty disables.
     dataset: str = field(default="demo", metadata=PATH)
+    # Table datasets: the column with image paths.
     image_column: str = "image"
+    # (the column with captions)
     caption_column: str = "caption"
     # JSON datasets: folder the image file names are relative to (default: the JSON's folder), and the
     # Karpathy split to use.
     image_root: Optional[str] = field(default=None, metadata=PATH)
+    # (the Karpathy split)
     split: str = "test"
 
     def validate(self, prefix: str, allow_pipe: bool) -> None:
@@ -82,8 +87,11 @@ def _check_dataset(prefix: str, dataset: str, allow_pipe: bool) -> None:
 class EvalConfig:
     # Evaluate every N steps during training (0 = only at the end).
     every: int = 0
+    # Images or captions per eval batch.
     batch_size: int = 256
+    # Eval loader workers per rank.
     num_workers: int = 1
+    # auto = the training precision.
     precision: EvalPrecision = EvalPrecision.auto
     zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)

@@ -26,6 +26,7 @@ class InfoNCEImpl(Choice):
 
 @dataclass
 class LossConfig:
+    # The contrastive objective: CLIP's InfoNCE or SigLIP's pairwise sigmoid (use loss=siglip).
     name: LossName = LossName.infonce
     # InfoNCE only: how the logits are computed.
     impl: InfoNCEImpl = InfoNCEImpl.gathered
