@@ -21,6 +21,7 @@ verbs:
   export  checkpoint=PATH format=open_clip|hf|onnx|towers out=DIR: encoder artifacts, verified by loading them back
   shards  write webdataset shards from local images + captions: clipkit shards INPUT OUTPUT [--help]
   bench   samples/s, MFU, data-wait, peak memory of clipkit's training step vs open_clip's (model=..., bench.*)
+  report  RUN_DIR: write RUN_DIR/report.html (curves, eval, confusion, retrieval examples; also after each run)
 
 clipkit VERB --help lists that verb's overrides with their defaults.
 overrides are Hydra's: model=vit_b32  data.train='/data/{00000..00099}.tar'  train.steps=1000
@@ -28,7 +29,7 @@ overrides are Hydra's: model=vit_b32  data.train='/data/{00000..00099}.tar'  tra
   --cfg               print the resolved config and exit
 """
 
-VERBS = ("train", "eval", "export", "shards", "bench")
+VERBS = ("train", "eval", "export", "shards", "bench", "report")
 EXIT_CONFIG = 2
 
 
@@ -153,6 +154,10 @@ def main(argv: list[str] | None = None) -> None:
         from clipkit.data.make_shards import main as shards_main
 
         sys.exit(shards_main(rest))
+    if verb == "report":  # reads a finished (or running) run's files; no config
+        from clipkit.report import main as report_main
+
+        sys.exit(report_main(rest))
     show_help = "--help" in rest or "-h" in rest
     print_cfg = "--cfg" in rest
     overrides = [a for a in rest if a not in ("--cfg", "--help", "-h")]

@@ -38,6 +38,12 @@ class LoggingConfig:
     wandb_entity: Optional[str] = None
     # (offline writes runs to sync later with `wandb sync`)
     wandb_mode: WandbMode = WandbMode.offline
+    # TensorBoard event files in RUN_DIR/tensorboard (`tensorboard --logdir runs`): the same scalars as
+    # metrics.jsonl, eval metrics included; a resumed run drops the events past its checkpoint.
+    tensorboard: bool = False
+    # RUN_DIR/report.html at the end of training: curves, eval, confusion matrix, retrieval examples, data
+    # errors, config, environment (also on demand: `clipkit report RUN_DIR`).
+    report: bool = True
     # Peak dense TFLOP/s of one device at the precision in use, for MFU; 0 = known GPUs from a table, none on CPU.
     peak_tflops: float = 0.0
 
@@ -170,11 +176,13 @@ class RunLogger:
         progress: bool,
         wandb_cfg: dict | None,
         config: dict,
+        tensorboard: bool = False,
     ):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self.bar = None
         self.wandb = None
+        self.tensorboard = None
         if not enabled:
             return
         self._truncate(start_step)
@@ -190,6 +198,11 @@ class RunLogger:
             )
         if wandb_cfg:
             self.wandb = _start_wandb(run_dir, wandb_cfg, config)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step: events of steps after the checkpoint we resume from are dropped (one curve, as above)
+            self.tensorboard = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1)
 
     def _truncate(self, start_step: int) -> None:
         """Drops lines past the checkpoint we resume from, so the file is one consistent curve."""
@@ -199,8 +212,12 @@ class RunLogger:
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
+        record = loggable(record)
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            for key, value in scalars(record).items():
+                self.tensorboard.add_scalar(key, value, global_step=record["step"])
         if self.wandb is not None:
             try:
                 self.wandb.log(record, step=record["step"])
@@ -226,12 +243,39 @@ class RunLogger:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
         if self.wandb is not None:
             try:
                 self.wandb.finish()
             except Exception:
                 pass
             self.wandb = None
+
+
+REPORT_ONLY = ("examples", "confusion", "classnames")  # eval parts for summary.json and the report only
+
+
+def loggable(record: dict) -> dict:
+    """``record`` without the report-only parts of eval results (retrieval examples, confusion matrices)."""
+    if "eval" not in record:
+        return record
+    evals = {name: {k: v for k, v in r.items() if k not in REPORT_ONLY} for name, r in record["eval"].items()}
+    return {**record, "eval": evals}
+
+
+def scalars(record: dict, prefix: str = "") -> dict[str, float]:
+    """The numeric leaves of a metrics record, nested keys joined by ``/`` (``eval/zeroshot/acc1``); the step
+    and per-sample counters are axes, not curves."""
+    out = {}
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(scalars(value, name + "/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and name not in ("step", "epoch"):
+            out[name] = float(value)
+    return out
 
 
 def _start_wandb(run_dir: Path, cfg: dict, config: dict):

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 import clipkit
 from clipkit import checkpoint as ckpt
-from clipkit import distributed, faults
+from clipkit import distributed, faults, report
 from clipkit import model as model_lib
 from clipkit.config import RootConfig
 from clipkit.data import ensure_demo, train_spec, worker_context
@@ -347,6 +347,7 @@ def _train(cfg: RootConfig, run_dir: Path, loaders: list, preemption: Preemption
         if cfg.logging.wandb
         else None,
         OmegaConf.to_container(OmegaConf.structured(cfg)),
+        tensorboard=cfg.logging.tensorboard,
     )
     if resumed:
         logger.write(f"resumed from {resumed} (step {state.step}, {state.samples_seen} samples seen)")
@@ -466,7 +467,13 @@ def _train(cfg: RootConfig, run_dir: Path, loaders: list, preemption: Preemption
         "eval": results,
     }
     if env.is_main:
+        summary["environment"] = report.environment(env.world_size, env.device)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         print(f"\nzero-shot evaluation after {state.step} steps ({run_dir}):\n{format_table(results)}", flush=True)
+        if cfg.logging.report:
+            try:
+                print(f"report: {report.write_report(run_dir)}", flush=True)
+            except Exception as err:  # a plot must never fail a finished run
+                log.warning("report.html not written: %s: %s", type(err).__name__, err)
     distributed.destroy()
     return summary

@@ -58,16 +58,19 @@ def _embed_share(model, loader, device, amp, on_batch=None):
     return indices, embs, targets, skips
 
 
-def _merge(shares: list) -> tuple[torch.Tensor, list, dict]:
-    """Rank 0: every rank's share, back in source order."""
+def _merge(shares: list) -> tuple[torch.Tensor, list, dict, list[int]]:
+    """Rank 0: every rank's share, back in source order; also the records' positions in the source."""
     skips = sum((collections.Counter(s[3]) for s in shares), collections.Counter())
     indices = [i for share in shares for i in share[0]]
     if not indices:
-        return torch.empty(0), [], dict(sorted(skips.items()))
+        return torch.empty(0), [], dict(sorted(skips.items())), []
     embs = torch.cat([e for share in shares for e in share[1]])
     targets = [t for share in shares for t in share[2]]
     order = sorted(range(len(indices)), key=indices.__getitem__)
-    return embs[order], [targets[i] for i in order], dict(sorted(skips.items()))
+    return embs[order], [targets[i] for i in order], dict(sorted(skips.items())), [indices[i] for i in order]
+
+
+MAX_CONFUSION_CLASSES = 64  # larger class sets keep per-class recall only (a 1000 x 1000 matrix is not a plot)
 
 
 def template_fn(template: str):
@@ -111,7 +114,7 @@ def zeroshot_classification(model, tokenizer, source, transform, classnames, tem
     shares = distributed.gather_to_main(share)
     if shares is None:
         return None
-    img_emb_ND, labels, skips = _merge(shares)
+    img_emb_ND, labels, skips, _ = _merge(shares)
     known = [i for i, label in enumerate(labels) if 0 <= label < len(classnames)]
     if len(known) < len(labels):  # a shard's cls beyond the class list: counted, never silently scored as wrong
         skips = {**skips, "unknown_label": skips.get("unknown_label", 0) + len(labels) - len(known)}
@@ -119,8 +122,12 @@ def zeroshot_classification(model, tokenizer, source, transform, classnames, tem
     if not labels:
         raise eval_data.EvalDataError(f"no usable images in {source.description} (skipped: {skips})")
     logits_NC = 100.0 * img_emb_ND.to(device) @ classifier_DC
-    metrics = classification_metrics(logits_NC, torch.tensor(labels, device=device), len(classnames))
+    labels_N = torch.tensor(labels, device=device)
+    metrics = classification_metrics(logits_NC, labels_N, len(classnames))
     metrics["per_class_recall"] = {classnames[c]: v for c, v in metrics["per_class_recall"].items()}
+    if len(classnames) <= MAX_CONFUSION_CLASSES:  # for the run report; [true class][predicted class] counts
+        metrics["classnames"] = list(classnames)
+        metrics["confusion"] = confusion_matrix(logits_NC.argmax(dim=1), labels_N, len(classnames))
     metrics["skipped"] = skips
     return metrics
 
@@ -131,19 +138,42 @@ def zeroshot_retrieval(model, tokenizer, source, transform, device, cfg, progres
     rank, world = distributed.rank_and_world()
     loader = eval_data.loader(source, transform, rank, world, cfg.batch_size, cfg.num_workers)
     indices, embs, captions, skips = _embed_share(model, loader, device, amp, progress)
-    # Each rank embeds its own images' captions too; they travel with the image embeddings.
+    # Each rank embeds its own images' captions too; they travel (with their text) with the image embeddings.
     txt = embed_texts(model, tokenizer, [c for caps in captions for c in caps], device, amp=amp).cpu()
-    txt_per_image = list(txt.split([len(caps) for caps in captions])) if captions else []
+    txt_per_image = list(zip(txt.split([len(caps) for caps in captions]), captions, strict=True)) if captions else []
     shares = distributed.gather_to_main((indices, embs, txt_per_image, skips))
     if shares is None:
         return None
-    img_emb_ND, txt_parts, skips = _merge(shares)
-    if not txt_parts:
+    img_emb_ND, per_image, skips, records = _merge(shares)
+    if not per_image:
         raise eval_data.EvalDataError(f"no usable image-caption pairs in {source.description} (skipped: {skips})")
+    txt_parts = [t for t, _ in per_image]
     owner_M = torch.cat([torch.full((len(t),), i) for i, t in enumerate(txt_parts)])
-    metrics = retrieval_metrics(img_emb_ND.to(device), torch.cat(txt_parts).to(device), owner_M.to(device))
+    img_emb_ND, txt_emb_MD, owner_M = img_emb_ND.to(device), torch.cat(txt_parts).to(device), owner_M.to(device)
+    metrics = retrieval_metrics(img_emb_ND, txt_emb_MD, owner_M)
     metrics.update(num_images=img_emb_ND.shape[0], num_texts=int(owner_M.numel()), skipped=skips)
+    texts = [c for _, caps in per_image for c in caps]
+    metrics["examples"] = retrieval_examples(img_emb_ND, txt_emb_MD, owner_M, texts, records)
     return metrics
+
+
+def confusion_matrix(pred_N: torch.Tensor, labels_N: torch.Tensor, num_classes: int) -> list[list[int]]:
+    """[true][predicted] counts."""
+    flat = torch.bincount(labels_N * num_classes + pred_N, minlength=num_classes * num_classes)
+    return flat.view(num_classes, num_classes).tolist()
+
+
+def retrieval_examples(img_emb_ND, txt_emb_MD, owner_M, texts, records, n: int = 6, k: int = 5) -> list[dict]:
+    """``n`` caption queries spread over the set, each with its top-``k`` images and its own image, as
+    positions in the dataset (``records``: the record index of each embedded image): what the run report shows
+    as thumbnails."""
+    m = txt_emb_MD.shape[0]
+    picks = sorted({int(i * m / n) for i in range(n)}) if m else []
+    out = []
+    for q in picks:
+        top = (txt_emb_MD[q] @ img_emb_ND.T).topk(min(k, img_emb_ND.shape[0])).indices.tolist()
+        out.append({"caption": texts[q], "image": records[int(owner_M[q])], "top": [records[i] for i in top]})
+    return out
 
 
 def classification_metrics(logits_NC: torch.Tensor, labels_N: torch.Tensor, num_classes: int) -> dict:

@@ -36,6 +36,7 @@ def test_steps_stay_within_the_host_sync_budget(small_demo, cache_dir, tmp_path)
         f"parallel.signal_check_every={CHECK_EVERY}",
         "optim.warmup_steps=2",
         "logging.progress=false",
+        "logging.report=false",
         "eval.zeroshot.dataset=",
         "eval.retrieval.dataset=",
     ]

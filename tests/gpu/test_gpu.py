@@ -37,6 +37,7 @@ TRAIN = [
     "train.precision=bf16",
     "optim.warmup_steps=2",
     "logging.progress=false",
+    "logging.report=false",
     "eval.zeroshot.dataset=demo",
     "eval.retrieval.dataset=demo",
 ]

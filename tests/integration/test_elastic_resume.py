@@ -19,6 +19,7 @@ ARGS = [
     "train.record_keys=true",
     "optim.warmup_steps=2",
     "logging.progress=false",
+    "logging.report=false",
     "eval.zeroshot.dataset=",
     "eval.retrieval.dataset=",
 ]

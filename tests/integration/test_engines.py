@@ -42,6 +42,7 @@ COMMON = [
     "train.precision=fp32",
     "optim.warmup_steps=2",
     "logging.progress=false",
+    "logging.report=false",
     "eval.zeroshot.dataset=",
     "eval.retrieval.dataset=",
 ]

@@ -24,7 +24,12 @@ def test_distributed_final_eval_never_hangs(small_demo, tmp_path):
         run = tmp_path / f"run{i}"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
         cmd += ["-m", "clipkit", "train", f"hydra.run.dir={run}", *SMALL_DEMO, "train.steps=10", "eval.num_workers=2"]
-        cmd += ["logging.progress=false", "parallel.timeout_s=120", "train.global_batch_size=32"]
+        cmd += [
+            "logging.progress=false",
+            "logging.report=false",
+            "parallel.timeout_s=120",
+            "train.global_batch_size=32",
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
         assert proc.returncode == 0, f"run {i}: {proc.stderr[-3000:]}"
         summary = json.loads((run / "summary.json").read_text())

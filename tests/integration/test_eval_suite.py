@@ -32,6 +32,7 @@ def trained(small_demo, tmp_path_factory) -> Path:
         "train.checkpoint_every=120",
         "optim.warmup_steps=5",
         "logging.progress=false",
+        "logging.report=false",
         "eval.zeroshot.dataset=",
         "eval.retrieval.dataset=",
         check=True,
@@ -91,7 +92,13 @@ def folders(small_demo, tmp_path_factory) -> dict:
 
 
 def clipkit_eval(checkpoint: Path, out: Path, *overrides: str, nproc: int = 1) -> dict:
-    args = [f"checkpoint={checkpoint}", f"eval.output={out}", "eval.batch_size=64", "logging.progress=false"]
+    args = [
+        f"checkpoint={checkpoint}",
+        f"eval.output={out}",
+        "eval.batch_size=64",
+        "logging.progress=false",
+        "logging.report=false",
+    ]
     if nproc == 1:
         run_cli("eval", *args, *overrides, check=True)
     else:

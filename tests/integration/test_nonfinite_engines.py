@@ -87,6 +87,7 @@ ARGS = [
     "train.precision=fp32",
     "optim.warmup_steps=4",
     "logging.progress=false",
+    "logging.report=false",
     "eval.zeroshot.dataset=",
     "eval.retrieval.dataset=",
     "parallel.timeout_s=120",

@@ -22,6 +22,7 @@ ARGS = [
     "train.log_every=1",
     "optim.warmup_steps=2",
     "logging.progress=false",
+    "logging.report=false",
     "eval.zeroshot.dataset=",
     "eval.retrieval.dataset=",
 ]

@@ -137,6 +137,7 @@ def test_clipkit_train_on_s3_as_a_user_types_it(s3_bucket, tmp_path):
         "eval.zeroshot.dataset=",
         "eval.retrieval.dataset=",
         "logging.progress=false",
+        "logging.report=false",
         env=s3_env(s3_bucket.url),
         timeout=300,
     )

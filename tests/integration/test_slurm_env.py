@@ -24,6 +24,7 @@ def test_srun_tasks_form_a_two_rank_job(small_demo, tmp_path):
         "train.log_every=3",
         "optim.warmup_steps=2",
         "logging.progress=false",
+        "logging.report=false",
         "eval.zeroshot.dataset=",
         "eval.retrieval.dataset=",
     ]

@@ -23,6 +23,7 @@ def test_two_process_run_via_launch_script(small_demo, tmp_path):
         "train.log_every=3",
         "optim.warmup_steps=3",
         "logging.progress=false",
+        "logging.report=false",
         "eval.retrieval.dataset=",
     ]
     proc = subprocess.run(["bash", str(LAUNCH), *args], capture_output=True, text=True, env=env, timeout=600)

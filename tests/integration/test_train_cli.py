@@ -19,6 +19,7 @@ RUN_ARGS = [
     "train.log_every=1",
     "optim.warmup_steps=5",
     "logging.progress=false",
+    "logging.report=false",
 ]
 
 
@@ -185,6 +186,7 @@ def test_training_continues_from_init_from(finished_run, tmp_path):
         "train.log_every=1",
         "optim.warmup_steps=1",
         "logging.progress=false",
+        "logging.report=false",
         "eval.zeroshot.dataset=",
         "eval.retrieval.dataset=",
     ]
@@ -242,6 +244,7 @@ def test_resume_with_patch_dropout_and_evals_is_bit_exact(small_demo, tmp_path):
         "optim.warmup_steps=2",
         "train.global_batch_size=32",
         "logging.progress=false",
+        "logging.report=false",
     ]
     run_cli("train", f"hydra.run.dir={tmp_path / 'ref'}", *args, check=True)
     killed = run_cli("train", f"hydra.run.dir={tmp_path / 'run'}", *args, env={"CLIPKIT_FAULTS": "kill:step@9"})

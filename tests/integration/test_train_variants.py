@@ -15,6 +15,7 @@ SHORT = [
     "optim.warmup_steps=2",
     "train.log_every=1",
     "logging.progress=false",
+    "logging.report=false",
     "eval.zeroshot.dataset=",
     "eval.retrieval.dataset=",
     "train.global_batch_size=64",

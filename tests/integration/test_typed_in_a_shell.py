@@ -18,7 +18,7 @@ from clipkit.data.shards import expand_spec
 from tests.shardsets import img2dataset_shards
 
 BIN = Path(sys.executable).parent
-QUIET = "logging.progress=false eval.zeroshot.dataset= eval.retrieval.dataset="
+QUIET = "logging.progress=false logging.report=false eval.zeroshot.dataset= eval.retrieval.dataset="
 
 
 def bash(command: str, cwd: Path, timeout: float = 300, **popen) -> subprocess.CompletedProcess:
