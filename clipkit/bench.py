@@ -73,7 +73,7 @@ def train_batches(cfg: RootConfig, built, num: int) -> list[tuple]:
     from clipkit.train import build_loader
 
     demo = ensure_demo(cfg.data, say=lambda m: log.info(m)) if cfg.data.train == "demo" else None
-    loader = build_loader(cfg, built, DistEnv(), demo)
+    loader, _ = build_loader(cfg, built, DistEnv(), demo)
     micro = cfg.train.micro_batch(1)
     out = []
     for _ in range(num):

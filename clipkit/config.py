@@ -185,7 +185,30 @@ def adjust(cfg: RootConfig) -> list[str]:
             f"warming up over all {cfg.train.steps} steps"
         )
         cfg.optim.warmup_steps = cfg.train.steps
+    notes += resolve_eval_sets(cfg)
     return notes
+
+
+def resolve_eval_sets(cfg: RootConfig) -> list[str]:
+    """``eval.*.dataset=auto``: the demo's held-out splits when training on the demo; with the user's own data,
+    retrieval on the shards ``data.holdout_fraction`` keeps out, else nothing (said, never the demo's images)."""
+    demo, holdout = cfg.data.train == "demo", cfg.data.holdout_fraction > 0
+    zs, rt = cfg.eval.zeroshot, cfg.eval.retrieval
+    was_auto = "auto" in (zs.dataset, rt.dataset)
+    if zs.dataset == "auto":
+        zs.dataset = "demo" if demo else ""
+    if rt.dataset == "auto":
+        rt.dataset = "demo" if demo else ("holdout" if holdout else "")
+    if zs.dataset == "holdout":
+        raise ConfigError("eval.zeroshot.dataset", "holdout", "held-out shards have captions, not class labels")
+    if rt.dataset == "holdout" and (demo or not holdout):
+        raise ConfigError("eval.retrieval.dataset", "holdout", "needs data.holdout_fraction > 0 and data.train=...")
+    if was_auto and not demo and not zs.dataset and not rt.dataset and not cfg.eval.suite:
+        return [
+            "no eval set: training on your own data evaluates nothing by default; set data.holdout_fraction=0.01 "
+            "(retrieval on held-out shards), eval.retrieval.dataset=..., eval.zeroshot.dataset=... or eval.suite=..."
+        ]
+    return []
 
 
 def validate(cfg: RootConfig, verb: str = "train", world_size: Optional[int] = None) -> None:

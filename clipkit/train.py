@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import logging
 import signal
@@ -10,6 +11,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 
@@ -17,9 +19,11 @@ import clipkit
 from clipkit import checkpoint as ckpt
 from clipkit import distributed, faults, report
 from clipkit import model as model_lib
-from clipkit.config import RootConfig
+from clipkit.config import RootConfig, resolve_eval_sets
 from clipkit.data import ensure_demo, train_spec, worker_context
+from clipkit.data.config import holdout_every
 from clipkit.data.loader import SampleDecoder, TrainLoader, resolve_shards
+from clipkit.data.stream import ShardTable
 from clipkit.data.transforms import DeviceNormalize
 from clipkit.engine import NonFiniteError, build_engine
 from clipkit.eval.runner import format_table, run_evals
@@ -76,8 +80,29 @@ class TrainState:
     samples_seen: int = 0
 
 
-def build_loader(cfg: RootConfig, built: model_lib.Built, env: distributed.DistEnv, demo: Path | None) -> TrainLoader:
+def split_holdout(shards: ShardTable, fraction: float) -> tuple[ShardTable, ShardTable]:
+    """``data.holdout_fraction``: every N-th shard (N = round(1/fraction)) is kept out of training, spread over
+    the whole spec (every source loses its share); whole shards, so the split is exact and resumes unchanged."""
+    every = holdout_every(fraction)
+    held = np.arange(len(shards)) % every == every - 1
+    return shards.take(~held), shards.take(held)
+
+
+def build_loader(
+    cfg: RootConfig, built: model_lib.Built, env: distributed.DistEnv, demo: Path | None
+) -> tuple[TrainLoader, ShardTable | None]:
+    """This rank's training loader, and the held-out shards (``data.holdout_fraction``; else None)."""
     shards, weights = resolve_shards(train_spec(cfg.data, demo), cfg.data.allow_pipe, cfg.data.allow_missing_shards)
+    held = None
+    if cfg.data.holdout_fraction > 0:
+        shards, held = split_holdout(shards, cfg.data.holdout_fraction)
+        log.info(
+            "holding out %d of %d shards (%d samples) for retrieval eval (data.holdout_fraction=%g)",
+            len(held),
+            len(held) + len(shards),
+            int(held.sizes[held.sizes > 0].sum()),
+            cfg.data.holdout_fraction,
+        )
     decoder = SampleDecoder(
         tuple(cfg.data.image_key.split(";")),
         # The demo's samples carry several captions in json "captions": auto picks among them there.
@@ -86,7 +111,7 @@ def build_loader(cfg: RootConfig, built: model_lib.Built, env: distributed.DistE
         (cfg.data.crop_scale_min, cfg.data.crop_scale_max),
         cfg.train.seed,
     )
-    return TrainLoader(
+    loader = TrainLoader(
         shards,
         weights,
         decoder,
@@ -106,6 +131,7 @@ def build_loader(cfg: RootConfig, built: model_lib.Built, env: distributed.DistE
         retry_backoff_s=cfg.data.retry_backoff_s,
         num_samples=cfg.data.num_samples,
     )
+    return loader, held
 
 
 def save_checkpoint(
@@ -285,10 +311,35 @@ class Checkpoints:
         return blocked
 
 
-def evaluate(cfg: RootConfig, built, env, engine, demo: Path | None) -> dict:
-    """Every rank embeds its share of each eval set; rank 0 gets the metrics (the others an empty dict)."""
+def evaluate(cfg: RootConfig, built, env, engine, demo: Path | None, held: ShardTable | None) -> dict:
+    """Every rank embeds its share of each eval set; rank 0 gets the metrics (the others an empty dict).
+    ``eval.retrieval.dataset=holdout`` reads the shards ``data.holdout_fraction`` kept out of training."""
+    eval_cfg = cfg.eval
+    if eval_cfg.retrieval.dataset == "holdout" and held is not None:
+        retrieval = dataclasses.replace(eval_cfg.retrieval, dataset="::".join(held.urls))
+        eval_cfg = dataclasses.replace(eval_cfg, retrieval=retrieval)
     with engine.full_params():
-        return run_evals(built, cfg.eval, env.device, demo, progress=cfg.logging.progress)
+        return run_evals(built, eval_cfg, env.device, demo, progress=cfg.logging.progress)
+
+
+def eval_sets(cfg: RootConfig, held: ShardTable | None) -> dict:
+    """What the end-of-run eval measures, in words (summary.json and the last lines a run prints)."""
+    out = {}
+    for name, dataset in (("zeroshot", cfg.eval.zeroshot.dataset), ("retrieval", cfg.eval.retrieval.dataset)):
+        if dataset == "demo":
+            out[name] = "the demo's held-out split (templates and images never trained on)"
+        elif dataset == "holdout" and held is not None:
+            out[name] = (
+                f"{len(held)} held-out shards of data.train (data.holdout_fraction={cfg.data.holdout_fraction:g}), "
+                "never trained on"
+            )
+        elif dataset:
+            out[name] = dataset
+    if cfg.eval.suite:
+        out["suite"] = cfg.eval.suite
+    return out or {
+        "none": "no eval set configured (data.holdout_fraction, eval.zeroshot/retrieval.dataset, eval.suite)"
+    }
 
 
 def train(cfg: RootConfig, run_dir: Path) -> dict:
@@ -307,6 +358,8 @@ def train(cfg: RootConfig, run_dir: Path) -> dict:
 
 
 def _train(cfg: RootConfig, run_dir: Path, loaders: list, preemption: Preemption) -> dict:
+    for note in resolve_eval_sets(cfg):  # (the CLI did this already; a config built in Python may not have)
+        log.warning(note)
     env = distributed.init(cfg.train.device, cfg.parallel.timeout_s)
     if cfg.data.num_workers or cfg.eval.num_workers:
         worker_context(start=True)  # the loader workers' fork server warms up while the model is built
@@ -329,8 +382,9 @@ def _train(cfg: RootConfig, run_dir: Path, loaders: list, preemption: Preemption
     loss_fn = faults.loss_hook(loss_fn, lambda: state.step + 1)  # (inert unless CLIPKIT_FAULTS is set)
     num_micro = cfg.train.global_batch_size // (env.world_size * cfg.train.micro_batch(env.world_size))
     normalize = DeviceNormalize(built.mean, built.std).to(env.device)
-    loader = build_loader(cfg, built, env, demo)
+    loader, held = build_loader(cfg, built, env, demo)
     loaders.append(loader)
+    evaluated_on = eval_sets(cfg, held)
     state = TrainState()
     resumed = resume(run_dir, cfg, env, engine, loader, state)
     if env.is_main:  # only now: a refused resume leaves the run dir describing the run that ran there
@@ -434,7 +488,7 @@ def _train(cfg: RootConfig, run_dir: Path, loaders: list, preemption: Preemption
             last_saved = state.step
         if cfg.eval.every and state.step % cfg.eval.every == 0 and state.step < cfg.train.steps:
             faults.at("eval", state.step)
-            results = evaluate(cfg, built, env, engine, demo)
+            results = evaluate(cfg, built, env, engine, demo, held)
             logger.log({"step": state.step, "samples_seen": state.samples_seen, "eval": results})
             logger.write(f"eval @ step {state.step}:\n{format_table(results)}")
         faults.at("step", state.step)
@@ -455,7 +509,7 @@ def _train(cfg: RootConfig, run_dir: Path, loaders: list, preemption: Preemption
             requeue_slurm_job()
         distributed.destroy()
         return {"step": state.step, "samples_seen": state.samples_seen, "stopped_by": name}
-    results = evaluate(cfg, built, env, engine, demo)
+    results = evaluate(cfg, built, env, engine, demo, held)
     if results:  # the final eval reaches metrics.jsonl and wandb too, not only summary.json
         logger.log({"step": state.step, "samples_seen": state.samples_seen, "eval": results})
     logger.close()
@@ -465,11 +519,13 @@ def _train(cfg: RootConfig, run_dir: Path, loaders: list, preemption: Preemption
         "train_time_s": time.perf_counter() - t_start,
         **summed_data_errors(loader),
         "eval": results,
+        "evaluated_on": evaluated_on,
     }
     if env.is_main:
         summary["environment"] = report.environment(env.world_size, env.device)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         print(f"\nzero-shot evaluation after {state.step} steps ({run_dir}):\n{format_table(results)}", flush=True)
+        print("evaluated on: " + "; ".join(f"{k}: {v}" for k, v in evaluated_on.items()), flush=True)
         if cfg.logging.report:
             try:
                 print(f"report: {report.write_report(run_dir)}", flush=True)

@@ -59,6 +59,9 @@ class DataConfig:
     # A shard of the spec that does not exist: refused up front (False), or, when True, warned about and its
     # announced samples (sizes.json) counted as ``missing`` while the run goes on.
     allow_missing_shards: bool = False
+    # Keep this fraction of the training shards out of training (every round(1/f)-th shard, spread over the
+    # spec) and evaluate retrieval on them (eval.retrieval.dataset=auto or holdout); 0 = train on every shard.
+    holdout_fraction: float = 0.0
     # No batch for this long (seconds) stops the run, naming the slot, shard and position it was reading; 0 = off.
     stall_timeout_s: float = 300.0
     # Remote shards: transient errors (connection reset, timeout, HTTP 5xx) retried per shard, with exponential
@@ -90,18 +93,42 @@ class DataConfig:
             0 < self.crop_scale_min <= self.crop_scale_max <= 1,
             "need 0 < crop_scale_min <= crop_scale_max <= 1",
         )
+        require(
+            f"{prefix}.holdout_fraction", self.holdout_fraction, 0 <= self.holdout_fraction < 1, "must be in [0, 1)"
+        )
         self.demo.validate(f"{prefix}.demo")
         if not check_shards:
             return
         sources = check_shard_spec(
             f"{prefix}.train", self.train, allow_pipe=self.allow_pipe, check_exists=not self.allow_missing_shards
         )
+        if self.holdout_fraction > 0:
+            every = holdout_every(self.holdout_fraction)
+            count = sum(len(s.urls) for s in sources)
+            if self.train == "demo":
+                raise ConfigError(
+                    f"{prefix}.holdout_fraction",
+                    self.holdout_fraction,
+                    "the demo has its own held-out splits; hold out a fraction of your own shards (data.train=...)",
+                )
+            if count // every == 0 or count // every == count:
+                raise ConfigError(
+                    f"{prefix}.holdout_fraction",
+                    self.holdout_fraction,
+                    f"holds out every {every}th shard, none of the {count} shard(s) of data.train: use a larger "
+                    "fraction or more shards (whole shards are held out, so the split is exact and resumable)",
+                )
         if self.mode == Mode.epoch and any(s.weight != 1.0 for s in sources):
             raise ConfigError(
                 f"{prefix}.train",
                 self.train,
                 "source weights (@W) need data.mode=resampled; an epoch visits every sample exactly once",
             )
+
+
+def holdout_every(fraction: float) -> int:
+    """``data.holdout_fraction`` as "every N-th shard"."""
+    return max(1, round(1 / fraction))
 
 
 def check_shard_spec(

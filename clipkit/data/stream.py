@@ -66,6 +66,11 @@ class ShardTable(Sequence):
     def __len__(self) -> int:
         return len(self.urls)
 
+    def take(self, mask) -> ShardTable:
+        """The sub-table of the shards where ``mask`` (a boolean array) is true."""
+        idx = np.flatnonzero(mask)
+        return ShardTable([self.urls[i] for i in idx], self.sizes[idx], self.sources[idx], [self.names[i] for i in idx])
+
     def __getitem__(self, i):
         if isinstance(i, slice):
             return ShardTable(self.urls[i], self.sizes[i], self.sources[i], self.names[i])

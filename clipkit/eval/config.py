@@ -20,8 +20,8 @@ class EvalPrecision(Choice):
 @dataclass
 class ZeroShotConfig:
     # Shards with a ``cls`` member, an image folder (one sub-folder per class), a CSV/parquet table (image
-    # path, label), or ``demo``; empty disables.
-    dataset: str = field(default="demo", metadata=PATH)
+    # path, label), or ``demo``; empty disables; ``auto``: the demo split when training on the demo, else none.
+    dataset: str = field(default="auto", metadata=PATH)
     # A built-in set (imagenet1k, cifar10, cifar100) or a .txt/.json/.yaml file; an image folder's default is
     # its sub-folder names.
     classnames: Optional[str] = field(default=None, metadata=PATH)
@@ -48,15 +48,16 @@ class ZeroShotConfig:
             raise ConfigError(f"{prefix}.templates", self.templates, str(err)) from None
         folder = Path(self.dataset).expanduser()
         is_folder = folder.is_dir() and not list(folder.glob("*.tar"))
-        if self.dataset not in ("", "demo") and not is_folder and self.classnames is None:
+        if self.dataset not in ("", "demo", "auto") and not is_folder and self.classnames is None:
             raise ConfigError(f"{prefix}.classnames", None, f"required for dataset {self.dataset!r}")
 
 
 @dataclass
 class RetrievalConfig:
-    # Shards with captions, a CSV/parquet table (image path, caption; repeated paths = several captions),
-    # a COCO captions or Karpathy-style JSON, or ``demo``; empty disables.
-    dataset: str = field(default="demo", metadata=PATH)
+    # Shards with captions, a CSV/parquet table (image path, caption; repeated paths = several captions), a COCO
+    # captions or Karpathy-style JSON, ``demo``, or ``holdout`` (the shards data.holdout_fraction keeps out of
+    # training); empty disables; ``auto``: ``demo`` with the demo data, ``holdout`` when a fraction is held out.
+    dataset: str = field(default="auto", metadata=PATH)
     # Table datasets: the column with image paths.
     image_column: str = "image"
     # (the column with captions)
@@ -72,7 +73,7 @@ class RetrievalConfig:
 
 
 def _check_dataset(prefix: str, dataset: str, allow_pipe: bool) -> None:
-    if dataset in ("", "demo"):
+    if dataset in ("", "demo", "auto", "holdout"):  # ("auto" is resolved by config.adjust, "holdout" checked there)
         return
     from clipkit.data.config import check_shard_spec
     from clipkit.data.shards import is_shard_spec  # (imports webdataset, hence torch)

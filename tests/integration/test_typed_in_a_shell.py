@@ -236,3 +236,32 @@ def test_workers_die_with_a_killed_main_process(i2d, tmp_path, kind):
     proc.kill()
     proc.wait()
     assert _wait_for(lambda: not _alive(workers), 10), f"left behind: {_alive(workers)}"
+
+
+def test_own_data_evaluates_its_held_out_shards_and_never_the_demo(i2d, tmp_path):
+    """Training on one's own shards: no demo data is generated; with data.holdout_fraction=0.25 every 4th shard
+    (here 00003) is kept out of training (no trained key comes from it) and retrieval runs on it; without a
+    fraction or an eval set, nothing is evaluated and the run says so."""
+    cache = tmp_path / "cache"
+    common = (
+        f"CLIPKIT_CACHE={cache} clipkit train 'data.train={i2d}/shards/{{00000..00003}}.tar' train.steps=4 "
+        "train.global_batch_size=16 train.record_keys=true logging.progress=false logging.report=false"
+    )
+    proc = bash(f"{common} data.holdout_fraction=0.25 hydra.run.dir={tmp_path}/held", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "held" / "summary.json").read_text())
+    assert list(summary["eval"]) == ["retrieval"] and summary["eval"]["retrieval"]["num_images"] == 40
+    assert "1 held-out shards of data.train" in summary["evaluated_on"]["retrieval"]
+    assert "evaluated on: retrieval: 1 held-out shards" in proc.stdout
+    trained = [
+        k
+        for line in (tmp_path / "held" / "keys" / "rank_000.jsonl").read_text().splitlines()
+        for _, k in json.loads(line)["keys"]
+    ]
+    assert len(trained) == 64 and not any(k.startswith("00003") for k in trained)
+
+    proc = bash(f"{common} hydra.run.dir={tmp_path}/none", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "no eval set: training on your own data evaluates nothing" in proc.stderr
+    assert json.loads((tmp_path / "none" / "summary.json").read_text())["eval"] == {}
+    assert not any(cache.glob("demo-*")), list(cache.iterdir())  # the 24,000 demo images were never generated

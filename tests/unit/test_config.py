@@ -42,6 +42,10 @@ BAD_CONFIGS = [
     (["parallel=zero3", "train.micro_batch_size=32"], "train.micro_batch_size=32"),  # caching under zero3
     (["parallel.timeout_s=0"], "parallel.timeout_s=0"),
     (["parallel=zero2", "train.compile=true"], "train.compile=True"),  # compile: ddp and fsdp only
+    (["eval.retrieval.dataset=holdout"], "eval.retrieval.dataset='holdout'"),  # nothing held out
+    (["eval.zeroshot.dataset=holdout"], "eval.zeroshot.dataset='holdout'"),  # captions are not labels
+    (["data.holdout_fraction=1.5"], "data.holdout_fraction=1.5"),
+    (["data.holdout_fraction=0.1"], "data.holdout_fraction=0.1"),  # the demo has its own held-out splits
     (["parallel=fsdp", "train.channels_last=true"], "train.channels_last=True"),
 ]
 
