@@ -14,7 +14,10 @@ from tests.distributed.test_loss_exact import free_port
 from tests.distributed.workers import loader_epoch_keys
 
 
-@pytest.mark.parametrize("world,workers", [(2, 0), (2, 3), (4, 1)])
+@pytest.mark.parametrize(
+    "world,workers",
+    [(2, 0), (2, 3), pytest.param(4, 1, marks=pytest.mark.slow)],  # (4, 1): ~24 s, `make test-all`
+)
 def test_epoch_exactly_once_across_ranks(small_demo, tmp_path, world, workers):
     out = tmp_path / "keys.json"
     spec = dir_spec(small_demo / "train")
