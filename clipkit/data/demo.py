@@ -26,10 +26,10 @@ from PIL import Image, ImageDraw
 from clipkit.data.config import DemoDataConfig as DemoSpec
 
 # Bumped whenever the generator's output changes, so stale caches are never reused.
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 
 SHAPES = ["circle", "square", "triangle", "star", "cross", "diamond"]
-SHAPE_PLURALS = {s: s + "s" for s in SHAPES}
+SHAPE_PLURALS = {s: s + ("es" if s.endswith("s") else "s") for s in SHAPES}  # (v1 wrote "crosss")
 SHAPE_SYNONYMS = {
     "circle": ["circle", "disc", "round dot"],
     "square": ["square", "box"],

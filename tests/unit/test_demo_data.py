@@ -53,6 +53,9 @@ def test_captions_describe_the_image_and_vary():
     assert len({c for m in metas for c in m["captions"]}) > 300
     for factor in ("shape", "color", "bg", "size", "position", "count"):
         assert len({m[factor] for m in metas}) > 1, factor
+    # Plurals are English ("crosses"; v1 of the generator wrote "crosss", a word the prompts never use).
+    words = {w.strip(",.") for m in metas for c in m["captions"] for w in c.split()}
+    assert "crosses" in words and not {w for w in words if w.endswith("sss")}
 
 
 def test_zeroshot_labels_match_class_names():
