@@ -137,6 +137,7 @@ def _eval_curves(records: list[dict]) -> str | None:
         ax.plot(*zip(*pts, strict=True), marker="o", ms=4, lw=1.4, label=label)
     ax.set_title("eval metrics over steps (%)", fontsize=10)
     ax.set_xlabel("step", fontsize=8)
+    ax.set_xlim(0, max(r["step"] for r in records) * 1.03)  # the whole run, also for a single (final) eval
     ax.set_ylim(0, 100)
     ax.tick_params(labelsize=8)
     ax.grid(alpha=0.3)
