@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Optional
 
 from clipkit.errors import Choice, non_negative, positive, require
 
@@ -15,6 +15,26 @@ if TYPE_CHECKING:
 class Schedule(Choice):
     cosine = "cosine"  # to min_lr_ratio x lr
     constant = "constant"
+
+
+@dataclass
+class TowerOptimConfig:
+    """Per-tower overrides (``optim.image.*``, ``optim.text.*``), for fine-tuning pretrained towers."""
+
+    # This tower's peak learning rate (null = optim.lr); the schedule scales it like every other.
+    lr: Optional[float] = None
+    # This tower's weight decay on its decayed parameters (null = optim.weight_decay).
+    weight_decay: Optional[float] = None
+    # Layer-wise LR decay: transformer block i of L runs at lr x layer_decay^(L - i), the embeddings (patch,
+    # token, position, class) at ^(L + 1), the final norm and projection at lr (1 = off).
+    layer_decay: float = 1.0
+
+    def validate(self, prefix: str) -> None:
+        if self.lr is not None:
+            require(f"{prefix}.lr", self.lr, self.lr > 0, "must be > 0")
+        if self.weight_decay is not None:
+            require(f"{prefix}.weight_decay", self.weight_decay, self.weight_decay >= 0, "must be >= 0")
+        require(f"{prefix}.layer_decay", self.layer_decay, 0 < self.layer_decay <= 1, "must be in (0, 1]")
 
 
 @dataclass
@@ -39,8 +59,14 @@ class OptimConfig:
     grad_clip_norm: float = 1.0
     # Weight decay follows open_clip's trainer (token and positional embeddings decayed); true exempts them.
     exclude_embeddings_from_decay: bool = False
+    # The image tower's own lr / weight decay / layer-wise LR decay.
+    image: TowerOptimConfig = field(default_factory=TowerOptimConfig)
+    # The text tower's own lr / weight decay / layer-wise LR decay.
+    text: TowerOptimConfig = field(default_factory=TowerOptimConfig)
 
     def validate(self, prefix: str = "optim") -> None:
+        self.image.validate(f"{prefix}.image")
+        self.text.validate(f"{prefix}.text")
         positive(prefix, self, "lr", "eps")
         non_negative(prefix, self, "weight_decay", "warmup_steps", "grad_clip_norm", "min_lr_ratio")
         for name in ("beta1", "beta2"):
@@ -58,12 +84,87 @@ def no_weight_decay(name: str, param: torch.nn.Parameter, exclude_embeddings: bo
     return exclude_embeddings and ("embedding" in name or name.endswith("_emb"))
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float, exclude_embeddings: bool = False) -> list[dict]:
-    decay, no_decay = [], []
+IMAGE, TEXT, SHARED = "image", "text", "shared"
+_TEXT_ROOTS = ("transformer.", "token_embedding", "positional_embedding", "ln_final", "text_projection", "text.")
+_EMBEDDINGS = ("conv1", "class_embedding", "positional_embedding", "ln_pre", "token_embedding", "patch_embed")
+
+
+def tower_of(name: str) -> str:
+    """Which tower an open_clip parameter belongs to (``CLIP``: ``visual.*`` and the text tower's top-level
+    modules; ``CustomTextCLIP``: ``visual.*`` and ``text.*``); the temperature and bias are shared."""
+    if name.startswith("visual."):
+        return IMAGE
+    if name.startswith(_TEXT_ROOTS):
+        return TEXT
+    return SHARED
+
+
+def _num_blocks(model: torch.nn.Module, tower: str) -> int | None:
+    """Transformer blocks of an open_clip ViT / text transformer tower; None for other towers (timm, HF)."""
+    module = model.visual if tower == IMAGE else getattr(model, "text", model)
+    blocks = getattr(getattr(module, "transformer", None), "resblocks", None)
+    return len(blocks) if blocks is not None else None
+
+
+def layer_id(name: str, tower: str, num_blocks: int) -> int:
+    """0 for the embeddings, i + 1 for block i, num_blocks + 1 for what follows the blocks (final norm,
+    projection, attention pooler)."""
+    local = name.removeprefix("visual.").removeprefix("text.")
+    if local.startswith("transformer.resblocks."):
+        return int(local.split(".")[2]) + 1
+    if local.startswith(_EMBEDDINGS):
+        return 0
+    return num_blocks + 1
+
+
+def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
+    """AdamW groups: open_clip's weight-decay rule, each tower's lr and weight decay, and layer-wise LR decay.
+    Every group carries ``lr_scale`` (its lr / optim.lr), so the base learning rate can be read back from
+    any group; the shared temperature group comes first."""
+    towers = {IMAGE: cfg.image, TEXT: cfg.text}
+    blocks = {}
+    for tower, tcfg in towers.items():
+        blocks[tower] = _num_blocks(model, tower)
+        if tcfg.layer_decay != 1.0 and blocks[tower] is None:
+            module = type(model.visual if tower == IMAGE else getattr(model, "text", model)).__name__
+            raise ValueError(
+                f"optim.{tower}.layer_decay={tcfg.layer_decay} needs an open_clip transformer tower with "
+                f"numbered blocks; this model's {tower} tower is {module}"
+            )
+    groups: dict[tuple, dict] = {}
     for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if no_weight_decay(name, param, exclude_embeddings) else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if not param.requires_grad:
+            continue
+        tower = tower_of(name)
+        tcfg = towers.get(tower)
+        decays = not no_weight_decay(name, param, cfg.exclude_embeddings_from_decay)
+        scale, layer = 1.0, None
+        wd = cfg.weight_decay
+        if tcfg is not None:
+            scale = (tcfg.lr if tcfg.lr is not None else cfg.lr) / cfg.lr
+            wd = tcfg.weight_decay if tcfg.weight_decay is not None else cfg.weight_decay
+            if tcfg.layer_decay != 1.0:
+                layer = layer_id(name, tower, blocks[tower])
+                scale *= tcfg.layer_decay ** (blocks[tower] + 1 - layer)
+        key = (tower, layer, decays)
+        group = groups.setdefault(
+            key,
+            {
+                "params": [],
+                "weight_decay": wd if decays else 0.0,
+                "lr": cfg.lr * scale,
+                "lr_scale": scale,
+                "name": f"{tower}" + (f"/layer{layer}" if layer is not None else "") + ("" if decays else "/no_decay"),
+            },
+        )
+        group["params"].append(param)
+    order = sorted(groups, key=lambda k: (k[0] != SHARED, k[0], -1 if k[1] is None else k[1], not k[2]))
+    return [groups[k] for k in order]
+
+
+def scheduled_lr(scheduler, lr: float) -> float:
+    """optim.lr as the schedule has it now (each group runs at that times its own scale)."""
+    return scheduler.get_last_lr()[0] * lr / scheduler.base_lrs[0]
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -72,7 +173,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.devi
     # Fused AdamW is the fast path on GPU; on CPU the foreach implementation is the fast one.
     fused = device.type == "cuda"
     return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay, cfg.exclude_embeddings_from_decay),
+        param_groups(model, cfg),
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),
         eps=cfg.eps,

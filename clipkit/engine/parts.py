@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from clipkit import checkpoint as ckpt
-from clipkit.optim import build_optimizer, build_scheduler
+from clipkit.optim import build_optimizer, build_scheduler, scheduled_lr
 
 if TYPE_CHECKING:
     from clipkit.config import RootConfig
@@ -139,6 +139,7 @@ class TorchUpdate:
         self.model = model
         self.optimizer = build_optimizer(model, cfg.optim, device)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
+        self.base_lr = cfg.optim.lr
         self.max_norm = cfg.optim.grad_clip_norm if cfg.optim.grad_clip_norm > 0 else float("inf")
         self.scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
 
@@ -173,7 +174,7 @@ class TorchUpdate:
 
     @property
     def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+        return scheduled_lr(self.scheduler, self.base_lr)
 
     def state_dict(self) -> dict:
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}

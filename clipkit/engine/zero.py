@@ -33,7 +33,7 @@ import torch.distributed as dist
 from clipkit import checkpoint as ckpt
 from clipkit.distributed import DistEnv, ensure_process_group
 from clipkit.engine.parts import MAX_LOGIT_SCALE, Forward, autocast_dtype, hold_scalars_as_vectors, with_scalar_outputs
-from clipkit.optim import build_optimizer, build_scheduler
+from clipkit.optim import build_optimizer, build_scheduler, scheduled_lr
 
 if TYPE_CHECKING:
     from clipkit.config import RootConfig
@@ -102,6 +102,7 @@ class DeepSpeedEngine:
         self.scalar_names = hold_scalars_as_vectors(model)  # before the optimizer sees the parameters
         optimizer = build_optimizer(model, cfg.optim, env.device)
         scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+        self.base_lr = cfg.optim.lr
         self.module, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config, dist_init_required=False
         )
@@ -154,7 +155,7 @@ class DeepSpeedEngine:
 
     @property
     def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
+        return scheduled_lr(self.scheduler, self.base_lr)
 
     def full_params(self, modifier_rank: int | None = None):
         if self.stage < 3:

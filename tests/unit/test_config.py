@@ -45,6 +45,8 @@ BAD_CONFIGS = [
     (["eval.retrieval.dataset=holdout"], "eval.retrieval.dataset='holdout'"),  # nothing held out
     (["eval.zeroshot.dataset=holdout"], "eval.zeroshot.dataset='holdout'"),  # captions are not labels
     (["data.holdout_fraction=1.5"], "data.holdout_fraction=1.5"),
+    (["optim.image.layer_decay=1.5"], "optim.image.layer_decay=1.5"),
+    (["optim.text.lr=0"], "optim.text.lr=0"),
     (["data.holdout_fraction=0.1"], "data.holdout_fraction=0.1"),  # the demo has its own held-out splits
     (["parallel=fsdp", "train.channels_last=true"], "train.channels_last=True"),
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from clipkit.model import ModelConfig, build
@@ -28,3 +29,62 @@ def test_weight_decay_groups_match_open_clip_train_for_vit_b32():
     )
     extra = _no_decay_names(model, optimizer) - expected
     assert extra == {"positional_embedding", "token_embedding.weight", "visual.positional_embedding"}
+
+
+def _lr_of(optimizer) -> dict[int, float]:
+    return {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+
+
+def test_layer_decay_and_tower_settings_for_vit_b32():
+    """optim.image.layer_decay / optim.text.lr / optim.text.weight_decay, read back from the optimizer's groups
+    of a ViT-B/32 (12 blocks per tower): every parameter in exactly one group, at the lr its layer and tower
+    give, written out independently of clipkit's grouping code."""
+    from clipkit.optim import OptimConfig, TowerOptimConfig, build_scheduler, scheduled_lr
+
+    model = build(ModelConfig(name="ViT-B-32")).model
+    cfg = OptimConfig(
+        lr=1e-3,
+        weight_decay=0.2,
+        image=TowerOptimConfig(layer_decay=0.75),
+        text=TowerOptimConfig(lr=1e-4, weight_decay=0.05),
+    )
+    optimizer = build_optimizer(model, cfg, torch.device("cpu"))
+    params = dict(model.named_parameters())
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(params)
+    assert len({id(p) for g in optimizer.param_groups for p in g["params"]}) == len(params)
+    lr, wd = _lr_of(optimizer), {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+
+    def expected_image_lr(name: str) -> float:
+        if name.startswith("visual.transformer.resblocks."):
+            return 1e-3 * 0.75 ** (12 - int(name.split(".")[3]))  # block i: 0.75^(12 - i)
+        if name in ("visual.ln_post.weight", "visual.ln_post.bias", "visual.proj"):
+            return 1e-3  # after the blocks: the full lr
+        return 1e-3 * 0.75**13  # conv1, class and positional embedding, ln_pre
+
+    for name, p in params.items():
+        if name.startswith("visual."):
+            assert lr[id(p)] == pytest.approx(expected_image_lr(name), rel=1e-12), name
+            assert wd[id(p)] == (0.0 if p.ndim < 2 or "ln" in name or "bias" in name else 0.2), name
+        elif name in ("logit_scale",):
+            assert lr[id(p)] == 1e-3 and wd[id(p)] == 0.0
+        else:  # the text tower: its own lr and weight decay, no layer decay
+            assert lr[id(p)] == pytest.approx(1e-4, rel=1e-12), name
+            assert wd[id(p)] == (0.0 if p.ndim < 2 or "ln" in name or "bias" in name else 0.05), name
+    # The schedule scales every group alike; the logged lr stays optim.lr's.
+    scheduler = build_scheduler(optimizer, cfg, total_steps=100)
+    for _ in range(10):
+        optimizer.step()
+        scheduler.step()
+    factor = scheduler.get_last_lr()[0] / scheduler.base_lrs[0]
+    for name, p in params.items():
+        want = expected_image_lr(name) if name.startswith("visual.") else (1e-3 if name == "logit_scale" else 1e-4)
+        assert _lr_of(optimizer)[id(p)] == pytest.approx(want * factor, rel=1e-12), name
+    assert scheduled_lr(scheduler, cfg.lr) == pytest.approx(1e-3 * factor, rel=1e-12)
+
+
+def test_layer_decay_on_a_tower_without_numbered_blocks_is_refused():
+    from clipkit.optim import OptimConfig, TowerOptimConfig
+
+    model = build(ModelConfig(name="RN50")).model  # ModifiedResNet image tower
+    with pytest.raises(ValueError, match=r"optim.image.layer_decay=0.8 needs an open_clip transformer tower"):
+        build_optimizer(model, OptimConfig(image=TowerOptimConfig(layer_decay=0.8)), torch.device("cpu"))
