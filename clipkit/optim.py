@@ -164,7 +164,7 @@ def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
 
 def scheduled_lr(scheduler, lr: float) -> float:
     """optim.lr as the schedule has it now (each group runs at that times its own scale)."""
-    return scheduler.get_last_lr()[0] * lr / scheduler.base_lrs[0]
+    return lr * scheduler.lr_lambdas[0](scheduler.last_epoch)  # (every group shares the one lambda)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
