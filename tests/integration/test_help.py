@@ -13,13 +13,15 @@ from clipkit.help import VERB_SECTIONS, options
 from tests.integration.test_typed_in_a_shell import bash
 
 
-def rows(out: str) -> dict[str, str]:
-    """{key: 'value  doc'} of the override lines of a help text."""
-    found = {}
-    for line in out.splitlines():
+def rows(out: str) -> dict[str, tuple[str, str]]:
+    """{key: (value, doc)} of the override lines of a help text; a long ``key=value`` has its doc on the next
+    line (indented past the key column)."""
+    found, lines = {}, out.splitlines()
+    for i, line in enumerate(lines):
         m = re.match(r"^  ([a-z_][\w.]*)=(\S*)\s*(.*)$", line)
         if m:
-            found[m[1]] = (m[2], m[3])
+            doc = m[3] or (lines[i + 1].strip() if i + 1 < len(lines) and lines[i + 1].startswith("    ") else "")
+            found[m[1]] = (m[2], doc)
     return found
 
 
