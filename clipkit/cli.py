@@ -13,23 +13,28 @@ import re
 import sys
 from pathlib import Path
 
-USAGE = """usage: clipkit VERB [key=value ...] [--cfg] [--help]
-
-verbs:
-  train   train (no overrides: the tiny model on the embedded demo data, a few minutes on a CPU)
-  eval    zero-shot classification / retrieval of checkpoint=PATH (a run dir or a checkpoint dir)
-  export  checkpoint=PATH format=open_clip|hf|onnx|towers out=DIR: encoder artifacts, verified by loading them back
-  shards  write webdataset shards from local images + captions: clipkit shards INPUT OUTPUT [--help]
-  bench   samples/s, MFU, data-wait, peak memory of clipkit's training step vs open_clip's (model=..., bench.*)
-  report  RUN_DIR: write RUN_DIR/report.html (curves, eval, confusion, retrieval examples; also after each run)
-
+# One line per verb: the verb list of `clipkit --help` and the head of `clipkit VERB --help` (clipkit/help.py).
+VERB_LINES = {
+    "train": "train (no overrides: the tiny model on the embedded demo data, a few minutes on a CPU)",
+    "eval": "zero-shot classification / retrieval of checkpoint=PATH (a run dir or a checkpoint dir)",
+    "export": (
+        "checkpoint=PATH format=open_clip|hf|onnx|towers out=DIR: encoder artifacts, verified by loading them back"
+    ),
+    "shards": "write webdataset shards from local images + captions: clipkit shards INPUT OUTPUT [--help]",
+    "bench": "samples/s, MFU, data-wait, peak memory of clipkit's training step vs open_clip's (model=..., bench.*)",
+    "report": "RUN_DIR: write RUN_DIR/report.html (curves, eval, confusion, retrieval examples; also after each run)",
+}
+VERBS = tuple(VERB_LINES)
+USAGE = (
+    "usage: clipkit VERB [key=value ...] [--cfg] [--help]\n\nverbs:\n"
+    + "".join(f"  {verb:<7} {line}\n" for verb, line in VERB_LINES.items())
+    + """
 clipkit VERB --help lists that verb's overrides with their defaults.
 overrides are Hydra's: model=vit_b32  data.train='/data/{00000..00099}.tar'  train.steps=1000
   hydra.run.dir=DIR   run directory (default runs/${name}); re-running a command resumes its run
   --cfg               print the resolved config and exit
 """
-
-VERBS = ("train", "eval", "export", "shards", "bench", "report")
+)
 EXIT_CONFIG = 2
 
 

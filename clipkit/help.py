@@ -36,12 +36,6 @@ VERB_SECTIONS = {
         "logging.peak_tflops",
     ],
 }
-VERB_LINES = {
-    "train": "train a model (no overrides: the tiny model on the embedded demo data); re-running resumes",
-    "eval": "zero-shot classification and retrieval of checkpoint=PATH (a run dir, a checkpoint dir or a folder)",
-    "export": "write encoder artifacts (open_clip folder, transformers CLIPModel, ONNX, towers), verified by loading",
-    "bench": "samples/s, MFU, data-wait and peak memory of clipkit's training step against open_clip's",
-}
 MAX_DOC = 110
 
 
@@ -115,6 +109,8 @@ def verb_help(verb: str, conf: Path, config) -> str:
     wanted = VERB_SECTIONS[verb]
     rows = [r for r in options(config) if any(r[0] == w or r[0].startswith(w + ".") for w in wanted)]
     width = min(max(len(f"{k}={v}") for k, v, _ in rows), 46)
+    from clipkit.cli import VERB_LINES
+
     out = [f"usage: clipkit {verb} [key=value ...] [--cfg] [--help]", "", VERB_LINES[verb], ""]
     groups = presets(conf)
     shown = [g for g in groups if g in {w.split(".")[0] for w in wanted}]

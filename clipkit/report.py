@@ -359,13 +359,14 @@ def _retrieval_cfg(config_text: str):
 
 def main(argv: list[str]) -> int:
     """``clipkit report RUN_DIR``."""
-    if not argv or argv[0] in ("-h", "--help") or len(argv) != 1:
+    asked = bool(argv) and argv[0] in ("-h", "--help")
+    if asked or len(argv) != 1:
         print(
             "usage: clipkit report RUN_DIR\n\nwrite RUN_DIR/report.html (training curves, eval metrics, confusion "
             "matrix, retrieval examples, data errors, config, environment) from what the run left in RUN_DIR",
-            file=sys.stdout if argv and argv[0] in ("-h", "--help") else sys.stderr,
+            file=sys.stdout if asked else sys.stderr,
         )
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+        return 0 if asked else 2
     run_dir = Path(argv[0]).expanduser()
     if not (run_dir / "metrics.jsonl").exists() and not (run_dir / "summary.json").exists():
         print(
