@@ -13,10 +13,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from clipkit.errors import PATH, ConfigError, require
+from clipkit.errors import PATH, Choice, ConfigError, require
 
 if TYPE_CHECKING:
     import torch
+
+
+class Towers(Choice):
+    both = "both"
+    image = "image"
+    text = "text"
 
 
 @dataclass
@@ -30,6 +36,25 @@ class ModelConfig:
     # Start from these weights (a clipkit run or checkpoint dir, an exported open_clip folder, or a .safetensors
     # state dict), e.g. to continue pretraining. Ignored once the run has its own checkpoint to resume from.
     init_from: Optional[str] = field(default=None, metadata=PATH)
+    # Which towers model.init_from loads (the others keep their fresh initialisation), e.g. `image` for LiT.
+    init_towers: Towers = Towers.both
+    # Lock (freeze) the image tower, as in LiT: no gradient, no optimizer state, no weight decay.
+    lock_image: bool = False
+    # Leave the last N layer groups of the locked image tower trainable (open_clip's groups: the embeddings, each
+    # block, the last block with the final norm, the projection; timm towers: timm's groups, then the head).
+    lock_image_unlocked_groups: int = 0
+    # Keep the locked image tower's norm layers frozen in its unlocked groups too (BatchNorm: statistics too).
+    lock_image_norm: bool = False
+    # Lock (freeze) the text tower.
+    lock_text: bool = False
+    # Leave the last N layer groups of the locked text tower trainable (the embeddings, each block, the last block
+    # with the final norm, the projection).
+    lock_text_unlocked_layers: int = 0
+    # Keep the locked text tower's norm layers frozen in its unlocked layers too.
+    lock_text_norm: bool = False
+    # A fully locked tower runs in eval mode (no dropout or patch dropout, frozen norm statistics); true keeps it
+    # in train mode like the rest of the model.
+    lock_train_mode: bool = False
     # Activation checkpointing in both towers: less activation memory for about a third more compute.
     grad_checkpointing: bool = False
     # FLIP-style patch dropout: the fraction of image patches dropped in training (0 = off; eval sees all).
@@ -42,6 +67,20 @@ class ModelConfig:
     def validate(self, prefix: str = "model") -> None:
         """Names, files and ranges; builds nothing and does not import open_clip (fast)."""
         require(f"{prefix}.patch_dropout", self.patch_dropout, 0 <= self.patch_dropout < 1, "must be in [0, 1)")
+        for tower, unlocked in (("image", "lock_image_unlocked_groups"), ("text", "lock_text_unlocked_layers")):
+            n = getattr(self, unlocked)
+            require(f"{prefix}.{unlocked}", n, n >= 0, "must be >= 0")
+            for key in (unlocked, f"lock_{tower}_norm"):
+                if getattr(self, key) and not getattr(self, f"lock_{tower}"):
+                    raise ConfigError(f"{prefix}.{key}", getattr(self, key), f"needs {prefix}.lock_{tower}=true")
+        if (
+            self.lock_image
+            and self.lock_text
+            and not (self.lock_image_unlocked_groups or self.lock_text_unlocked_layers)
+        ):
+            raise ConfigError(f"{prefix}.lock_text", True, "both towers fully locked: only the temperature would train")
+        if self.init_towers != Towers.both and self.init_from is None:
+            raise ConfigError(f"{prefix}.init_towers", self.init_towers, f"needs {prefix}.init_from")
         if self.config is not None:
             require(f"{prefix}.config", self.config, Path(self.config).expanduser().is_file(), "file not found")
         elif self.name.startswith("hf-hub:"):
@@ -184,3 +223,91 @@ def _built(model: torch.nn.Module, tokenizer, name: str) -> Built:
         std=tuple(pre["std"]),
         context_length=int(getattr(model, "context_length", 77)),
     )
+
+
+def load_init(model: torch.nn.Module, cfg: ModelConfig, device: torch.device | str) -> None:
+    """Loads ``model.init_from`` into the towers ``model.init_towers`` names (the temperature and bias with
+    ``both`` only); every key of those towers must be in the file."""
+    from clipkit import checkpoint as ckpt
+    from clipkit.optim import tower_of
+
+    weights = ckpt.load_tensors(ckpt.weights_file(Path(cfg.init_from).expanduser()), device)
+    if cfg.init_towers == Towers.both:
+        model.load_state_dict(weights)
+        return
+    wanted = {k for k in model.state_dict() if tower_of(k) == cfg.init_towers}
+    missing = sorted(wanted - weights.keys())
+    if missing:
+        raise ConfigError("model.init_from", cfg.init_from, f"has no {cfg.init_towers} tower weights {missing[:3]}")
+    model.load_state_dict({k: weights[k] for k in wanted}, strict=False)
+
+
+_NORMS = ("LayerNorm", "GroupNorm", "BatchNorm", "RMSNorm")
+
+
+def _tower_modules(model: torch.nn.Module, tower: str) -> list[torch.nn.Module]:
+    """The modules that make up a tower (open_clip's ``CLIP`` keeps its text tower's parts at the top level)."""
+    if tower == "image":
+        return [model.visual]
+    if hasattr(model, "text"):
+        return [model.text]
+    return [
+        m for m in (getattr(model, k, None) for k in ("token_embedding", "transformer", "ln_final")) if m is not None
+    ]
+
+
+def _hold_eval(module: torch.nn.Module) -> None:
+    """``module`` (and everything under it) stays in eval mode whatever ``model.train()`` asks."""
+    import types
+
+    import torch
+
+    module.train = types.MethodType(lambda self, mode=True: torch.nn.Module.train(self, False), module)
+    module.train()
+
+
+def apply_locks(model: torch.nn.Module, cfg: ModelConfig) -> str | None:
+    """Freezes what ``model.lock_*`` asks for through open_clip's own ``lock_image_tower`` / ``lock_text_tower``
+    (every tower type it builds: ViT, ModifiedResNet, timm, HF); clipkit adds the norm freeze for every tower and
+    eval mode for fully locked towers. Frozen parameters get no gradient, hence no optimizer state and no weight
+    decay (``optim.param_groups`` takes trainable parameters only). Returns a line for the run log."""
+    from clipkit.optim import tower_of
+
+    said = []
+    for tower, unlocked_key in (("image", "lock_image_unlocked_groups"), ("text", "lock_text_unlocked_layers")):
+        if not getattr(cfg, f"lock_{tower}"):
+            continue
+        unlocked, norm = getattr(cfg, unlocked_key), getattr(cfg, f"lock_{tower}_norm")
+        if tower == "image" and type(model.visual).__name__ == "TimmModel":
+            # open_clip locks a timm trunk but never its projection head; here the head is the last group, as
+            # a ViT's projection is: 0 locks the whole tower, N >= 1 leaves the head and N - 1 trunk groups.
+            model.lock_image_tower(unlocked_groups=max(0, unlocked - 1), freeze_bn_stats=norm)
+            model.visual.head.requires_grad_(unlocked > 0)
+        elif tower == "image":
+            model.lock_image_tower(unlocked_groups=unlocked, freeze_bn_stats=norm)
+        elif hasattr(model, "text") and type(model.text).__name__ == "HFTextEncoder":
+            model.text.lock(unlocked, freeze_layer_norm=True)
+        else:
+            model.lock_text_tower(unlocked, freeze_layer_norm=True)
+        modules = _tower_modules(model, tower)
+        if norm:
+            for module in modules:
+                for sub in module.modules():
+                    if any(n in type(sub).__name__ for n in _NORMS):
+                        sub.requires_grad_(False)
+                        _hold_eval(sub)
+        if not unlocked and not cfg.lock_train_mode:
+            for module in modules:
+                _hold_eval(module)
+        params = [p for name, p in model.named_parameters() if tower_of(name) == tower]
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        mode = "eval mode" if not unlocked and not cfg.lock_train_mode else "train mode"
+        said.append(
+            f"{tower} tower locked ({trainable / 1e6:.2f}M of {sum(p.numel() for p in params) / 1e6:.2f}M params "
+            f"trainable, {mode})"
+        )
+    if not said:
+        return None
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return "; ".join(said) + f"; {trainable / 1e6:.2f}M of {total / 1e6:.2f}M params trainable"

@@ -17,7 +17,8 @@ Gradient caching (GradCache) lets a rank contribute K micro-batches to one globa
      must not give them K times their gradient, as open_clip's accumulation does);
   4. the engine synchronises gradients across ranks only on the last micro-batch (no_sync before).
 Randomness inside the model (patch dropout) is replayed: each re-forward runs under the RNG state its
-no-grad forward saw, so both passes see the same model.
+no-grad forward saw, so both passes see the same model. A fully locked tower (``model.lock_image`` /
+``model.lock_text``) is not re-forwarded at all: its cached embeddings are final and need no gradient.
 The result equals one process computing the loss on the whole K*W*B batch (tested in float64).
 """
 
@@ -90,12 +91,19 @@ def cached_forward_backward(engine, loss_fn: LossFn, micro_batches: list[Batch])
     txt_grads = txt_all.grad.split([p.shape[0] for p in txt_parts])
 
     last = len(micro_batches) - 1
+    image_locked, text_locked = locked_towers(engine.model)
     for k, (images, text) in enumerate(micro_batches):
         _set_rng_state(rng_states[k], device)
         with engine.no_sync() if k < last else contextlib.nullcontext():
-            out_k = engine.forward(images, text)
-            outputs = [out_k["image_features"], out_k["text_features"]]
-            grads = [img_grads[k].to(outputs[0].dtype), txt_grads[k].to(outputs[1].dtype)]
+            out_k = engine.forward(None if image_locked else images, None if text_locked else text)
+            outputs, grads = [], []
+            for key, locked, grad in (
+                ("image_features", image_locked, img_grads),
+                ("text_features", text_locked, txt_grads),
+            ):
+                if not locked:
+                    outputs.append(out_k[key])
+                    grads.append(grad[k].to(out_k[key].dtype))
             if k == last:  # temperature and bias: their whole gradient, exactly once
                 outputs.append(out_k["logit_scale"])
                 grads.append(scale.grad.to(out_k["logit_scale"].dtype))
@@ -105,3 +113,11 @@ def cached_forward_backward(engine, loss_fn: LossFn, micro_batches: list[Batch])
             engine.backward(outputs, grads)
     _set_rng_state(after_state, device)
     return loss.detach(), out
+
+
+def locked_towers(model: torch.nn.Module) -> tuple[bool, bool]:
+    """(image tower fully locked, text tower fully locked): no parameter of it requires a gradient."""
+    from clipkit.optim import IMAGE, TEXT, tower_of
+
+    trainable = {tower_of(name) for name, p in model.named_parameters() if p.requires_grad}
+    return IMAGE not in trainable, TEXT not in trainable

@@ -370,7 +370,8 @@ def _train(cfg: RootConfig, run_dir: Path, loaders: list, preemption: Preemption
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     built = model_lib.build(cfg.model, env.device)
     if cfg.model.init_from:  # a later resume overwrites these with the run's own checkpoint
-        built.model.load_state_dict(ckpt.load_tensors(ckpt.weights_file(Path(cfg.model.init_from)), env.device))
+        model_lib.load_init(built.model, cfg.model, env.device)
+    locked = model_lib.apply_locks(built.model, cfg.model)  # (before any engine sees the parameters)
     try:  # counted once on the real model, before any wrapper; MFU = achieved / peak model FLOP/s
         train_flops = 3 * forward_flops_per_sample(built.model, built.image_size, built.context_length, env.device)
     except Exception as err:  # an exotic model the counter cannot trace: no MFU, training goes on
@@ -403,6 +404,8 @@ def _train(cfg: RootConfig, run_dir: Path, loaders: list, preemption: Preemption
         OmegaConf.to_container(OmegaConf.structured(cfg)),
         tensorboard=cfg.logging.tensorboard,
     )
+    if locked:
+        logger.write(locked)
     if resumed:
         logger.write(f"resumed from {resumed} (step {state.step}, {state.samples_seen} samples seen)")
     logger.write(

@@ -105,8 +105,9 @@ class Forward:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def __call__(self, images: torch.Tensor, text: torch.Tensor) -> dict:
-        if self.channels_last:
+    def __call__(self, images: torch.Tensor | None, text: torch.Tensor | None) -> dict:
+        """(``None`` for a tower skips it: gradient caching does not re-forward a fully locked tower.)"""
+        if self.channels_last and images is not None:
             images = images.contiguous(memory_format=torch.channels_last)
         with self.autocast():
             if self.compiled is None:

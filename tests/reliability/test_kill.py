@@ -11,7 +11,7 @@ from tests.reliability.harness import STEPS, record, rng, same_run, srun_train, 
 pytestmark = pytest.mark.reliability
 
 
-def kill9_trials(tmp_path, ref, case: str, n: int, *overrides: str) -> None:
+def kill9_trials(tmp_path, ref, case: str, n: int, *overrides: str, label: str = "plain") -> None:
     """n trials: kill -9 a random rank at a random step of a 2-rank run, resume, compare with ``ref`` (an
     uninterrupted run of the same engine) bit for bit."""
     passed, fails, r = 0, [], rng(case)
@@ -30,14 +30,27 @@ def kill9_trials(tmp_path, ref, case: str, n: int, *overrides: str) -> None:
         shutil.rmtree(run)
     engine = next((o.split("=")[1] for o in overrides if o.startswith("parallel=")), "ddp")
     figure = "bit-identical params, optimizer, losses; 0 keys lost/repeated"
-    record(f"kill -9 a random rank (2 ranks, {engine})", n, passed, figure)
+    recipe = "" if label == "plain" else f", {label}"
+    record(f"kill -9 a random rank (2 ranks, {engine}{recipe})", n, passed, figure)
     assert not fails, fails
 
 
-def test_kill9_random_rank_random_step(small_demo, tmp_path):
+# The kill matrix's training recipes (DDP): name -> (overrides, trials). Fast mode runs one DDP trial, with a
+# recipe on (a locked image tower whose last group trains: frozen parameters, optimizer state for the rest).
+RECIPES = {
+    "plain": ([], trials(0, 10)),
+    "lit": (["model.lock_image=true", "model.lock_image_unlocked_groups=1"], trials(1, 3)),
+}
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_kill9_random_rank_random_step(small_demo, tmp_path, recipe):
+    overrides, n = RECIPES[recipe]
+    if n == 0:
+        pytest.skip("CLIPKIT_RELIABILITY=long runs it; fast mode's DDP trial runs with a recipe on")
     ref = tmp_path / "ref"
-    assert all(rc == 0 for rc, _ in srun_train(ref)), "reference run failed"
-    kill9_trials(tmp_path, ref, "kill9", trials(1, 10))  # (fast mode: one DDP and one FSDP trial)
+    assert all(rc == 0 for rc, _ in srun_train(ref, *overrides)), "reference run failed"
+    kill9_trials(tmp_path, ref, f"kill9_{recipe}", n, *overrides, label=recipe)
 
 
 def test_kill9_random_rank_random_step_fsdp(fsdp_ref, tmp_path):
