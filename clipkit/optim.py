@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 class Schedule(Choice):
     cosine = "cosine"  # to min_lr_ratio x lr
     constant = "constant"
+    wsd = "wsd"  # warmup-stable-decay: constant, then linear to min_lr_ratio x lr over the last decay_fraction
 
 
 @dataclass
@@ -55,6 +56,8 @@ class OptimConfig:
     schedule: Schedule = Schedule.cosine
     # The schedule ends at lr x min_lr_ratio.
     min_lr_ratio: float = 0.0
+    # schedule=wsd: the fraction of the steps over which the learning rate decays at the end.
+    decay_fraction: float = 0.2
     # Max global gradient norm; 0 disables clipping.
     grad_clip_norm: float = 1.0
     # Weight decay follows open_clip's trainer (token and positional embeddings decayed); true exempts them.
@@ -72,6 +75,8 @@ class OptimConfig:
         for name in ("beta1", "beta2"):
             require(f"{prefix}.{name}", getattr(self, name), 0 <= getattr(self, name) < 1, "must be in [0, 1)")
         require(f"{prefix}.min_lr_ratio", self.min_lr_ratio, self.min_lr_ratio <= 1, "must be <= 1")
+        ok = 0 < self.decay_fraction <= 1
+        require(f"{prefix}.decay_fraction", self.decay_fraction, ok, "must be in (0, 1]")
 
 
 def no_weight_decay(name: str, param: torch.nn.Parameter, exclude_embeddings: bool = False) -> bool:
@@ -182,11 +187,16 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.devi
 
 
 def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:
-    """Multiplier of ``cfg.lr`` for the update at ``step`` (0-based): linear warmup, then cosine or constant."""
+    """Multiplier of ``cfg.lr`` for the update at ``step`` (0-based): linear warmup, then cosine, constant, or
+    constant and a linear decay over the last ``decay_fraction`` of the steps (wsd)."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
         return 1.0
+    if cfg.schedule == "wsd":
+        decay_steps = max(1, round(cfg.decay_fraction * total_steps))
+        into = step - (total_steps - decay_steps)  # 0 at the first decaying update; the update after the last
+        return 1.0 - (1 - cfg.min_lr_ratio) * min(1.0, max(0, into) / decay_steps)  # one would be at min_lr
     progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 

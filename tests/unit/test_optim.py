@@ -88,3 +88,18 @@ def test_layer_decay_on_a_tower_without_numbered_blocks_is_refused():
     model = build(ModelConfig(name="RN50")).model  # ModifiedResNet image tower
     with pytest.raises(ValueError, match=r"optim.image.layer_decay=0.8 needs an open_clip transformer tower"):
         build_optimizer(model, OptimConfig(image=TowerOptimConfig(layer_decay=0.8)), torch.device("cpu"))
+
+
+def test_warmup_stable_decay_schedule():
+    """optim.schedule=wsd: linear warmup, the peak, then a linear decay over the last decay_fraction of the steps
+    that would reach min_lr one update after the last (no update is spent at the floor)."""
+    from clipkit.optim import lr_factor
+
+    cfg = OptimConfig(warmup_steps=10, schedule="wsd", decay_fraction=0.2, min_lr_ratio=0.1)
+    factors = [lr_factor(step, cfg, total_steps=100) for step in range(100)]
+    assert factors[:10] == pytest.approx([(i + 1) / 10 for i in range(10)])
+    assert factors[10:80] == [1.0] * 70
+    assert factors[80:] == pytest.approx([1 - 0.9 * i / 20 for i in range(20)])
+    assert factors[-1] == pytest.approx(0.1 + 0.9 / 20)
+    with pytest.raises(ValueError, match="optim.decay_fraction"):
+        OptimConfig(decay_fraction=0).validate()
