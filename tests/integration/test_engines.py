@@ -87,7 +87,7 @@ def runs(tmp_path_factory, cache_dir) -> dict[str, Path]:
     # train.compile on: each block compiled before fully_shard wraps it (the log line is printed only once the
     # first compiled call has succeeded; a failed compile falls back to eager with a warning instead).
     proc = torchrun(root / "fsdp_cached", "parallel=fsdp", "train.micro_batch_size=64", "train.compile=true")
-    assert (proc.stdout + proc.stderr).count("torch.compile: 7 blocks compiled") == 2  # one per rank
+    assert (proc.stdout + proc.stderr).count("torch.compile: 5 blocks compiled") == 2  # one per rank
     assert "torch.compile failed" not in proc.stdout + proc.stderr
     out["fsdp_cached"] = root / "fsdp_cached"
     return out
