@@ -11,7 +11,8 @@ class ConfigError(ValueError):
 
     def __init__(self, key: str, value: Any, reason: str):
         self.key, self.value, self.reason = key, value, reason
-        super().__init__(f"{key}={value!r}: {reason}")
+        shown = value.value if isinstance(value, Enum) else value  # (a choice prints as typed: 'image')
+        super().__init__(f"{key}={shown!r}: {reason}")
 
 
 class NonFiniteError(FloatingPointError):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from clipkit.errors import ConfigError
-from clipkit.model import ModelConfig, apply_locks, build
+from clipkit.model import ModelConfig, Towers, apply_locks, build
 from clipkit.optim import OptimConfig, build_optimizer, tower_of
 
 
@@ -148,10 +148,11 @@ def test_resnet_image_towers_lock_with_frozen_batch_norm_statistics(tower, tmp_p
         ({"lock_text_norm": True}, "model.lock_text_norm"),
         ({"lock_image": True, "lock_image_unlocked_groups": -1}, "model.lock_image_unlocked_groups"),
         ({"lock_image": True, "lock_text": True}, "model.lock_text"),
-        ({"init_towers": "image"}, "model.init_towers"),
+        ({"init_towers": Towers.image}, "model.init_towers"),  # (an enum, as Hydra hands it over)
     ],
 )
 def test_bad_lock_settings_name_the_field(locks, field):
     with pytest.raises(ConfigError) as err:
         ModelConfig(**locks).validate()
     assert err.value.key == field
+    assert "Towers" not in str(err.value)  # a choice prints as typed (model.init_towers='image'), not as an enum
