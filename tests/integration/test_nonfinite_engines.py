@@ -86,6 +86,7 @@ ARGS = [
     "train.checkpoint_every=100",
     "train.precision=fp32",
     "optim.warmup_steps=4",
+    "optim.schedule=cosine",  # (not the demo's wsd: the lr differs at every update, so a drift would show)
     "logging.progress=false",
     "logging.report=false",
     "eval.zeroshot.dataset=",
