@@ -15,11 +15,13 @@ from tests.conftest import run_cli
 from tests.integration.test_engines import ATOL, COMMON, final_weights, logged, torchrun
 
 LIT = ["model.lock_image=true", "model.init_towers=image", "optim.weight_decay=0.2"]
-# "_cached": 2 micro-batches of 64 per rank (gradient caching; the locked tower is not re-forwarded)
+# "_cached": 2 micro-batches of 64 per rank (gradient caching; the locked tower is not re-forwarded). The default
+# suite runs the sharded, gradient-cached case; `make test-all` every engine (~35 s each, kept out of `make test`'s
+# 30 minutes).
 ENGINES = [
-    "ddp",
-    "zero3",
     "fsdp_cached",
+    pytest.param("ddp", marks=pytest.mark.slow),
+    pytest.param("zero3", marks=pytest.mark.slow),
     pytest.param("zero2_cached", marks=pytest.mark.slow),
     pytest.param("zero1", marks=pytest.mark.slow),
     pytest.param("fsdp", marks=pytest.mark.slow),
