@@ -246,14 +246,11 @@ _NORMS = ("LayerNorm", "GroupNorm", "BatchNorm", "RMSNorm")
 
 
 def _tower_modules(model: torch.nn.Module, tower: str) -> list[torch.nn.Module]:
-    """The modules that make up a tower (open_clip's ``CLIP`` keeps its text tower's parts at the top level)."""
-    if tower == "image":
-        return [model.visual]
-    if hasattr(model, "text"):
-        return [model.text]
-    return [
-        m for m in (getattr(model, k, None) for k in ("token_embedding", "transformer", "ln_final")) if m is not None
-    ]
+    """The top-level modules that make up a tower, by ``optim.tower_of``'s rule (open_clip's ``CLIP`` keeps its
+    text tower's parts at the top level)."""
+    from clipkit.optim import tower_of
+
+    return [module for name, module in model.named_children() if tower_of(name + ".") == tower]
 
 
 def _hold_eval(module: torch.nn.Module) -> None:
