@@ -199,11 +199,11 @@ def main(argv: list[str] | None = None) -> None:
         _train(cfg, run_dir)
     elif verb == "eval":
         from clipkit.eval.data import EvalDataError
-        from clipkit.evaluate import evaluate_command
+        from clipkit.evaluate import NoEmaWeights, evaluate_command
 
         try:
             evaluate_command(cfg, run_dir)
-        except EvalDataError as err:
+        except (EvalDataError, NoEmaWeights) as err:
             _fail(f"eval error: {err}", 1)
     elif verb == "export":
         _export(cfg)
@@ -222,13 +222,14 @@ def _export(cfg) -> None:
     from clipkit.export import ExportError, export
 
     path = resolve(Path(cfg.checkpoint))
-    built, saved_cfg = load_trained(path, torch.device("cpu"))
+    built, saved_cfg = load_trained(path, torch.device("cpu"), weights=cfg.weights)
     try:
         result = export(built, saved_cfg, cfg.format, Path(cfg.out))
     except ExportError as err:
         _fail(f"export error: {err}", 1)
     print(
-        f"exported {path} as {cfg.format} to {cfg.out}; reloaded by its consumer, max abs embedding difference "
+        f"exported {path} ({cfg.weights} weights) as {cfg.format} to {cfg.out}; reloaded by its consumer, "
+        "max abs embedding difference "
         f"image {result['image_max_abs_diff']:.2e}, text {result['text_max_abs_diff']:.2e}"
     )
 

@@ -76,6 +76,11 @@ class BenchConfig:
         positive(prefix, self, "steps", "warmup")
 
 
+class Weights(Choice):
+    raw = "raw"  # the trained parameters
+    ema = "ema"  # their moving average (a run trained with train.ema_decay > 0)
+
+
 class ExportFormat(Choice):
     open_clip = "open_clip"  # local-dir folder
     hf = "hf"  # transformers CLIPModel
@@ -118,6 +123,11 @@ class TrainConfig:
     async_checkpoint: bool = False
     # ``auto`` resumes from the newest complete checkpoint in the run dir; ``never`` starts fresh.
     resume: Resume = Resume.auto
+    # EMA weights: an fp32 exponential moving average of the trainable parameters with this decay, kept on every
+    # engine (sharded like the parameters), checkpointed, evaluated beside them (eval.use_ema); 0 = off.
+    ema_decay: float = 0.0
+    # Ramp the EMA decay up as min(ema_decay, 1 - (1 + n)^(-2/3)) over the first updates n.
+    ema_warmup: bool = True
 
     def micro_batch(self, world_size: int) -> int:
         """Per-rank micro-batch: ``micro_batch_size``, or the global batch split over the ranks."""
@@ -126,6 +136,8 @@ class TrainConfig:
     def validate(self, prefix: str = "train") -> None:
         positive(prefix, self, "steps", "global_batch_size", "log_every", "checkpoint_every", "keep_last")
         non_negative(prefix, self, "micro_batch_size", "max_nonfinite_skips")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"{prefix}.ema_decay", self.ema_decay, "must be in [0, 1) (0 = no EMA weights)")
 
 
 @dataclass
@@ -147,6 +159,8 @@ class RootConfig:
     format: ExportFormat = ExportFormat.open_clip
     # (the folder the export is written to)
     out: Optional[str] = field(default=None, metadata=PATH)
+    # For ``clipkit export``: which weights of the checkpoint: raw, or ema (its train.ema_decay average).
+    weights: Weights = Weights.raw
 
 
 def path_keys(schema: type = RootConfig, prefix: str = "") -> set[str]:
@@ -244,6 +258,26 @@ def validate(cfg: RootConfig, verb: str = "train", world_size: Optional[int] = N
     if verb == "export":
         require("checkpoint", None, cfg.checkpoint is not None, "required: a run dir or a checkpoint dir to export")
         require("out", cfg.out, bool(cfg.out), "required: the folder to write the export to")
+    if verb == "train" and cfg.eval.use_ema == "ema" and cfg.train.ema_decay == 0:
+        raise ConfigError("eval.use_ema", cfg.eval.use_ema, "needs EMA weights: train.ema_decay > 0 (e.g. 0.999)")
+    asks_ema = (verb == "export" and cfg.weights == "ema") or (verb == "eval" and cfg.eval.use_ema == "ema")
+    if asks_ema and cfg.checkpoint is not None:
+        key, value = ("weights", cfg.weights) if verb == "export" else ("eval.use_ema", cfg.eval.use_ema)
+        _require_ema_weights(key, value, cfg.checkpoint)
+
+
+def _require_ema_weights(key: str, value, checkpoint: str) -> None:
+    from clipkit import checkpoint as ckpt
+    from clipkit import ema as ema_lib
+
+    try:
+        path = ckpt.resolve(Path(checkpoint).expanduser())
+    except (FileNotFoundError, ckpt.CorruptCheckpoint):
+        return  # (the verb says what is wrong with the checkpoint itself)
+    if ema_lib.ema_weights(path) is None:
+        raise ConfigError(
+            key, value, f"{path} has no EMA weights: its run trained with train.ema_decay=0 (use {key}=raw)"
+        )
 
 
 def _validate_engine_support(cfg: RootConfig, world_size: int) -> None:

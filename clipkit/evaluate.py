@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from clipkit import checkpoint as ckpt
 from clipkit import distributed
+from clipkit import ema as ema_lib
 from clipkit import model as model_lib
 from clipkit.config import RootConfig
 from clipkit.data import ensure_demo
@@ -22,13 +23,30 @@ from clipkit.eval.runner import format_table, run_evals
 log = logging.getLogger("clipkit")
 
 
-def load_trained(path: Path, device: torch.device) -> tuple[model_lib.Built, RootConfig]:
-    """The model of a clipkit checkpoint, built from the config it carries."""
+class NoEmaWeights(ValueError):
+    """EMA weights were asked for (``weights=ema``, ``eval.use_ema=ema``) and the checkpoint has none."""
+
+
+def load_trained(path: Path, device: torch.device, weights: str = "raw") -> tuple[model_lib.Built, RootConfig]:
+    """The model of a clipkit checkpoint, built from the config it carries, with its raw or its EMA weights."""
     saved = OmegaConf.merge(OmegaConf.structured(RootConfig), OmegaConf.load(path / "config.yaml"))
     saved_cfg: RootConfig = OmegaConf.to_object(saved)
     built = model_lib.build(saved_cfg.model, device)
     built.model.load_state_dict(ckpt.load_tensors(path / "model.safetensors", device))
+    if weights == "ema":
+        use_ema_weights(built.model, path, device)
     return built, saved_cfg
+
+
+def use_ema_weights(model: torch.nn.Module, path: Path, device: torch.device) -> None:
+    """Loads checkpoint ``path``'s EMA weights over the model's trainable parameters."""
+    if ema_lib.ema_weights(path) is None:
+        raise NoEmaWeights(
+            f"{path} has no EMA weights ({ema_lib.EMA_FILE}): the run trained with train.ema_decay=0; "
+            "use the raw weights (weights=raw, eval.use_ema=raw)"
+        )
+    _, averaged = ema_lib.load_files(path, device)
+    model.load_state_dict(ema_lib.with_ema(model.state_dict(), averaged))
 
 
 def evaluate_command(cfg: RootConfig, run_dir: Path) -> dict:
@@ -36,6 +54,7 @@ def evaluate_command(cfg: RootConfig, run_dir: Path) -> dict:
     env = distributed.init(cfg.train.device, cfg.parallel.timeout_s)
     device = env.device
     data_cfg: DataConfig = cfg.data
+    ema_path = None
     if cfg.checkpoint and (Path(cfg.checkpoint).expanduser() / "open_clip_config.json").is_file():
         built = model_lib.from_open_clip_folder(Path(cfg.checkpoint), device)
         source = f"open_clip folder {cfg.checkpoint}"
@@ -44,13 +63,23 @@ def evaluate_command(cfg: RootConfig, run_dir: Path) -> dict:
         built, saved_cfg = load_trained(path, device)
         data_cfg = replace(cfg.data, cache_dir=saved_cfg.data.cache_dir, demo=saved_cfg.data.demo)
         source = str(path)
+        ema_path = path if ema_lib.ema_weights(path) else None
     else:
         built = model_lib.build(cfg.model, device)
         source = f"{cfg.model.name}" + (f" ({cfg.model.pretrained})" if cfg.model.pretrained else " (random init)")
     uses_demo = "demo" in (cfg.eval.zeroshot.dataset, cfg.eval.retrieval.dataset)
     demo = ensure_demo(data_cfg, say=lambda m: log.info(m)) if uses_demo else None  # file-locked across ranks
     t0 = time.perf_counter()
-    results = run_evals(built, cfg.eval, device, demo, progress=cfg.logging.progress)
+    use = cfg.eval.use_ema
+    if use == "ema" and ema_path is None:
+        raise NoEmaWeights(f"eval.use_ema=ema: {source} has no EMA weights (a run trained with train.ema_decay > 0)")
+    results = {}
+    if use != "ema" or ema_path is None:
+        results = run_evals(built, cfg.eval, device, demo, progress=cfg.logging.progress)
+    if ema_path is not None and use != "raw":
+        use_ema_weights(built.model, ema_path, device)
+        averaged = run_evals(built, cfg.eval, device, demo, progress=cfg.logging.progress)
+        results.update({f"{name}{ema_lib.SUFFIX}": res for name, res in averaged.items()})
     if env.is_main:
         out = Path(cfg.eval.output) if cfg.eval.output else Path(run_dir) / "eval.json"
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ from pathlib import Path
 VERB_SECTIONS = {
     "train": ["name", "model", "data", "loss", "optim", "train", "eval", "logging", "parallel"],
     "eval": ["checkpoint", "eval", "model", "data.cache_dir", "data.demo", "train.device", "logging.progress"],
-    "export": ["checkpoint", "format", "out"],
+    "export": ["checkpoint", "format", "out", "weights"],
     "bench": [
         "bench",
         "model",

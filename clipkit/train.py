@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 import clipkit
 from clipkit import checkpoint as ckpt
 from clipkit import distributed, faults, report
+from clipkit import ema as ema_lib
 from clipkit import model as model_lib
 from clipkit.config import RootConfig, resolve_eval_sets
 from clipkit.data import ensure_demo, train_spec, worker_context
@@ -313,13 +314,21 @@ class Checkpoints:
 
 def evaluate(cfg: RootConfig, built, env, engine, demo: Path | None, held: ShardTable | None) -> dict:
     """Every rank embeds its share of each eval set; rank 0 gets the metrics (the others an empty dict).
-    ``eval.retrieval.dataset=holdout`` reads the shards ``data.holdout_fraction`` kept out of training."""
+    ``eval.retrieval.dataset=holdout`` reads the shards ``data.holdout_fraction`` kept out of training. With
+    EMA weights, ``eval.use_ema`` picks raw, EMA (results named ``NAME_ema``) or both."""
     eval_cfg = cfg.eval
     if eval_cfg.retrieval.dataset == "holdout" and held is not None:
         retrieval = dataclasses.replace(eval_cfg.retrieval, dataset="::".join(held.urls))
         eval_cfg = dataclasses.replace(eval_cfg, retrieval=retrieval)
-    with engine.full_params():
-        return run_evals(built, eval_cfg, env.device, demo, progress=cfg.logging.progress)
+    results, use = {}, eval_cfg.use_ema  # (validated: ema only with train.ema_decay > 0)
+    if engine.ema is None or use != "ema":
+        with engine.full_params():
+            results = run_evals(built, eval_cfg, env.device, demo, progress=cfg.logging.progress)
+    if engine.ema is not None and use != "raw":
+        with engine.ema_weights():
+            averaged = run_evals(built, eval_cfg, env.device, demo, progress=cfg.logging.progress)
+        results.update({f"{name}{ema_lib.SUFFIX}": res for name, res in averaged.items()})
+    return results
 
 
 def eval_sets(cfg: RootConfig, held: ShardTable | None) -> dict:

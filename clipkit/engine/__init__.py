@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
     from clipkit.config import RootConfig
     from clipkit.distributed import DistEnv
+    from clipkit.ema import EMA
 
 __all__ = ["Engine", "EngineName", "NonFiniteError", "ParallelConfig", "build_engine"]
 
@@ -80,6 +81,7 @@ class ParallelConfig:
 class Engine(Protocol):
     model: torch.nn.Module  # the unwrapped open_clip model (its state_dict has open_clip's names and shapes)
     amp_dtype: torch.dtype | None
+    ema: EMA | None  # train.ema_decay > 0: the moving average, moved by ``step`` after every applied update
 
     def forward(self, images: torch.Tensor, text: torch.Tensor) -> dict:
         """The model's outputs (``image_features``, ``text_features``, 0-d ``logit_scale`` [, ``logit_bias``])."""
@@ -102,6 +104,9 @@ class Engine(Protocol):
 
     def full_params(self) -> AbstractContextManager:
         """A context in which ``model`` holds all of its weights (eval, export); trivial when unsharded."""
+
+    def ema_weights(self) -> AbstractContextManager:
+        """``full_params`` with the EMA weights in place of the trainable parameters (only when ``ema``)."""
 
     def save(self, path: Path, background: bool = False) -> Future | None:
         """Writes model and engine state into checkpoint dir ``path`` (collective: every rank calls it). With

@@ -40,6 +40,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
 from clipkit import checkpoint as ckpt
+from clipkit import ema as ema_lib
 from clipkit.distributed import ensure_process_group
 from clipkit.engine.parts import Forward, TorchUpdate, autocast_dtype, hold_scalars_as_vectors, with_scalar_outputs
 
@@ -77,7 +78,9 @@ class FSDPEngine:
         fully_shard(model, **options)
         # Clip, finite check, AdamW on the fp32 shards, schedule, temperature clamp (each rank clamps its own shard
         # of the 1-element temperature): the same update as the replicated engines (no fp16 scaler: refused).
-        self.update = TorchUpdate(model, cfg, env.device, amp_dtype=None)
+        # train.ema_decay: the average of this rank's fp32 shards (sharded like the parameters; DCP reshards it).
+        self.ema = ema_lib.build(cfg, lambda: {n: p.to_local() for n, p in ema_lib.trainable(model).items()})
+        self.update = TorchUpdate(model, cfg, env.device, amp_dtype=None, ema=self.ema)
         self.optimizer, self.scheduler = self.update.optimizer, self.update.scheduler
         # Asynchronous saves talk over their own group, so that they never interleave with the training's
         # collectives (creating a group is itself a collective: every rank does it here, in the same order).
@@ -119,6 +122,36 @@ class FSDPEngine:
         finally:
             self.model.reshard()
 
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """``full_params`` over the EMA weights (each rank swaps its own shards in; the unshard gathers them)."""
+        with self.ema.swapped(), self.full_params():
+            yield
+
+    def _ema_dtensors(self) -> dict:
+        """The EMA shards as DTensors laid out like their parameters (sharing the shards' storage)."""
+        from torch.distributed.tensor import DTensor
+
+        params = ema_lib.trainable(self.model)
+        return {
+            name: DTensor.from_local(
+                local,
+                params[name].device_mesh,
+                params[name].placements,
+                run_check=False,
+                shape=params[name].shape,
+                stride=params[name].stride(),
+            )
+            for name, local in self.ema.shadow.items()
+        }
+
+    def consolidated_ema(self) -> dict[str, torch.Tensor] | None:
+        """The full fp32 EMA weights with open_clip's names and shapes on rank 0 (a collective); None elsewhere."""
+        full = {name: t.full_tensor().cpu() for name, t in self._ema_dtensors().items()}
+        if self.rank != 0:
+            return None
+        return {k: v.reshape(()) if k in self.scalar_names else v for k, v in full.items()}
+
     def consolidated_weights(self) -> dict[str, torch.Tensor] | None:
         """The full fp32 weights with open_clip's names and shapes on rank 0 (a collective); None elsewhere."""
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -135,25 +168,39 @@ class FSDPEngine:
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         state = {"model": model_state, "optim": optim_state}
         weights = self.consolidated_weights()  # a collective; host copies on rank 0
+        ema_weights, ema_state = None, self.ema.state() if self.ema else None
+        if self.ema:
+            ema_weights = self.consolidated_ema()  # a collective
+            # (async: DCP stages its own copy before returning; the EMA moves on only after that)
+            state["ema"] = self._ema_dtensors()
         if self.rank == 0:
             ckpt.save_torch(path / "engine.pt", {"scheduler": self.scheduler.state_dict()})
-        if not background:
-            dcp.save(state, checkpoint_id=str(path / DCP_DIR))
+
+        def write_consolidated() -> None:
             if weights is not None:
                 ckpt.save_tensors(path / "model.safetensors", weights)
+            if ema_weights is not None:
+                ema_lib.save_files(path, ema_weights, ema_state)
+
+        if not background:
+            dcp.save(state, checkpoint_id=str(path / DCP_DIR))
+            write_consolidated()
             return None
         shards = dcp.async_save(state, checkpoint_id=str(path / DCP_DIR), process_group=self.checkpoint_group)
 
         def finish() -> None:
             shards.result()
-            if weights is not None:
-                ckpt.save_tensors(path / "model.safetensors", weights)
+            write_consolidated()
 
         return self._writer.submit(finish)
 
     def load(self, path: Path) -> None:
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         state = {"model": model_state, "optim": optim_state}
+        if self.ema:
+            state["ema"] = self._ema_dtensors()  # loaded in place into the EMA's shards
         dcp.load(state, checkpoint_id=str(path / DCP_DIR))  # reshards when the number of ranks changed
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         self.scheduler.load_state_dict(ckpt.load_torch(path / "engine.pt")["scheduler"])
+        if self.ema:
+            self.ema.load_state(ckpt.load_json(path / ema_lib.STATE_FILE))

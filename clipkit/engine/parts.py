@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from clipkit import checkpoint as ckpt
+from clipkit import ema as ema_lib
 from clipkit.optim import build_optimizer, build_scheduler, scheduled_lr
 
 if TYPE_CHECKING:
@@ -136,8 +137,8 @@ class TorchUpdate:
     """AdamW + warmup/cosine schedule over ``model``'s parameters, with global-norm clipping, a finite check before
     the update, the temperature clamp after it, and fp16 loss scaling when ``train.precision=fp16``."""
 
-    def __init__(self, model: torch.nn.Module, cfg: RootConfig, device: torch.device, amp_dtype):
-        self.model = model
+    def __init__(self, model: torch.nn.Module, cfg: RootConfig, device: torch.device, amp_dtype, ema=None):
+        self.model, self.ema = model, ema  # (ema: moved after every applied update)
         self.optimizer = build_optimizer(model, cfg.optim, device)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
         self.base_lr = cfg.optim.lr
@@ -171,6 +172,8 @@ class TorchUpdate:
         self.scheduler.step()
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        if self.ema and (self.scaler is None or is_finite(norm)):  # (not after a step the fp16 scaler skipped)
+            self.ema.update()
         return norm.detach(), True
 
     @property
@@ -190,14 +193,18 @@ class TorchUpdate:
             self.scaler.load_state_dict(state["scaler"])
 
     def save(self, path: Path, rank: int) -> None:
-        """Rank 0 writes the full weights and the optimizer state (the model is replicated)."""
+        """Rank 0 writes the full weights, the optimizer state and the EMA (the model is replicated)."""
         if rank == 0:
             ckpt.save_tensors(path / "model.safetensors", self.model.state_dict())
             ckpt.save_torch(path / "engine.pt", self.state_dict())
+            if self.ema:
+                ema_lib.save_files(path, self.ema.shadow, self.ema.state())
 
     def load(self, path: Path, device: torch.device) -> None:
         self.model.load_state_dict(ckpt.load_tensors(path / "model.safetensors", device))
         self.load_state_dict(ckpt.load_torch(path / "engine.pt"))
+        if self.ema:
+            self.ema.load_state(*ema_lib.load_files(path, device))
 
 
 class Replicated:
@@ -208,7 +215,8 @@ class Replicated:
         self.model, self.device, self.rank = model, env.device, env.rank
         self.amp_dtype = autocast_dtype(cfg.train.precision, env.device)
         self.forward = Forward(module, env.device, self.amp_dtype, cfg.train.channels_last, cfg.train.compile)
-        self.update = TorchUpdate(model, cfg, env.device, self.amp_dtype)
+        self.ema = ema_lib.build(cfg, lambda: {n: p.detach() for n, p in ema_lib.trainable(model).items()})
+        self.update = TorchUpdate(model, cfg, env.device, self.amp_dtype, self.ema)
         self.optimizer, self.scheduler = self.update.optimizer, self.update.scheduler
 
     def backward(self, outputs: list[torch.Tensor], grads: list[torch.Tensor] | None = None) -> None:
@@ -226,6 +234,9 @@ class Replicated:
 
     def full_params(self):
         return contextlib.nullcontext()
+
+    def ema_weights(self):
+        return self.ema.swapped()
 
     def save(self, path: Path, background: bool = False) -> None:
         self.update.save(path, self.rank)  # synchronous (train.async_checkpoint is refused for this engine)

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from clipkit import checkpoint as ckpt
+from clipkit import ema as ema_lib
 from clipkit.distributed import DistEnv, ensure_process_group
 from clipkit.engine.parts import MAX_LOGIT_SCALE, Forward, autocast_dtype, hold_scalars_as_vectors, with_scalar_outputs
 from clipkit.optim import build_optimizer, build_scheduler, scheduled_lr
@@ -107,6 +108,9 @@ class DeepSpeedEngine:
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config, dist_init_required=False
         )
         self.module.train()
+        # train.ema_decay: ZeRO-1/2 average the (replicated, fp32) module weights; ZeRO-3 each rank's flat fp32
+        # partitions of them (``ds_tensor``), partitioned like the parameters.
+        self.ema = ema_lib.build(cfg, self._ema_sources)
         self._forward = Forward(self.module, env.device, self.amp_dtype, channels_last=False, compile=False)
 
     def forward(self, images: torch.Tensor, text: torch.Tensor) -> dict:
@@ -140,7 +144,52 @@ class DeepSpeedEngine:
             return norm, False
         if not 0 <= scale <= MAX_LOGIT_SCALE:
             self._clamp_logit_scale()
+        if self.ema:
+            self.ema.update()
         return norm, True
+
+    def _ema_sources(self) -> dict[str, torch.Tensor]:
+        params = ema_lib.trainable(self.model)
+        if self.stage < 3:
+            return {name: p.detach() for name, p in params.items()}
+        return {name: p.ds_tensor for name, p in params.items()}
+
+    def _full_ema(self) -> dict[str, torch.Tensor]:
+        """The whole EMA weights on every rank (ZeRO-3: one all-gather of every rank's partitions; a collective),
+        with the module's shapes (the temperature as a [1] vector)."""
+        if self.stage < 3:
+            return dict(self.ema.shadow)
+        params, names = ema_lib.trainable(self.model), list(self.ema.shadow)
+        flat = torch.cat([self.ema.shadow[n].reshape(-1) for n in names])
+        parts = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, flat)
+        sizes = [self.ema.shadow[n].numel() for n in names]
+        pieces = [part.split(sizes) for part in parts]  # [rank][name]
+        return {
+            name: torch.cat([p[i] for p in pieces])[: params[name].ds_numel].view(params[name].ds_shape)
+            for i, name in enumerate(names)
+        }
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """``full_params`` over the EMA weights. ZeRO-3 copies the gathered average into the gathered weights
+        (its small persistent parameters are never re-gathered from the partitions) and restores them after."""
+        if self.stage < 3:
+            with self.ema.swapped():
+                yield
+            return
+        full, params = self._full_ema(), ema_lib.trainable(self.model)
+        with self.full_params():
+            with torch.no_grad():
+                saved = {name: params[name].data.clone() for name in full}
+                for name, value in full.items():
+                    params[name].data.copy_(value.view_as(params[name].data))
+            try:
+                yield
+            finally:
+                with torch.no_grad():
+                    for name, value in saved.items():
+                        params[name].data.copy_(value)
 
     def _clamp_logit_scale(self) -> None:
         """Clamps the temperature in DeepSpeed's fp32 master copy and in the module's working copy."""
@@ -177,6 +226,13 @@ class DeepSpeedEngine:
         if self.rank == 0:
             ckpt.save_tensors(path / "model.safetensors", weights)
             ckpt.save_json(path / "deepspeed_config.json", self.ds_config)
+        if self.ema:
+            if self.stage == 3:  # each rank's own partitions, for resume (on the same world size)
+                ckpt.save_tensors(path / f"ema_rank_{self.rank:05d}.safetensors", self.ema.shadow)
+            full = self._full_ema()  # a collective
+            if self.rank == 0:
+                full = {k: v.reshape(()) if k in self.scalar_names else v for k, v in full.items()}
+                ema_lib.save_files(path, full, self.ema.state())
 
     def load(self, path: Path) -> None:
         loaded, _ = self.module.load_checkpoint(
@@ -184,3 +240,8 @@ class DeepSpeedEngine:
         )
         if loaded is None:
             raise ckpt.CorruptCheckpoint(f"{path / TAG}: DeepSpeed could not load its checkpoint")
+        if self.ema:
+            state, full = ema_lib.load_files(path, self.device)
+            if self.stage == 3:
+                full = ckpt.load_tensors(path / f"ema_rank_{self.rank:05d}.safetensors", self.device)
+            self.ema.load_state(state, full)

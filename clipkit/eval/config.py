@@ -11,6 +11,12 @@ from omegaconf import OmegaConf
 from clipkit.errors import PATH, Choice, ConfigError, non_negative, positive
 
 
+class UseEma(Choice):
+    both = "both"
+    ema = "ema"
+    raw = "raw"
+
+
 class EvalPrecision(Choice):
     auto = "auto"  # bf16 autocast on GPU, fp32 on CPU
     fp32 = "fp32"
@@ -100,6 +106,9 @@ class EvalConfig:
     suite: Optional[str] = field(default=None, metadata=PATH)
     # JSON output of ``clipkit eval`` (default: eval.json in the run dir).
     output: Optional[str] = field(default=None, metadata=PATH)
+    # With EMA weights (train.ema_decay > 0, or a checkpoint that has them): evaluate both (the EMA results as
+    # NAME_ema), only the EMA weights, or only the raw ones. Without EMA weights: raw (ema is then an error).
+    use_ema: UseEma = UseEma.both
 
     def validate(self, check_sources: bool, allow_pipe: bool = True, prefix: str = "eval") -> None:
         """Own fields; with ``check_sources`` (train, eval) every dataset, class-name and template source."""

@@ -86,6 +86,9 @@ def final_state(run_dir: Path) -> dict:
     return {
         "model": load_file(str(ckpt / "model.safetensors")),
         "engine": torch.load(ckpt / "engine.pt", map_location="cpu", weights_only=True),
+        # EMA weights and their update count (runs with train.ema_decay > 0)
+        "ema": load_file(str(ckpt / "ema.safetensors")) if (ckpt / "ema.safetensors").is_file() else None,
+        "ema_updates": json.loads((ckpt / "ema.json").read_text()) if (ckpt / "ema.json").is_file() else None,
     }
 
 
@@ -100,12 +103,14 @@ def same_tensors(a, b) -> bool:
 
 
 def same_run(run_dir: Path, ref_dir: Path) -> tuple[bool, str]:
-    """Bit-identical final parameters and optimizer state, loss curve, and trained sample keys."""
+    """Bit-identical final parameters, optimizer state and EMA weights, loss curve, and trained sample keys."""
     a, b = final_state(run_dir), final_state(ref_dir)
     if not same_tensors(a["model"], b["model"]):
         return False, "parameters differ"
     if not same_tensors(a["engine"], b["engine"]):
         return False, "optimizer / scheduler state differs"
+    if not same_tensors(a["ema"], b["ema"]) or a["ema_updates"] != b["ema_updates"]:
+        return False, "EMA weights differ"
     if losses(run_dir) != losses(ref_dir):
         return False, "loss curves differ"
     got, want = keys(run_dir), keys(ref_dir)

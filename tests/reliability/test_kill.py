@@ -35,11 +35,16 @@ def kill9_trials(tmp_path, ref, case: str, n: int, *overrides: str, label: str =
     assert not fails, fails
 
 
-# The kill matrix's training recipes (DDP): name -> (overrides, trials). Fast mode runs one DDP trial, with a
-# recipe on (a locked image tower whose last group trains: frozen parameters, optimizer state for the rest).
+# The kill matrix's training recipes (DDP): name -> (overrides, trials). Fast mode runs one DDP trial, with
+# recipes on (a locked image tower whose last group trains: frozen parameters, optimizer state for the rest; EMA
+# weights of what trains); long mode each recipe alone as well.
+LIT = ["model.lock_image=true", "model.lock_image_unlocked_groups=1"]
+EMA = ["train.ema_decay=0.9"]
 RECIPES = {
     "plain": ([], trials(0, 10)),
-    "lit": (["model.lock_image=true", "model.lock_image_unlocked_groups=1"], trials(1, 3)),
+    "lit": (LIT, trials(0, 3)),
+    "ema": (EMA, trials(0, 3)),
+    "lit+ema": ([*LIT, *EMA], trials(1, 3)),
 }
 
 
