@@ -23,6 +23,7 @@ from typing import Optional
 from hydra.core.config_store import ConfigStore
 
 from clipkit.data.config import DataConfig
+from clipkit.distill import DistillConfig, DistillKind
 from clipkit.engine import EngineName, ParallelConfig
 from clipkit.errors import PATH, Choice, ConfigError, non_negative, positive, require
 from clipkit.eval.config import EvalConfig
@@ -147,6 +148,7 @@ class RootConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -232,6 +234,7 @@ def validate(cfg: RootConfig, verb: str = "train", world_size: Optional[int] = N
     cfg.train.validate()
     cfg.optim.validate()
     cfg.loss.validate()
+    cfg.distill.validate()
     cfg.model.validate()
     cfg.logging.validate()
     cfg.parallel.validate()
@@ -252,6 +255,13 @@ def validate(cfg: RootConfig, verb: str = "train", world_size: Optional[int] = N
             "loss.name=siglip needs a learnable bias: use loss=siglip "
             "(sets model.init_logit_scale=2.3026 and model.init_logit_bias=-10)",
         )
+    if cfg.distill.teacher is not None and verb == "train":
+        if cfg.loss.name == LossName.siglip and cfg.distill.kind == DistillKind.logits:
+            raise ConfigError(
+                "distill.kind", cfg.distill.kind, "softmax logit distillation goes with loss=infonce (use features)"
+            )
+        if cfg.distill.kind == DistillKind.features:
+            _require_same_width(cfg)
     _validate_engine_support(cfg, world_size)
     if verb in ("eval", "export") and cfg.checkpoint is not None:
         require("checkpoint", cfg.checkpoint, Path(cfg.checkpoint).expanduser().exists(), "path not found")
@@ -264,6 +274,35 @@ def validate(cfg: RootConfig, verb: str = "train", world_size: Optional[int] = N
     if asks_ema and cfg.checkpoint is not None:
         key, value = ("weights", cfg.weights) if verb == "export" else ("eval.use_ema", cfg.eval.use_ema)
         _require_ema_weights(key, value, cfg.checkpoint)
+
+
+def _require_same_width(cfg: RootConfig) -> None:
+    """``distill.kind=features`` compares embeddings: the teacher's width must be the student's (read from the
+    configs; nothing is built)."""
+    import json
+
+    from clipkit import model as model_lib
+
+    student = model_lib.model_config(cfg.model)["embed_dim"]
+    path = Path(cfg.distill.teacher).expanduser()
+    if (path / "open_clip_config.json").is_file():
+        teacher = json.loads((path / "open_clip_config.json").read_text())["model_cfg"]["embed_dim"]
+    elif path.exists():
+        from omegaconf import OmegaConf
+
+        from clipkit import checkpoint as ckpt
+
+        run_cfg = OmegaConf.load(ckpt.resolve(path) / "config.yaml")
+        teacher_model = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(model_lib.ModelConfig), run_cfg.model))
+        teacher = model_lib.model_config(teacher_model)["embed_dim"]
+    else:
+        teacher = model_lib.model_config(model_lib.ModelConfig(name=cfg.distill.teacher))["embed_dim"]
+    if teacher != student:
+        raise ConfigError(
+            "distill.kind",
+            cfg.distill.kind,
+            f"features needs the teacher's embedding width ({teacher}) to be the student's ({student}); use logits",
+        )
 
 
 def _require_ema_weights(key: str, value, checkpoint: str) -> None:

@@ -20,6 +20,9 @@ Randomness inside the model (patch dropout) is replayed: each re-forward runs un
 no-grad forward saw, so both passes see the same model. A fully locked tower (``model.lock_image`` /
 ``model.lock_text``) is not re-forwarded at all: its cached embeddings are final and need no gradient.
 The result equals one process computing the loss on the whole K*W*B batch (tested in float64).
+
+Distillation (``teacher``): the teacher's outputs for each micro-batch are computed once, without autograd (in
+the no-grad pass when caching), and handed to the loss beside the student's.
 """
 
 from __future__ import annotations
@@ -30,8 +33,11 @@ from dataclasses import dataclass
 
 import torch
 
-Batch = tuple[torch.Tensor, torch.Tensor]  # (normalised images, token ids)
-LossFn = Callable[..., torch.Tensor]  # (image_features, text_features, logit_scale, logit_bias) -> scalar
+# (normalised images, token ids[, the teacher's token ids when it has its own tokenizer])
+Batch = tuple[torch.Tensor, ...]
+# (image_features, text_features, logit_scale, logit_bias[, teacher=outputs]) -> scalar
+LossFn = Callable[..., torch.Tensor]
+Teacher = Callable[..., dict]  # (images, text[, teacher text]) -> image_features, text_features, logit_scale
 
 
 @dataclass
@@ -42,19 +48,22 @@ class StepResult:
     applied: bool  # False: the norm was not finite and nothing was applied
 
 
-def train_step(engine, loss_fn: LossFn, micro_batches: list[Batch]) -> StepResult:
-    loss, out = forward_backward(engine, loss_fn, micro_batches)
+def train_step(engine, loss_fn: LossFn, micro_batches: list[Batch], teacher: Teacher | None = None) -> StepResult:
+    loss, out = forward_backward(engine, loss_fn, micro_batches, teacher)
     grad_norm, applied = engine.step()  # clip; apply only if the global norm is finite
     return StepResult(loss, grad_norm, out["logit_scale"].detach(), applied)
 
 
-def forward_backward(engine, loss_fn: LossFn, micro_batches: list[Batch]) -> tuple[torch.Tensor, dict]:
+def forward_backward(
+    engine, loss_fn: LossFn, micro_batches: list[Batch], teacher: Teacher | None = None
+) -> tuple[torch.Tensor, dict]:
     """Leaves this step's gradients in the engine; returns (detached loss, the last forward's outputs)."""
     if len(micro_batches) > 1:
-        return cached_forward_backward(engine, loss_fn, micro_batches)
-    ((images, text),) = micro_batches
+        return cached_forward_backward(engine, loss_fn, micro_batches, teacher)
+    ((images, text, *teacher_text),) = micro_batches
+    extra = {"teacher": teacher(images, text, *teacher_text)} if teacher else {}
     out = engine.forward(images, text)
-    loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias"))
+    loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias"), **extra)
     engine.backward([loss])
     return loss.detach(), out
 
@@ -69,30 +78,41 @@ def _set_rng_state(state: tuple, device: torch.device) -> None:
         torch.cuda.set_rng_state(state[1], device)
 
 
-def cached_forward_backward(engine, loss_fn: LossFn, micro_batches: list[Batch]) -> tuple[torch.Tensor, dict]:
+def cached_forward_backward(
+    engine, loss_fn: LossFn, micro_batches: list[Batch], teacher: Teacher | None = None
+) -> tuple[torch.Tensor, dict]:
     """Gradient-cached forward/backward over K micro-batches (see the module docstring)."""
     device = micro_batches[0][0].device
-    rng_states, img_parts, txt_parts = [], [], []
+    rng_states, img_parts, txt_parts, teacher_parts = [], [], [], []
     with torch.no_grad():
-        for images, text in micro_batches:
+        for images, text, *teacher_text in micro_batches:
             rng_states.append(_rng_state(device))
             out = engine.forward(images, text)
             img_parts.append(out["image_features"])
             txt_parts.append(out["text_features"])
+            if teacher:  # (no randomness: the replayed RNG states stay the student's)
+                teacher_parts.append(teacher(images, text, *teacher_text))
     after_state = _rng_state(device)
+    extra = {}
+    if teacher:
+        extra["teacher"] = {
+            "image_features": torch.cat([t["image_features"] for t in teacher_parts]),
+            "text_features": torch.cat([t["text_features"] for t in teacher_parts]),
+            "logit_scale": teacher_parts[-1]["logit_scale"],
+        }
 
     img_all = torch.cat(img_parts).detach().requires_grad_()
     txt_all = torch.cat(txt_parts).detach().requires_grad_()
     scale = out["logit_scale"].detach().requires_grad_()
     bias = out["logit_bias"].detach().requires_grad_() if out.get("logit_bias") is not None else None
-    loss = loss_fn(img_all, txt_all, scale, bias)
+    loss = loss_fn(img_all, txt_all, scale, bias, **extra)
     loss.backward()
     img_grads = img_all.grad.split([p.shape[0] for p in img_parts])
     txt_grads = txt_all.grad.split([p.shape[0] for p in txt_parts])
 
     last = len(micro_batches) - 1
     image_locked, text_locked = locked_towers(engine.model)
-    for k, (images, text) in enumerate(micro_batches):
+    for k, (images, text, *_) in enumerate(micro_batches):
         _set_rng_state(rng_states[k], device)
         with engine.no_sync() if k < last else contextlib.nullcontext():
             out_k = engine.forward(None if image_locked else images, None if text_locked else text)

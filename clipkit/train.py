@@ -26,9 +26,11 @@ from clipkit.data.config import holdout_every
 from clipkit.data.loader import SampleDecoder, TrainLoader, resolve_shards
 from clipkit.data.stream import ShardTable
 from clipkit.data.transforms import DeviceNormalize
+from clipkit.distill import Teacher
 from clipkit.engine import NonFiniteError, build_engine
 from clipkit.eval.runner import format_table, run_evals
 from clipkit.loss import build_loss
+from clipkit.loss.distill import DistillLoss
 from clipkit.metrics import (
     KeyLog,
     RunLogger,
@@ -90,7 +92,7 @@ def split_holdout(shards: ShardTable, fraction: float) -> tuple[ShardTable, Shar
 
 
 def build_loader(
-    cfg: RootConfig, built: model_lib.Built, env: distributed.DistEnv, demo: Path | None
+    cfg: RootConfig, built: model_lib.Built, env: distributed.DistEnv, demo: Path | None, teacher_tokenizer=None
 ) -> tuple[TrainLoader, ShardTable | None]:
     """This rank's training loader, and the held-out shards (``data.holdout_fraction``; else None)."""
     shards, weights = resolve_shards(train_spec(cfg.data, demo), cfg.data.allow_pipe, cfg.data.allow_missing_shards)
@@ -131,6 +133,7 @@ def build_loader(
         retries=cfg.data.remote_retries,
         retry_backoff_s=cfg.data.retry_backoff_s,
         num_samples=cfg.data.num_samples,
+        teacher_tokenizer=teacher_tokenizer,
     )
     return loader, held
 
@@ -389,10 +392,14 @@ def _train(cfg: RootConfig, run_dir: Path, loaders: list, preemption: Preemption
     engine = build_engine(built.model, cfg, env)
     peak = peak_flops(env.device, engine.amp_dtype, cfg.logging.peak_tflops)
     loss_fn = build_loss(cfg.loss.name, cfg.loss.impl, cfg.loss.chunk_size)
+    teacher = None
+    if cfg.distill.teacher:  # the teacher sees the same samples; the loss adds the distillation term
+        teacher = Teacher(cfg.distill, built, env.device)
+        loss_fn = DistillLoss(loss_fn, cfg.distill.weight, cfg.distill.kind, cfg.loss.impl, cfg.loss.chunk_size)
     loss_fn = faults.loss_hook(loss_fn, lambda: state.step + 1)  # (inert unless CLIPKIT_FAULTS is set)
     num_micro = cfg.train.global_batch_size // (env.world_size * cfg.train.micro_batch(env.world_size))
     normalize = DeviceNormalize(built.mean, built.std).to(env.device)
-    loader, held = build_loader(cfg, built, env, demo)
+    loader, held = build_loader(cfg, built, env, demo, teacher.tokenizer if teacher else None)
     loaders.append(loader)
     evaluated_on = eval_sets(cfg, held)
     state = TrainState()
@@ -415,6 +422,9 @@ def _train(cfg: RootConfig, run_dir: Path, loaders: list, preemption: Preemption
     )
     if locked:
         logger.write(locked)
+    if teacher:
+        logger.write(f"distilling from {cfg.distill.teacher} ({cfg.distill.kind}, weight {cfg.distill.weight:g}): "
+                     f"{teacher.describe()}")  # fmt: skip
     if resumed:
         logger.write(f"resumed from {resumed} (step {state.step}, {state.samples_seen} samples seen)")
     logger.write(
@@ -439,11 +449,15 @@ def _train(cfg: RootConfig, run_dir: Path, loaders: list, preemption: Preemption
         batches = [next(loader) for _ in range(num_micro)]
         data_wait = time.perf_counter() - t0
         micro = [
-            (normalize(b["image"].to(env.device, non_blocking=True)), b["text"].to(env.device, non_blocking=True))
+            (
+                normalize(b["image"].to(env.device, non_blocking=True)),
+                b["text"].to(env.device, non_blocking=True),
+                *([b["teacher_text"].to(env.device, non_blocking=True)] if "teacher_text" in b else []),
+            )
             for b in batches
         ]
         lr = engine.lr
-        result = train_step(engine, loss_fn, micro)
+        result = train_step(engine, loss_fn, micro, teacher)
         if not result.applied:  # non-finite norm, train.nonfinite=skip: the batch is dropped, the step retried
             reason = nonfinite.skipped(result, state.step + 1, env)  # (raises for fail, or too many in a row)
             logger.log({"step": state.step + 1, "samples_seen": state.samples_seen, "skipped": reason})

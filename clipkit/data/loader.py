@@ -265,8 +265,10 @@ class BatchStream(IterableDataset):
         reader: Reader,
         max_bad_fraction: float,
         progress,
+        teacher_tokenizer=None,
     ):
         self.plan, self.decoder, self.tokenizer, self.batch_size = plan, decoder, tokenizer, batch_size
+        self.teacher_tokenizer = teacher_tokenizer  # (distillation from a teacher with its own tokenizer)
         self.positions, self.worker_offset, self.reader = positions, worker_offset, reader
         self.max_bad_fraction, self.progress = max_bad_fraction, progress
         # A fork-server worker inherits the fork server's environment, frozen when it started: carry this
@@ -309,6 +311,7 @@ class BatchStream(IterableDataset):
                 yield {
                     "image": torch.stack(images),
                     "text": self.tokenizer(captions),
+                    **({"teacher_text": self.teacher_tokenizer(captions)} if self.teacher_tokenizer else {}),
                     "keys": keys,
                     "epochs": epochs,
                     "worker": worker,
@@ -378,6 +381,7 @@ class TrainLoader:
         retries: int = 5,
         retry_backoff_s: float = 1.0,
         num_samples: int = 0,
+        teacher_tokenizer=None,
     ):
         try:
             self.plan = StreamPlan(
@@ -388,6 +392,7 @@ class TrainLoader:
         if self.plan.sized and self.plan.total < self.plan.num_slots:
             raise DataError(f"{self.plan.total} samples cannot feed {self.plan.num_slots} (ranks x workers) streams")
         self.decoder, self.tokenizer, self.batch_size = decoder, tokenizer, batch_size
+        self.teacher_tokenizer = teacher_tokenizer  # batches then carry "teacher_text" too
         self.num_workers, self.prefetch_factor, self.pin_memory = num_workers, prefetch_factor, pin_memory
         self.max_bad_fraction, self.stall_timeout_s = max_bad_fraction, stall_timeout_s
         self.retries, self.retry_backoff_s = retries, retry_backoff_s
@@ -418,6 +423,7 @@ class TrainLoader:
             Reader(self.retries, self.retry_backoff_s),
             self.max_bad_fraction,
             self._progress,
+            self.teacher_tokenizer,
         )
         # Its own generator: the iterator's base seed must not come from torch's global generator, which the model
         # draws from (patch dropout), or a resumed run (whose loader starts at another step) would drift.

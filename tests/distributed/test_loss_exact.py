@@ -1,4 +1,5 @@
-"""Distributed losses and gradient caching equal one process on the whole global batch (float64, 1e-6 rel.).
+"""Distributed losses, distillation and gradient caching equal one process on the whole global batch (float64,
+1e-6 rel.).
 
 Each world size runs in its own group of gloo processes spawned here; every case compares the loss value and
 every parameter's gradient (after DDP averaging), logit_scale and logit_bias included, against a plain
@@ -14,7 +15,7 @@ import pytest
 import torch.multiprocessing as mp
 
 from clipkit.distributed import free_port
-from tests.distributed.workers import CASES, loss_exactness
+from tests.distributed.workers import CASES, DISTILL_CASES, loss_exactness
 
 TOL = 1e-6
 
@@ -27,7 +28,7 @@ def results(request, tmp_path_factory):
     return world, json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("case", [c[0] for c in CASES])
+@pytest.mark.parametrize("case", [c[0] for c in CASES + DISTILL_CASES])
 def test_matches_single_process_global_batch(results, case):
     world, res = results
     r = res[case]
@@ -39,7 +40,15 @@ def test_matches_single_process_global_batch(results, case):
         assert r["logit_bias_rel_err"] <= TOL, r
 
 
-@pytest.mark.parametrize("name", ["open_clip ClipLoss(local_loss, gather_with_grad)", "open_clip SigLipLoss"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "open_clip ClipLoss(local_loss, gather_with_grad)",
+        "open_clip SigLipLoss",
+        "open_clip DistillClipLoss (gathered)",
+        "open_clip DistillClipLoss (tiled)",
+    ],
+)
 def test_matches_open_clip_exact_modes(results, name):
     world, res = results
     if world == 1:

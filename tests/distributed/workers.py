@@ -76,6 +76,82 @@ CASES = [
 ]
 
 
+# Distillation (distill.kind, loss impl, chunk, K): the teacher is another micro CLIP (seed 7), in eval mode.
+DISTILL_CASES = [
+    ("distill-logits-gathered", "logits", "gathered", "auto", 1),
+    ("distill-logits-tiled", "logits", "tiled", "2", 1),
+    ("distill-logits-tiled-cache2", "logits", "tiled", "5", 2),
+    ("distill-logits-gathered-cache4", "logits", "gathered", "auto", 4),
+    ("distill-features-cache2", "features", "gathered", "auto", 2),
+]
+DISTILL_WEIGHT = 0.7
+
+
+def micro_teacher():
+    """A teacher as ``clipkit.step`` calls it: (images, text) -> outputs without autograd."""
+    model = micro_clip(seed=7).eval()
+    with torch.no_grad():
+        model.logit_scale.fill_(3.3)  # (its own temperature)
+
+    def teacher(images, text, *_):
+        with torch.no_grad():
+            out = model(images, text)
+        return {k: out[k] for k in ("image_features", "text_features", "logit_scale")}
+
+    return teacher
+
+
+def reference_distill(out: dict, teacher_out: dict, kind: str) -> torch.Tensor:
+    """The distillation term on the whole batch in one process (written independently of clipkit.loss)."""
+    img, txt = out["image_features"], out["text_features"]
+    t_img, t_txt = teacher_out["image_features"], teacher_out["text_features"]
+    if kind == "features":
+        return ((1 - (img * t_img).sum(1) / img.norm(dim=1) / t_img.norm(dim=1)).mean()
+                + (1 - (txt * t_txt).sum(1) / txt.norm(dim=1) / t_txt.norm(dim=1)).mean()) / 2  # fmt: skip
+    student = out["logit_scale"] * img @ txt.T
+    teacher = teacher_out["logit_scale"] * t_img @ t_txt.T
+    i2t = -(teacher.softmax(dim=1) * student.log_softmax(dim=1)).sum(dim=1).mean()
+    t2i = -(teacher.T.softmax(dim=1) * student.T.log_softmax(dim=1)).sum(dim=1).mean()
+    return (i2t + t2i) / 2
+
+
+def distill_exactness(rank: int, world: int, dev: torch.device) -> dict:
+    """Contrastive + distillation through ``forward_backward`` with a teacher vs one process on the whole batch."""
+    from clipkit.loss import build_loss
+    from clipkit.loss.distill import DistillLoss
+    from clipkit.step import forward_backward
+
+    results = {}
+    for name, kind, impl, chunk, K in DISTILL_CASES:
+        images, text = (t.to(dev) for t in global_batch(world * K * B, seed=321))
+        rows = slice(rank * K * B, (rank + 1) * K * B)
+        mine = list(zip(images[rows].split(B), text[rows].split(B), strict=True))
+        engine = _engine(micro_clip(), world, dev)
+        loss_fn = DistillLoss(build_loss("infonce", impl, chunk), DISTILL_WEIGHT, kind, impl, chunk)
+        loss, _ = forward_backward(engine, loss_fn, mine, micro_teacher())
+        total = loss.clone()
+        if world > 1:
+            dist.all_reduce(total)
+        grads = {n: p.grad.clone() for n, p in engine.model.named_parameters()}
+
+        ref_model = micro_clip().to(dev)
+        ref_out = ref_model(images, text)
+        teacher_out = micro_teacher()(images, text)
+        ref_loss = reference_loss(ref_out, "infonce") + DISTILL_WEIGHT * reference_distill(ref_out, teacher_out, kind)
+        ref_loss.backward()
+        errs = {n: _rel_err(grads[n], p.grad) for n, p in ref_model.named_parameters() if p.grad is not None}
+        results[name] = {
+            "loss": (total / world).item(),
+            "ref_loss": ref_loss.item(),
+            "max_grad_rel_err": max(errs.values()),
+            "worst_param": max(errs, key=errs.get),
+            "logit_scale_rel_err": errs["logit_scale"],
+            "logit_bias_rel_err": None,
+            "missing_grads": [n for n, p in ref_model.named_parameters() if p.grad is None or grads.get(n) is None],
+        }
+    return results
+
+
 def _engine(model, world: int, device: torch.device = torch.device("cpu")):
     from clipkit.config import RootConfig
     from clipkit.distributed import DistEnv
@@ -150,6 +226,7 @@ def loss_exactness(rank: int, world: int, port: int, out_path: str, device: str 
             "logit_bias_rel_err": errs.get("logit_bias"),
             "missing_grads": missing,
         }
+    results.update(distill_exactness(rank, world, dev))
     if world > 1:
         results.update(open_clip_parity(rank, world, dev))
         dist.barrier()
@@ -163,9 +240,10 @@ def open_clip_parity(rank: int, world: int, device: torch.device = torch.device(
     """clipkit's losses vs open_clip's exact modes on the same embeddings: values and embedding gradients."""
     import warnings
 
-    from open_clip.loss import ClipLoss, SigLipLoss
+    from open_clip.loss import ClipLoss, DistillClipLoss, SigLipLoss
 
     from clipkit.loss import InfoNCELoss, SigLIPLoss
+    from clipkit.loss.distill import DistillLoss
 
     out = {}
     g = torch.Generator().manual_seed(7 + rank)
@@ -192,6 +270,31 @@ def open_clip_parity(rank: int, world: int, device: torch.device = torch.device(
             vals.append(loss.item())
             grads.append(torch.cat([i.grad.flatten(), t.grad.flatten(), s.grad.flatten()]))
         out[name] = {"loss": vals[0], "ref_loss": vals[1], "max_grad_rel_err": _rel_err(grads[0], grads[1])}
+
+    # Distillation: open_clip's DistillClipLoss (its two terms summed) on the same student and teacher embeddings.
+    t_img = F.normalize(torch.randn(5, 16, generator=g, dtype=torch.float64), dim=-1).to(device)
+    t_txt = F.normalize(torch.randn(5, 16, generator=g, dtype=torch.float64), dim=-1).to(device)
+    t_scale = torch.tensor(20.0, dtype=torch.float64, device=device)
+    theirs = DistillClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
+    for impl, chunk in (("gathered", "auto"), ("tiled", "2")):
+        vals, grads = [], []
+        ours = DistillLoss(InfoNCELoss(impl, chunk), 1.0, "logits", impl, chunk)
+        for fn in (ours, theirs):
+            i, t, s = img.clone().requires_grad_(), txt.clone().requires_grad_(), scale.clone().requires_grad_()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if fn is ours:
+                    loss = fn(
+                        i, t, s, teacher={"image_features": t_img, "text_features": t_txt, "logit_scale": t_scale}
+                    )
+                else:
+                    loss = sum(fn(i, t, s, t_img, t_txt, t_scale))
+            loss.backward()
+            vals.append(loss.item())
+            grads.append(torch.cat([i.grad.flatten(), t.grad.flatten(), s.grad.flatten()]))
+        out[f"open_clip DistillClipLoss ({impl})"] = {
+            "loss": vals[0], "ref_loss": vals[1], "max_grad_rel_err": _rel_err(grads[0], grads[1])
+        }  # fmt: skip
     return out
 
 
