@@ -172,24 +172,31 @@ class DeepSpeedEngine:
 
     @contextlib.contextmanager
     def ema_weights(self):
-        """``full_params`` over the EMA weights. ZeRO-3 copies the gathered average into the gathered weights
-        (its small persistent parameters are never re-gathered from the partitions) and restores them after."""
+        """``full_params`` over the EMA weights. ZeRO-3 swaps the average into the partitions that every gather
+        reads (the forward hooks re-gather from them), and into the small persistent parameters, which stay
+        gathered and are never re-read from their partitions; all restored after."""
         if self.stage < 3:
             with self.ema.swapped():
                 yield
             return
         full, params = self._full_ema(), ema_lib.trainable(self.model)
-        with self.full_params():
+        persistent = {  # (gathered now: a gather would skip them; partitioned ones are gathered from the swap)
+            name: p
+            for name, p in params.items()
+            if getattr(p, "ds_persist", False) and p.data.numel() == full[name].numel()
+        }
+        with self.ema.swapped():
             with torch.no_grad():
-                saved = {name: params[name].data.clone() for name in full}
-                for name, value in full.items():
-                    params[name].data.copy_(value.view_as(params[name].data))
+                saved = {name: p.data.clone() for name, p in persistent.items()}
+                for name, p in persistent.items():
+                    p.data.copy_(full[name].view_as(p.data))
             try:
-                yield
+                with self.full_params():
+                    yield
             finally:
                 with torch.no_grad():
-                    for name, value in saved.items():
-                        params[name].data.copy_(value)
+                    for name, p in persistent.items():
+                        p.data.copy_(saved[name])
 
     def _clamp_logit_scale(self) -> None:
         """Clamps the temperature in DeepSpeed's fp32 master copy and in the module's working copy."""

@@ -21,6 +21,9 @@ from tests.unit.test_ema import _reference
 
 DECAY = 0.9
 EMA = [f"train.ema_decay={DECAY}"]
+# Evals at steps 3, 6, 9 and at the end: mid-run (ZeRO-3's small persistent parameters gathered) and right after
+# a checkpoint save (partitioned).
+EVAL = ["eval.zeroshot.dataset=demo", "eval.every=3"]
 # The default suite runs the sharded (DTensor, DCP) case; `make test-all` the others (~1 min each).
 ENGINES = [
     "fsdp",
@@ -45,7 +48,7 @@ def single(tmp_path_factory, cache_dir):
         *EMA,
         "train.checkpoint_every=1",
         f"train.keep_last={STEPS}",
-        "eval.zeroshot.dataset=demo",
+        *EVAL,
         check=True,
     )
     return run
@@ -109,12 +112,31 @@ def test_asking_for_ema_weights_a_run_does_not_have_is_a_named_error(single, tmp
 @pytest.mark.parametrize("engine", ENGINES)
 def test_every_engine_keeps_the_same_average_and_resumes_it_exactly(single, tmp_path, engine):
     run = tmp_path / engine
-    torchrun(run, f"parallel={engine}", *EMA)
+    torchrun(run, f"parallel={engine}", *EMA, *EVAL)
     got, ref = load_file(str(_step(run) / "ema.safetensors")), load_file(str(_step(single) / "ema.safetensors"))
     assert got.keys() == ref.keys()
     for name in ref:
         assert got[name].shape == ref[name].shape, name  # open_clip's shapes (the temperature 0-d)
         torch.testing.assert_close(got[name], ref[name], atol=ATOL, rtol=0, msg=name)
+
+    # Every eval of the EMA weights (swapped into this engine's shards / partitions) predicts what one process's
+    # does, image by image; the raw weights predict otherwise (so the comparison can tell them apart).
+    def confusions(r) -> list:
+        return [
+            (e["step"], [e["eval"][k][m] for m in ("acc1", "acc5", "per_class_recall")])
+            for e in map(json.loads, (r / "metrics.jsonl").read_text().splitlines())
+            if "eval" in e
+            for k in ("zeroshot", "zeroshot_ema")
+        ]
+
+    got_evals, ref_evals = confusions(run), confusions(single)
+    assert [s for s, _ in ref_evals] == [3, 3, 6, 6, 9, 9, 10, 10]
+    assert ref_evals[-2][1] != ref_evals[-1][1]  # raw != EMA at the end
+    assert got_evals == ref_evals
+    final = {
+        r: json.loads((r / "summary.json").read_text())["eval"]["zeroshot_ema"]["confusion"] for r in (run, single)
+    }
+    assert final[run] == final[single]
 
     # Resume from step 5 (the step-10 checkpoint removed): the same average, bit for bit.
     resumed = tmp_path / f"{engine}_resumed"
