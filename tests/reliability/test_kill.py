@@ -35,24 +35,36 @@ def kill9_trials(tmp_path, ref, case: str, n: int, *overrides: str, label: str =
     assert not fails, fails
 
 
-# The kill matrix's training recipes (DDP): name -> (overrides, trials). Fast mode runs one DDP trial, with
-# recipes on (a locked image tower whose last group trains: frozen parameters, optimizer state for the rest; EMA
-# weights of what trains); long mode each recipe alone as well.
+# The kill matrix's training recipes (DDP): name -> (overrides, trials). Fast mode runs one DDP trial with every
+# recipe on (a locked image tower whose last group trains: frozen parameters, optimizer state for the rest; EMA
+# weights of what trains; a teacher to distil from); long mode each recipe alone as well.
 LIT = ["model.lock_image=true", "model.lock_image_unlocked_groups=1"]
 EMA = ["train.ema_decay=0.9"]
+DISTILL = ["distill.teacher={teacher}"]
 RECIPES = {
     "plain": ([], trials(0, 10)),
     "lit": (LIT, trials(0, 3)),
     "ema": (EMA, trials(0, 3)),
-    "lit+ema": ([*LIT, *EMA], trials(1, 3)),
+    "distill": (DISTILL, trials(0, 3)),
+    "lit+ema+distill": ([*LIT, *EMA, *DISTILL], trials(1, 3)),
 }
 
 
+@pytest.fixture(scope="session")
+def teacher(small_demo, tmp_path_factory):
+    """A teacher run to distil from: clipkit-small, a few steps."""
+    run = tmp_path_factory.mktemp("teacher") / "run"
+    assert train(run, "model=small", "train.steps=2").returncode == 0, "teacher run failed"
+    return run
+
+
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_kill9_random_rank_random_step(small_demo, tmp_path, recipe):
+def test_kill9_random_rank_random_step(small_demo, tmp_path, recipe, request):
     overrides, n = RECIPES[recipe]
     if n == 0:
-        pytest.skip("CLIPKIT_RELIABILITY=long runs it; fast mode's DDP trial runs with a recipe on")
+        pytest.skip("CLIPKIT_RELIABILITY=long runs it; fast mode's DDP trial runs with every recipe on")
+    if any("{teacher}" in o for o in overrides):
+        overrides = [o.format(teacher=request.getfixturevalue("teacher")) for o in overrides]
     ref = tmp_path / "ref"
     assert all(rc == 0 for rc, _ in srun_train(ref, *overrides)), "reference run failed"
     kill9_trials(tmp_path, ref, f"kill9_{recipe}", n, *overrides, label=recipe)
