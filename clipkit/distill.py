@@ -73,7 +73,12 @@ class DistillConfig:
             )
             require(f"{prefix}.pretrained", self.pretrained, self.pretrained is None, "only for a model-name teacher")
         elif "/" in self.teacher or self.teacher.startswith("."):
-            raise ConfigError(f"{prefix}.teacher", self.teacher, "path not found")
+            raise ConfigError(
+                f"{prefix}.teacher",
+                self.teacher,
+                "path not found (a run or checkpoint dir, or an exported open_clip folder; experiment=distill_demo "
+                "needs `clipkit train experiment=teacher_demo` first)",
+            )
         else:
             require(
                 f"{prefix}.pretrained",
