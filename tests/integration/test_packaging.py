@@ -32,10 +32,13 @@ def test_wheel_ships_presets_and_runs_from_elsewhere(tmp_path):
     for conf in sorted(p.relative_to(ROOT / "conf").as_posix() for p in (ROOT / "conf").rglob("*.yaml")):
         assert f"clipkit/conf/{conf}" in names, conf
     assert "clipkit/model_configs/clipkit-tiny.json" in names
+    # every module of the source tree (a package missing from pyproject's list would be silently left out)
+    for module in sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "clipkit").rglob("*.py")):
+        assert module in names, module
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     code = (
-        "import clipkit.cli as c; from clipkit.cli import compose; cfg, d = compose(['model=vit_b32']); "
+        "import clipkit.train, clipkit.cli as c; from clipkit.cli import compose; cfg, d = compose(['model=vit_b32']); "
         "print(c.conf_dir()); print(cfg.model.name)"
     )
     out = subprocess.run(
