@@ -20,7 +20,7 @@ from pathlib import Path
 
 # Which parts of the root config each verb reads (the rest is accepted but has no effect on it).
 VERB_SECTIONS = {
-    "train": ["name", "model", "data", "loss", "optim", "train", "eval", "logging", "parallel"],
+    "train": ["name", "model", "data", "loss", "distill", "optim", "train", "eval", "logging", "parallel"],
     "eval": ["checkpoint", "eval", "model", "data.cache_dir", "data.demo", "train.device", "logging.progress"],
     "export": ["checkpoint", "format", "out", "weights"],
     "bench": [
