@@ -12,8 +12,10 @@ import shutil
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
+from clipkit.config import RootConfig
 from clipkit.model import ModelConfig, build
 from tests.conftest import run_cli
 from tests.integration.test_engines import ATOL, COMMON, STEPS, torchrun
@@ -55,8 +57,9 @@ def single(tmp_path_factory, cache_dir):
 
 
 def test_the_checkpointed_average_is_the_recurrence_over_the_runs_weights(single):
-    torch.manual_seed(0)  # what the run's model was built with (train.seed=0)
-    history = [build(ModelConfig()).model.state_dict()]
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RootConfig), OmegaConf.load(single / "config.yaml")))
+    torch.manual_seed(cfg.train.seed)  # the run's initial weights: its model config, built from its seed
+    history = [build(cfg.model).model.state_dict()]
     history += [load_file(str(_step(single, s) / "model.safetensors")) for s in range(1, STEPS + 1)]
     ema = load_file(str(_step(single) / "ema.safetensors"))
     params = dict(build(ModelConfig()).model.named_parameters())
