@@ -85,6 +85,7 @@ ARGS = [
     "train.log_every=1",
     "train.checkpoint_every=100",
     "train.precision=fp32",
+    "optim.lr=1e-3",  # (named: the expected learning rates below are computed from it, not from the demo's)
     "optim.warmup_steps=4",
     "optim.schedule=cosine",  # (not the demo's wsd: the lr differs at every update, so a drift would show)
     "logging.progress=false",
