@@ -40,20 +40,25 @@ def _chunks(n: int, size: int):
         yield start, min(n, start + size)
 
 
+def chunked_logsumexp(rows_BD, cols_ND, scale, chunk: int) -> torch.Tensor:
+    """lse_B[i] = logsumexp_j(scale * rows_BD[i] . cols_ND[j]), ``chunk`` columns at a time (running max and sum)."""
+    B = rows_BD.shape[0]
+    run_max = rows_BD.new_full((B,), -torch.inf)
+    run_sum = rows_BD.new_zeros((B,))
+    for a, b in _chunks(cols_ND.shape[0], chunk):
+        logits_BC = scale * (rows_BD @ cols_ND[a:b].T)
+        new_max = torch.maximum(run_max, logits_BC.max(dim=1).values)
+        run_sum = run_sum * torch.exp(run_max - new_max) + torch.exp(logits_BC - new_max[:, None]).sum(dim=1)
+        run_max = new_max
+    return run_max + torch.log(run_sum)
+
+
 class _TiledLogSumExp(torch.autograd.Function):
     """lse_B[i] = logsumexp_j(scale * rows_BD[i] . cols_ND[j]), computed and differentiated chunk by chunk."""
 
     @staticmethod
     def forward(ctx, rows_BD, cols_ND, scale, chunk: int):
-        B = rows_BD.shape[0]
-        run_max = rows_BD.new_full((B,), -torch.inf)
-        run_sum = rows_BD.new_zeros((B,))
-        for a, b in _chunks(cols_ND.shape[0], chunk):
-            logits_BC = scale * (rows_BD @ cols_ND[a:b].T)
-            new_max = torch.maximum(run_max, logits_BC.max(dim=1).values)
-            run_sum = run_sum * torch.exp(run_max - new_max) + torch.exp(logits_BC - new_max[:, None]).sum(dim=1)
-            run_max = new_max
-        lse_B = run_max + torch.log(run_sum)
+        lse_B = chunked_logsumexp(rows_BD, cols_ND, scale, chunk)
         ctx.save_for_backward(rows_BD, cols_ND, scale, lse_B)
         ctx.chunk = chunk
         return lse_B

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from clipkit.distributed import all_gather_with_grad
-from clipkit.loss.contrastive import _chunks, _compute_dtype, _TiledLogSumExp, auto_chunk_size
+from clipkit.loss.contrastive import _chunks, _compute_dtype, _TiledLogSumExp, auto_chunk_size, chunked_logsumexp
 
 
 class _TeacherWeightedSum(torch.autograd.Function):
@@ -29,16 +29,8 @@ class _TeacherWeightedSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, t_rows_BD, t_cols_ND, t_scale, cols_ND, chunk: int):
-        B = t_rows_BD.shape[0]
-        run_max = t_rows_BD.new_full((B,), -torch.inf)
-        run_sum = t_rows_BD.new_zeros((B,))
-        for a, b in _chunks(t_cols_ND.shape[0], chunk):
-            t_BC = t_scale * (t_rows_BD @ t_cols_ND[a:b].T)
-            new_max = torch.maximum(run_max, t_BC.max(dim=1).values)
-            run_sum = run_sum * torch.exp(run_max - new_max) + torch.exp(t_BC - new_max[:, None]).sum(dim=1)
-            run_max = new_max
-        lse_B = run_max + torch.log(run_sum)
-        out_BD = cols_ND.new_zeros((B, cols_ND.shape[1]))
+        lse_B = chunked_logsumexp(t_rows_BD, t_cols_ND, t_scale, chunk)
+        out_BD = cols_ND.new_zeros((t_rows_BD.shape[0], cols_ND.shape[1]))
         for a, b in _chunks(t_cols_ND.shape[0], chunk):
             out_BD += torch.exp(t_scale * (t_rows_BD @ t_cols_ND[a:b].T) - lse_B[:, None]) @ cols_ND[a:b]
         ctx.save_for_backward(t_rows_BD, t_cols_ND, t_scale, lse_B)

@@ -139,17 +139,22 @@ def distill_exactness(rank: int, world: int, dev: torch.device) -> dict:
         teacher_out = micro_teacher()(images, text)
         ref_loss = reference_loss(ref_out, "infonce") + DISTILL_WEIGHT * reference_distill(ref_out, teacher_out, kind)
         ref_loss.backward()
-        errs = {n: _rel_err(grads[n], p.grad) for n, p in ref_model.named_parameters() if p.grad is not None}
-        results[name] = {
-            "loss": (total / world).item(),
-            "ref_loss": ref_loss.item(),
-            "max_grad_rel_err": max(errs.values()),
-            "worst_param": max(errs, key=errs.get),
-            "logit_scale_rel_err": errs["logit_scale"],
-            "logit_bias_rel_err": None,
-            "missing_grads": [n for n, p in ref_model.named_parameters() if p.grad is None or grads.get(n) is None],
-        }
+        results[name] = _compare(total / world, grads, ref_loss, ref_model)
     return results
+
+
+def _compare(loss: torch.Tensor, grads: dict, ref_loss: torch.Tensor, ref_model) -> dict:
+    """A case's result: its loss and gradients against the single-process reference's."""
+    errs = {n: _rel_err(grads[n], p.grad) for n, p in ref_model.named_parameters() if p.grad is not None}
+    return {
+        "loss": loss.item(),
+        "ref_loss": ref_loss.item(),
+        "max_grad_rel_err": max(errs.values()),
+        "worst_param": max(errs, key=errs.get),
+        "logit_scale_rel_err": errs["logit_scale"],
+        "logit_bias_rel_err": errs.get("logit_bias"),
+        "missing_grads": [n for n, p in ref_model.named_parameters() if p.grad is None or grads.get(n) is None],
+    }
 
 
 def _engine(model, world: int, device: torch.device = torch.device("cpu")):
@@ -215,17 +220,7 @@ def loss_exactness(rank: int, world: int, port: int, out_path: str, device: str 
         ref_loss = reference_loss(ref_out, loss_name)
         ref_loss.backward()
         torch.set_rng_state(start_rng)
-        errs = {n: _rel_err(grads[n], p.grad) for n, p in ref_model.named_parameters() if p.grad is not None}
-        missing = [n for n, p in ref_model.named_parameters() if p.grad is None or grads.get(n) is None]
-        results[name] = {
-            "loss": (total / world).item(),
-            "ref_loss": ref_loss.item(),
-            "max_grad_rel_err": max(errs.values()),
-            "worst_param": max(errs, key=errs.get),
-            "logit_scale_rel_err": errs["logit_scale"],
-            "logit_bias_rel_err": errs.get("logit_bias"),
-            "missing_grads": missing,
-        }
+        results[name] = _compare(total / world, grads, ref_loss, ref_model)
     results.update(distill_exactness(rank, world, dev))
     if world > 1:
         results.update(open_clip_parity(rank, world, dev))
