@@ -11,9 +11,10 @@ Decay with ``train.ema_warmup``: ``min(decay, 1 - (1 + n) ** -2/3)`` at the n-th
 warm-up with gamma 1, power 2/3), so the average is not dominated by the random initialisation in short runs;
 without it, ``decay`` from the first update.
 
-Checkpoints: the engine saves ``state_dict()`` the way it saves its parameters (whole, sharded through DCP, or
-per partition) and always adds the consolidated ``ema.safetensors`` (open_clip's names and shapes, trainable
-parameters only) that ``clipkit eval`` (``eval.use_ema``) and ``clipkit export weights=ema`` read.
+Checkpoints: the engine saves ``shadow`` the way it saves its parameters (whole, sharded through DCP, or per
+partition), with ``state()`` (the update count) in ``ema.json``, and always adds the consolidated
+``ema.safetensors`` (open_clip's names and shapes, trainable parameters only) that ``clipkit eval``
+(``eval.use_ema``) and ``clipkit export weights=ema`` read.
 """
 
 from __future__ import annotations
