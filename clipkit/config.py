@@ -276,6 +276,14 @@ def validate(cfg: RootConfig, verb: str = "train", world_size: Optional[int] = N
         _require_ema_weights(key, value, cfg.checkpoint)
 
 
+def saved_config(path: Path) -> RootConfig:
+    """The typed config a run or checkpoint dir carries (its ``config.yaml`` over the schema's defaults)."""
+    from omegaconf import OmegaConf
+
+    saved = OmegaConf.merge(OmegaConf.structured(RootConfig), OmegaConf.load(Path(path) / "config.yaml"))
+    return OmegaConf.to_object(saved)
+
+
 def _require_same_width(cfg: RootConfig) -> None:
     """``distill.kind=features`` compares embeddings: the teacher's width must be the student's (read from the
     configs; nothing is built)."""
@@ -288,13 +296,9 @@ def _require_same_width(cfg: RootConfig) -> None:
     if (path / "open_clip_config.json").is_file():
         teacher = json.loads((path / "open_clip_config.json").read_text())["model_cfg"]["embed_dim"]
     elif path.exists():
-        from omegaconf import OmegaConf
-
         from clipkit import checkpoint as ckpt
 
-        run_cfg = OmegaConf.load(ckpt.resolve(path) / "config.yaml")
-        teacher_model = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(model_lib.ModelConfig), run_cfg.model))
-        teacher = model_lib.model_config(teacher_model)["embed_dim"]
+        teacher = model_lib.model_config(saved_config(ckpt.resolve(path)).model)["embed_dim"]
     else:
         teacher = model_lib.model_config(model_lib.ModelConfig(name=cfg.distill.teacher))["embed_dim"]
     if teacher != student:

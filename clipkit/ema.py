@@ -112,11 +112,14 @@ def save_files(path: Path, weights: dict[str, torch.Tensor], state: dict) -> Non
     ckpt.save_json(Path(path) / STATE_FILE, state)
 
 
-def load_files(path: Path, device: torch.device | str = "cpu") -> tuple[dict, dict[str, torch.Tensor]]:
-    """(state, consolidated weights) of a checkpoint dir written with EMA on."""
+def load_files(
+    path: Path, device: torch.device | str = "cpu", weights: str = EMA_FILE
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(state, weights) of a checkpoint dir written with EMA on: the consolidated weights, or another file of
+    them (ZeRO-3: a rank's own partitions)."""
     from clipkit import checkpoint as ckpt
 
-    return ckpt.load_json(Path(path) / STATE_FILE), ckpt.load_tensors(Path(path) / EMA_FILE, device)
+    return ckpt.load_json(Path(path) / STATE_FILE), ckpt.load_tensors(Path(path) / weights, device)
 
 
 def with_ema(weights: dict[str, torch.Tensor], ema_weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

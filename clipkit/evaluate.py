@@ -9,13 +9,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from clipkit import checkpoint as ckpt
 from clipkit import distributed
 from clipkit import ema as ema_lib
 from clipkit import model as model_lib
-from clipkit.config import RootConfig
+from clipkit.config import RootConfig, saved_config
 from clipkit.data import ensure_demo
 from clipkit.data.config import DataConfig
 from clipkit.eval.runner import format_table, run_evals
@@ -29,8 +28,7 @@ class NoEmaWeights(ValueError):
 
 def load_trained(path: Path, device: torch.device, weights: str = "raw") -> tuple[model_lib.Built, RootConfig]:
     """The model of a clipkit checkpoint, built from the config it carries, with its raw or its EMA weights."""
-    saved = OmegaConf.merge(OmegaConf.structured(RootConfig), OmegaConf.load(path / "config.yaml"))
-    saved_cfg: RootConfig = OmegaConf.to_object(saved)
+    saved_cfg = saved_config(path)
     built = model_lib.build(saved_cfg.model, device)
     built.model.load_state_dict(ckpt.load_tensors(path / "model.safetensors", device))
     if weights == "ema":

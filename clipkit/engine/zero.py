@@ -154,6 +154,9 @@ class DeepSpeedEngine:
             return {name: p.detach() for name, p in params.items()}
         return {name: p.ds_tensor for name, p in params.items()}
 
+    def _ema_partition_file(self) -> str:
+        return f"ema_rank_{self.rank:05d}.safetensors"
+
     def _full_ema(self) -> dict[str, torch.Tensor]:
         """The whole EMA weights on every rank (ZeRO-3: one all-gather of every rank's partitions; a collective),
         with the module's shapes (the temperature as a [1] vector)."""
@@ -235,7 +238,7 @@ class DeepSpeedEngine:
             ckpt.save_json(path / "deepspeed_config.json", self.ds_config)
         if self.ema:
             if self.stage == 3:  # each rank's own partitions, for resume (on the same world size)
-                ckpt.save_tensors(path / f"ema_rank_{self.rank:05d}.safetensors", self.ema.shadow)
+                ckpt.save_tensors(path / self._ema_partition_file(), self.ema.shadow)
             full = self._full_ema()  # a collective
             if self.rank == 0:
                 full = {k: v.reshape(()) if k in self.scalar_names else v for k, v in full.items()}
@@ -247,8 +250,6 @@ class DeepSpeedEngine:
         )
         if loaded is None:
             raise ckpt.CorruptCheckpoint(f"{path / TAG}: DeepSpeed could not load its checkpoint")
-        if self.ema:
-            state, full = ema_lib.load_files(path, self.device)
-            if self.stage == 3:
-                full = ckpt.load_tensors(path / f"ema_rank_{self.rank:05d}.safetensors", self.device)
-            self.ema.load_state(state, full)
+        if self.ema:  # ZeRO-3 resumes its own partitions (the consolidated file is for eval and export)
+            weights = self._ema_partition_file() if self.stage == 3 else ema_lib.EMA_FILE
+            self.ema.load_state(*ema_lib.load_files(path, self.device, weights))

@@ -12,10 +12,9 @@ import shutil
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from clipkit.config import RootConfig
+from clipkit.config import saved_config
 from clipkit.model import ModelConfig, build
 from tests.conftest import run_cli
 from tests.integration.test_engines import ATOL, COMMON, STEPS, torchrun
@@ -57,7 +56,7 @@ def single(tmp_path_factory, cache_dir):
 
 
 def test_the_checkpointed_average_is_the_recurrence_over_the_runs_weights(single):
-    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RootConfig), OmegaConf.load(single / "config.yaml")))
+    cfg = saved_config(single)
     torch.manual_seed(cfg.train.seed)  # the run's initial weights: its model config, built from its seed
     history = [build(cfg.model).model.state_dict()]
     history += [load_file(str(_step(single, s) / "model.safetensors")) for s in range(1, STEPS + 1)]
