@@ -22,6 +22,8 @@ from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 
+from clipkit import model as model_lib
+from clipkit.caption import CaptionConfig
 from clipkit.data.config import DataConfig
 from clipkit.distill import DistillConfig, DistillKind
 from clipkit.engine import EngineName, ParallelConfig
@@ -155,14 +157,17 @@ class RootConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
-    # For ``clipkit eval`` / ``clipkit export``: a run dir, a checkpoint dir or an exported folder.
+    # For ``clipkit eval`` / ``export`` / ``caption``: a run dir, a checkpoint dir or an exported folder.
     checkpoint: Optional[str] = field(default=None, metadata=PATH)
     # For ``clipkit export``: the kind of artifact to write.
     format: ExportFormat = ExportFormat.open_clip
     # (the folder the export is written to)
     out: Optional[str] = field(default=None, metadata=PATH)
-    # For ``clipkit export``: which weights of the checkpoint: raw, or ema (its train.ema_decay average).
+    # For ``clipkit export`` and ``clipkit caption``: which weights of the checkpoint: raw, or ema (its
+    # train.ema_decay average).
     weights: Weights = Weights.raw
+    # For ``clipkit caption``: which images, how many, how long.
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
 
 
 def path_keys(schema: type = RootConfig, prefix: str = "") -> set[str]:
@@ -239,6 +244,7 @@ def validate(cfg: RootConfig, verb: str = "train", world_size: Optional[int] = N
     cfg.logging.validate()
     cfg.parallel.validate()
     cfg.bench.validate()
+    cfg.caption.validate()
     reads_train = verb == "train" or (verb == "bench" and cfg.bench.data == "train")
     cfg.data.validate(check_shards=reads_train)
     cfg.eval.validate(check_sources=verb in ("train", "eval"), allow_pipe=cfg.data.allow_pipe)
@@ -255,6 +261,10 @@ def validate(cfg: RootConfig, verb: str = "train", world_size: Optional[int] = N
             "loss.name=siglip needs a learnable bias: use loss=siglip "
             "(sets model.init_logit_scale=2.3026 and model.init_logit_bias=-10)",
         )
+    if not model_lib.is_coca(cfg.model):
+        if cfg.loss.caption_weight is not None:
+            raise ConfigError("loss.caption_weight", cfg.loss.caption_weight, "needs a CoCa model (coca_*)")
+        require("loss.contrastive_weight", 0, cfg.loss.contrastive_weight > 0, "must be > 0: it is the only loss")
     if cfg.distill.teacher is not None and verb == "train":
         if cfg.loss.name == LossName.siglip and cfg.distill.kind == DistillKind.logits:
             raise ConfigError(
@@ -263,16 +273,19 @@ def validate(cfg: RootConfig, verb: str = "train", world_size: Optional[int] = N
         if cfg.distill.kind == DistillKind.features:
             _require_same_width(cfg)
     _validate_engine_support(cfg, world_size)
-    if verb in ("eval", "export") and cfg.checkpoint is not None:
+    if verb in ("eval", "export", "caption") and cfg.checkpoint is not None:
         require("checkpoint", cfg.checkpoint, Path(cfg.checkpoint).expanduser().exists(), "path not found")
     if verb == "export":
         require("checkpoint", None, cfg.checkpoint is not None, "required: a run dir or a checkpoint dir to export")
         require("out", cfg.out, bool(cfg.out), "required: the folder to write the export to")
+    if verb == "caption":
+        _require_coca_checkpoint(cfg.checkpoint)
     if verb == "train" and cfg.eval.use_ema == "ema" and cfg.train.ema_decay == 0:
         raise ConfigError("eval.use_ema", cfg.eval.use_ema, "needs EMA weights: train.ema_decay > 0 (e.g. 0.999)")
-    asks_ema = (verb == "export" and cfg.weights == "ema") or (verb == "eval" and cfg.eval.use_ema == "ema")
+    by_weights = verb in ("export", "caption")
+    asks_ema = (by_weights and cfg.weights == "ema") or (verb == "eval" and cfg.eval.use_ema == "ema")
     if asks_ema and cfg.checkpoint is not None:
-        key, value = ("weights", cfg.weights) if verb == "export" else ("eval.use_ema", cfg.eval.use_ema)
+        key, value = ("weights", cfg.weights) if by_weights else ("eval.use_ema", cfg.eval.use_ema)
         _require_ema_weights(key, value, cfg.checkpoint)
 
 
@@ -288,8 +301,6 @@ def _require_same_width(cfg: RootConfig) -> None:
     """``distill.kind=features`` compares embeddings: the teacher's width must be the student's (read from the
     configs; nothing is built)."""
     import json
-
-    from clipkit import model as model_lib
 
     student = model_lib.model_config(cfg.model)["embed_dim"]
     path = Path(cfg.distill.teacher).expanduser()
@@ -307,6 +318,20 @@ def _require_same_width(cfg: RootConfig) -> None:
             cfg.distill.kind,
             f"features needs the teacher's embedding width ({teacher}) to be the student's ({student}); use logits",
         )
+
+
+def _require_coca_checkpoint(checkpoint: Optional[str]) -> None:
+    """``clipkit caption`` reads a clipkit run or checkpoint dir of a CoCa model."""
+    from clipkit import checkpoint as ckpt
+
+    require("checkpoint", None, checkpoint is not None, "required: a CoCa run dir or checkpoint dir to caption with")
+    path = Path(checkpoint).expanduser()
+    try:
+        saved = saved_config(ckpt.resolve(path))
+    except (FileNotFoundError, ValueError, ckpt.CorruptCheckpoint) as err:
+        raise ConfigError("checkpoint", checkpoint, f"not a clipkit run or checkpoint dir ({err})") from None
+    if not model_lib.is_coca(saved.model):
+        raise ConfigError("checkpoint", checkpoint, f"its model {saved.model.name} is not a CoCa model: no captioner")
 
 
 def _require_ema_weights(key: str, value, checkpoint: str) -> None:

@@ -112,17 +112,42 @@ class ModelConfig:
             )
 
 
-def known_model_names() -> set[str]:
-    """open_clip's bundled config names plus clipkit's shipped ones, without importing open_clip (fast)."""
+def _config_dirs() -> list[Path]:
+    """clipkit's shipped model configs, then open_clip's bundled ones (found without importing open_clip: fast)."""
     import importlib.util
 
     spec = importlib.util.find_spec("open_clip")
     dirs = [Path(loc) / "model_configs" for loc in (spec.submodule_search_locations or [])] if spec else []
-    dirs.append(SHIPPED_CONFIGS)
-    return {p.stem for d in dirs for p in d.glob("*.json")}
+    return [SHIPPED_CONFIGS, *dirs]
+
+
+def known_model_names() -> set[str]:
+    """open_clip's bundled config names plus clipkit's shipped ones, without importing open_clip (fast)."""
+    return {p.stem for d in _config_dirs() for p in d.glob("*.json")}
 
 
 SHIPPED_CONFIGS = Path(__file__).parent / "model_configs"
+
+
+def config_json(cfg: ModelConfig) -> dict | None:
+    """The model's open_clip config as its JSON file says, without importing open_clip (None: not found)."""
+    import json
+
+    if cfg.config:
+        path = Path(cfg.config).expanduser()
+    else:
+        found = [d / f"{cfg.name}.json" for d in _config_dirs() if (d / f"{cfg.name}.json").is_file()]
+        if not found:
+            return None
+        path = found[0]
+    return json.loads(path.read_text())
+
+
+def is_coca(cfg: ModelConfig) -> bool:
+    """A CoCa model (a captioning decoder beside the two towers: open_clip's ``multimodal_cfg``)."""
+    return "multimodal_cfg" in (config_json(cfg) or {})
+
+
 _registered = False
 
 
@@ -196,9 +221,26 @@ def build(cfg: ModelConfig, device: torch.device | str = "cpu") -> Built:
         init["force_patch_dropout"] = cfg.patch_dropout
     with quiet_root_logger():  # open_clip warns that no weights were loaded: random init is what pretraining wants
         model = open_clip.create_model(name, pretrained=cfg.pretrained, device=device, output_dict=True, **init)
+    if cfg.pretrained is None:
+        init_uninitialized(model)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return _built(model, open_clip.get_tokenizer(name), name)
+
+
+def init_uninitialized(model: torch.nn.Module) -> None:
+    """What open_clip leaves uninitialised, initialised from the seeded RNG. open_clip 3.3's CoCa caption decoder
+    (``MultimodalTransformer``) allocates its vocabulary projection with ``torch.empty`` and never runs its
+    ``init_parameters`` (which would fail: it reads ``self.transformer``), so a fresh CoCa's projection is whatever
+    the allocator returns: zeros for a fresh page, leftovers (1e28, NaN) from reused memory, and not the same on
+    two ranks. clipkit applies the init that method meant: normal, std = width ** -0.5."""
+    import torch
+
+    decoder = getattr(model, "text_decoder", None)
+    projection = getattr(decoder, "text_projection", None)
+    if projection is not None:
+        with torch.no_grad():
+            torch.nn.init.normal_(projection, std=decoder.width**-0.5)
 
 
 def from_open_clip_folder(path: Path, device: torch.device | str = "cpu") -> Built:
@@ -280,9 +322,9 @@ def apply_locks(model: torch.nn.Module, cfg: ModelConfig) -> str | None:
             # a ViT's projection is: 0 locks the whole tower, N >= 1 leaves the head and N - 1 trunk groups.
             model.lock_image_tower(unlocked_groups=max(0, unlocked - 1), freeze_bn_stats=norm)
             model.visual.head.requires_grad_(unlocked > 0)
-        elif tower == "image":
-            model.lock_image_tower(unlocked_groups=unlocked, freeze_bn_stats=norm)
-        elif hasattr(model, "text") and type(model.text).__name__ == "HFTextEncoder":
+        elif tower == "image":  # (CoCa has no lock_image_tower: its tower's own lock is what CLIP's calls)
+            model.visual.lock(unlocked_groups=unlocked, freeze_bn_stats=norm)
+        elif hasattr(model, "text") and hasattr(model.text, "lock"):  # HF and CoCa text towers
             model.text.lock(unlocked, freeze_layer_norm=True)
         else:
             model.lock_text_tower(unlocked, freeze_layer_norm=True)

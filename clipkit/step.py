@@ -23,6 +23,11 @@ The result equals one process computing the loss on the whole K*W*B batch (teste
 
 Distillation (``teacher``): the teacher's outputs for each micro-batch are computed once, without autograd (in
 the no-grad pass when caching), and handed to the loss beside the student's.
+
+CoCa (``caption``): the model also returns next-token logits and their labels; the captioning term is per sample,
+so each forward that keeps autograd adds its micro-batch's share (``loss/caption.py``), normalised by the global
+batch's token count, counted once per step. Under caching both towers are re-forwarded even when one is locked:
+the caption decoder reads both.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ Batch = tuple[torch.Tensor, ...]
 # (image_features, text_features, logit_scale, logit_bias[, teacher=outputs]) -> scalar
 LossFn = Callable[..., torch.Tensor]
 Teacher = Callable[..., dict]  # (images, text[, teacher text]) -> image_features, text_features, logit_scale
+Caption = Callable[..., torch.Tensor]  # loss.caption.CaptionLoss: (logits, labels, count) -> this rank's share
 
 
 @dataclass
@@ -48,22 +54,26 @@ class StepResult:
     applied: bool  # False: the norm was not finite and nothing was applied
 
 
-def train_step(engine, loss_fn: LossFn, micro_batches: list[Batch], teacher: Teacher | None = None) -> StepResult:
-    loss, out = forward_backward(engine, loss_fn, micro_batches, teacher)
+def train_step(
+    engine, loss_fn: LossFn, micro_batches: list[Batch], teacher: Teacher | None = None, caption: Caption | None = None
+) -> StepResult:
+    loss, out = forward_backward(engine, loss_fn, micro_batches, teacher, caption)
     grad_norm, applied = engine.step()  # clip; apply only if the global norm is finite
     return StepResult(loss, grad_norm, out["logit_scale"].detach(), applied)
 
 
 def forward_backward(
-    engine, loss_fn: LossFn, micro_batches: list[Batch], teacher: Teacher | None = None
+    engine, loss_fn: LossFn, micro_batches: list[Batch], teacher: Teacher | None = None, caption: Caption | None = None
 ) -> tuple[torch.Tensor, dict]:
     """Leaves this step's gradients in the engine; returns (detached loss, the last forward's outputs)."""
     if len(micro_batches) > 1:
-        return cached_forward_backward(engine, loss_fn, micro_batches, teacher)
+        return cached_forward_backward(engine, loss_fn, micro_batches, teacher, caption)
     ((images, text, *teacher_text),) = micro_batches
     extra = {"teacher": teacher(images, text, *teacher_text)} if teacher else {}
     out = engine.forward(images, text)
     loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias"), **extra)
+    if caption:
+        loss = loss + caption(out["logits"], out["labels"], caption.target_count([text]))
     engine.backward([loss])
     return loss.detach(), out
 
@@ -79,10 +89,11 @@ def _set_rng_state(state: tuple, device: torch.device) -> None:
 
 
 def cached_forward_backward(
-    engine, loss_fn: LossFn, micro_batches: list[Batch], teacher: Teacher | None = None
+    engine, loss_fn: LossFn, micro_batches: list[Batch], teacher: Teacher | None = None, caption: Caption | None = None
 ) -> tuple[torch.Tensor, dict]:
     """Gradient-cached forward/backward over K micro-batches (see the module docstring)."""
     device = micro_batches[0][0].device
+    count = caption.target_count([text for _, text, *_ in micro_batches]) if caption else None
     rng_states, img_parts, txt_parts, teacher_parts = [], [], [], []
     with torch.no_grad():
         for images, text, *teacher_text in micro_batches:
@@ -112,11 +123,17 @@ def cached_forward_backward(
 
     last = len(micro_batches) - 1
     image_locked, text_locked = locked_towers(engine.model)
+    skip_image, skip_text = (image_locked, text_locked) if not caption else (False, False)
+    captioned = []
     for k, (images, text, *_) in enumerate(micro_batches):
         _set_rng_state(rng_states[k], device)
         with engine.no_sync() if k < last else contextlib.nullcontext():
-            out_k = engine.forward(None if image_locked else images, None if text_locked else text)
+            out_k = engine.forward(None if skip_image else images, None if skip_text else text)
             outputs, grads = [], []
+            if caption:
+                captioned.append(caption(out_k["logits"], out_k["labels"], count))
+                outputs.append(captioned[-1])
+                grads.append(torch.ones_like(captioned[-1]))
             for key, locked, grad in (
                 ("image_features", image_locked, img_grads),
                 ("text_features", text_locked, txt_grads),
@@ -132,6 +149,8 @@ def cached_forward_backward(
                     grads.append(bias.grad.to(out_k["logit_bias"].dtype))
             engine.backward(outputs, grads)
     _set_rng_state(after_state, device)
+    if caption:
+        loss = loss + sum(c.detach() for c in captioned)
     return loss.detach(), out
 
 

@@ -30,6 +30,7 @@ from clipkit.distill import Teacher
 from clipkit.engine import NonFiniteError, build_engine
 from clipkit.eval.runner import format_table, run_evals
 from clipkit.loss import build_loss
+from clipkit.loss.caption import CaptionLoss
 from clipkit.loss.distill import DistillLoss
 from clipkit.metrics import (
     KeyLog,
@@ -391,7 +392,11 @@ def _train(cfg: RootConfig, run_dir: Path, loaders: list, preemption: Preemption
         train_flops = None
     engine = build_engine(built.model, cfg, env)
     peak = peak_flops(env.device, engine.amp_dtype, cfg.logging.peak_tflops)
-    loss_fn = build_loss(cfg.loss.name, cfg.loss.impl, cfg.loss.chunk_size)
+    loss_fn = build_loss(cfg.loss.name, cfg.loss.impl, cfg.loss.chunk_size, cfg.loss.contrastive_weight)
+    caption = None
+    if model_lib.is_coca(cfg.model):  # CoCa: the captioning term beside the contrastive one
+        weight = 2.0 if cfg.loss.caption_weight is None else cfg.loss.caption_weight
+        caption = CaptionLoss(weight, getattr(built.model, "pad_id", 0))
     teacher = None
     if cfg.distill.teacher:  # the teacher sees the same samples; the loss adds the distillation term
         teacher = Teacher(cfg.distill, built, env.device)
@@ -457,7 +462,7 @@ def _train(cfg: RootConfig, run_dir: Path, loaders: list, preemption: Preemption
             for b in batches
         ]
         lr = engine.lr
-        result = train_step(engine, loss_fn, micro, teacher)
+        result = train_step(engine, loss_fn, micro, teacher, caption)
         if not result.applied:  # non-finite norm, train.nonfinite=skip: the batch is dropped, the step retried
             reason = nonfinite.skipped(result, state.step + 1, env)  # (raises for fail, or too many in a row)
             logger.log({"step": state.step + 1, "samples_seen": state.samples_seen, "skipped": reason})

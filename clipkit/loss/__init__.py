@@ -1,15 +1,12 @@
 """The loss component: its config (``loss.*``) and ``build_loss``; the losses themselves are in ``contrastive.py``
-(imported on first use, so that validating a config does not import torch)."""
+and, for CoCa models, ``caption.py`` (imported on first use, so that validating a config does not import torch)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Optional
 
-from clipkit.errors import Choice, ConfigError
-
-if TYPE_CHECKING:
-    import torch
+from clipkit.errors import Choice, ConfigError, require
 
 __all__ = ["InfoNCEImpl", "InfoNCELoss", "LossConfig", "LossName", "SigLIPLoss", "build_loss"]
 
@@ -32,8 +29,15 @@ class LossConfig:
     impl: InfoNCEImpl = InfoNCEImpl.gathered
     # Columns per block for tiled InfoNCE and SigLIP: ``auto`` or a positive integer.
     chunk_size: str = "auto"
+    # CoCa models (coca_*, clipkit-coca-tiny) only: the captioning term's weight; None = open_clip's default, 2.
+    caption_weight: Optional[float] = None
+    # The contrastive term's weight (with CoCa, 0 trains the captioner alone).
+    contrastive_weight: float = 1.0
 
     def validate(self, prefix: str = "loss") -> None:
+        if self.caption_weight is not None:
+            require(f"{prefix}.caption_weight", self.caption_weight, self.caption_weight >= 0, "must be >= 0")
+        require(f"{prefix}.contrastive_weight", self.contrastive_weight, self.contrastive_weight >= 0, "must be >= 0")
         chunk = self.chunk_size
         if chunk != "auto" and not (chunk.isdigit() and int(chunk) > 0):
             raise ConfigError(f"{prefix}.chunk_size", chunk, "must be 'auto' or a positive integer")
@@ -41,14 +45,17 @@ class LossConfig:
             raise ConfigError(f"{prefix}.impl", self.impl.value, "applies to InfoNCE only; SigLIP is always blockwise")
 
 
-def build_loss(name: str, impl: str = "gathered", chunk_size: int | str = "auto") -> torch.nn.Module:
-    from clipkit.loss.contrastive import InfoNCELoss, SigLIPLoss
+def build_loss(name: str, impl: str = "gathered", chunk_size: int | str = "auto", weight: float = 1.0):
+    """The contrastive loss, times ``weight`` unless it is 1."""
+    from clipkit.loss.contrastive import InfoNCELoss, SigLIPLoss, Weighted
 
     if name == "infonce":
-        return InfoNCELoss(impl, chunk_size)
-    if name == "siglip":
-        return SigLIPLoss(chunk_size)
-    raise ValueError(f"unknown loss {name!r}")
+        loss = InfoNCELoss(impl, chunk_size)
+    elif name == "siglip":
+        loss = SigLIPLoss(chunk_size)
+    else:
+        raise ValueError(f"unknown loss {name!r}")
+    return loss if weight == 1 else Weighted(loss, weight)
 
 
 def __getattr__(name: str):

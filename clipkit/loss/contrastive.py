@@ -190,3 +190,14 @@ class SigLIPLoss(torch.nn.Module):
             img_BD, all_txt_ND, logit_scale.to(dtype), logit_bias.to(dtype), rank * B, chunk
         )
         return total / B
+
+
+class Weighted(torch.nn.Module):
+    """``weight`` x a loss (``loss.contrastive_weight`` beside CoCa's captioning term)."""
+
+    def __init__(self, loss: torch.nn.Module, weight: float):
+        super().__init__()
+        self.loss, self.weight = loss, float(weight)
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return self.weight * self.loss(*args, **kwargs)

@@ -143,6 +143,102 @@ def distill_exactness(rank: int, world: int, dev: torch.device) -> dict:
     return results
 
 
+# CoCa (name, contrastive loss, impl, chunk, K, contrastive weight, caption weight): captions of random lengths,
+# so that the ranks hold different numbers of caption tokens.
+COCA_CASES = [
+    ("coca-gathered", "infonce", "gathered", "auto", 1, 1.0, 2.0),
+    ("coca-tiled-cache2", "infonce", "tiled", "5", 2, 0.5, 1.5),
+    ("coca-siglip-cache4", "siglip", "gathered", "3", 4, 1.0, 2.0),
+]
+MICRO_COCA = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8,
+                   "attentional_pool": True, "attn_pooler_queries": 5, "attn_pooler_heads": 2, "output_tokens": True},
+    "text_cfg": {"context_length": 8, "vocab_size": 500, "width": 16, "heads": 2, "layers": 1, "embed_cls": True,
+                 "output_tokens": True},
+    "multimodal_cfg": {"context_length": 8, "vocab_size": 500, "width": 16, "heads": 2, "layers": 1},
+    "custom_text": True,
+}  # fmt: skip
+
+
+def micro_coca(siglip: bool = False):
+    import open_clip
+
+    from clipkit.model import init_uninitialized, quiet_root_logger
+
+    path = Path(tempfile.gettempdir()) / f"clipkit-test-{os.getpid()}" / "micro-coca.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(MICRO_COCA))
+    open_clip.add_model_config(path)
+    torch.manual_seed(0)
+    kwargs = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0} if siglip else {}
+    with quiet_root_logger():
+        model = open_clip.create_model("micro-coca", output_dict=True, **kwargs)
+    init_uninitialized(model)  # (open_clip leaves the vocabulary projection uninitialised)
+    model = model.double()
+    with torch.no_grad():
+        model.logit_scale.fill_(2.9 if not siglip else 2.0)
+    return model.train()
+
+
+def caption_batch(n: int, per_rank: int, seed: int = 99):
+    """Images and token ids of random lengths, then padding 0, as a CoCa tokenizer gives them; each rank's rows
+    (``per_rank`` of them) run longer than the rank before's, so the ranks hold different numbers of tokens."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, 3, 16, 16, generator=g, dtype=torch.float64)
+    text = torch.randint(1, 500, (n, 8), generator=g)
+    lengths = (torch.randint(2, 4, (n,), generator=g) + 2 * (torch.arange(n) // per_rank)).clamp(max=8)
+    text[torch.arange(8)[None, :] >= lengths[:, None]] = 0
+    return images, text
+
+
+def coca_exactness(rank: int, world: int, dev: torch.device) -> dict:
+    """Contrastive + captioning through ``forward_backward`` vs one process on the whole batch; also how far
+    open_clip's per-rank caption mean is from the global batch's."""
+    from clipkit.loss import build_loss
+    from clipkit.loss.caption import CaptionLoss
+    from clipkit.step import forward_backward
+
+    results = {}
+    for name, loss_name, impl, chunk, K, c_weight, cap_weight in COCA_CASES:
+        siglip = loss_name == "siglip"
+        images, text = (t.to(dev) for t in caption_batch(world * K * B, K * B))
+        rows = slice(rank * K * B, (rank + 1) * K * B)
+        mine = list(zip(images[rows].split(B), text[rows].split(B), strict=True))
+        engine = _engine(micro_coca(siglip), world, dev)
+        caption = CaptionLoss(cap_weight, pad_id=0)
+        loss, _ = forward_backward(engine, build_loss(loss_name, impl, chunk, c_weight), mine, caption=caption)
+        total = loss.clone()
+        if world > 1:
+            dist.all_reduce(total)
+        grads = {n: p.grad.clone() for n, p in engine.model.named_parameters()}
+
+        ref_model = micro_coca(siglip).to(dev)
+        ref_out = ref_model(images, text)
+        if siglip:
+            ref_out["logit_bias"] = ref_model.logit_bias
+        ref_caption = F.cross_entropy(ref_out["logits"].permute(0, 2, 1), ref_out["labels"], ignore_index=0)
+        ref_loss = c_weight * reference_loss(ref_out, loss_name) + cap_weight * ref_caption
+        ref_loss.backward()
+        results[name] = _compare(total / world, grads, ref_loss, ref_model)
+
+        # open_clip's CoCaLoss takes the mean over each rank's own tokens, then DDP averages the ranks' gradients:
+        # its gradient with respect to this rank's logits, against the global batch mean's (clipkit's).
+        with torch.no_grad():
+            logits = ref_model(images[rows], text[rows])["logits"]
+        grads = []
+        for reduction, divisor in (("mean", world), ("sum", (text[:, 1:] != 0).sum())):
+            leaf = logits.clone().requires_grad_()
+            ce = F.cross_entropy(leaf.permute(0, 2, 1), text[rows, 1:], ignore_index=0, reduction=reduction)
+            (ce / divisor).backward()
+            grads.append(leaf.grad)
+        err = torch.stack([(grads[0] - grads[1]).abs().max() / grads[1].abs().max()])
+        if world > 1:
+            dist.all_reduce(err, op=dist.ReduceOp.MAX)
+        results[name]["open_clip_caption_grad_rel_err"] = err.item()
+    return results
+
+
 def _compare(loss: torch.Tensor, grads: dict, ref_loss: torch.Tensor, ref_model) -> dict:
     """A case's result: its loss and gradients against the single-process reference's."""
     errs = {n: _rel_err(grads[n], p.grad) for n, p in ref_model.named_parameters() if p.grad is not None}
@@ -222,6 +318,7 @@ def loss_exactness(rank: int, world: int, port: int, out_path: str, device: str 
         torch.set_rng_state(start_rng)
         results[name] = _compare(total / world, grads, ref_loss, ref_model)
     results.update(distill_exactness(rank, world, dev))
+    results.update(coca_exactness(rank, world, dev))
     if world > 1:
         results.update(open_clip_parity(rank, world, dev))
         dist.barrier()
