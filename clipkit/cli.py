@@ -20,6 +20,7 @@ VERB_LINES = {
     "export": (
         "checkpoint=PATH format=open_clip|hf|onnx|towers out=DIR: encoder artifacts, verified by loading them back"
     ),
+    "caption": "checkpoint=PATH [caption.images=FILE|DIR|GLOB]: captions from a trained CoCa model (greedy)",
     "shards": "write webdataset shards from local images + captions: clipkit shards INPUT OUTPUT [--help]",
     "bench": "samples/s, MFU, data-wait, peak memory of clipkit's training step vs open_clip's (model=..., bench.*)",
     "report": "RUN_DIR: write RUN_DIR/report.html (curves, eval, confusion, retrieval examples; also after each run)",
@@ -207,6 +208,10 @@ def main(argv: list[str] | None = None) -> None:
             _fail(f"eval error: {err}", 1)
     elif verb == "export":
         _export(cfg)
+    elif verb == "caption":
+        from clipkit.caption import caption_command
+
+        caption_command(cfg)
     elif verb == "bench":
         from clipkit.bench import bench_command
 

@@ -302,8 +302,11 @@ TOWER_FILES = ("tower_config.json", "model.safetensors")
 
 
 def _tower_state(sd: dict[str, torch.Tensor], which: str) -> dict[str, torch.Tensor]:
-    if which == "image":
-        return {k[len("visual.") :]: v for k, v in sd.items() if k.startswith("visual.")}
+    """A tower's weights under the tower's own names: ``visual.*``; ``text.*`` (custom-text models, CoCa) or the
+    text tower's top-level keys (CLIP). A CoCa's caption decoder belongs to neither."""
+    prefix = "visual." if which == "image" else "text." if any(k.startswith("text.") for k in sd) else None
+    if prefix:
+        return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
     return {k: v for k, v in sd.items() if not k.startswith("visual.") and k not in ("logit_scale", "logit_bias")}
 
 
@@ -339,11 +342,12 @@ def export_towers(built: Built, cfg: RootConfig, out: Path) -> dict:
             "quick_gelu": bool(model_cfg.get("quick_gelu", False)),  # (the *-quickgelu configs: OpenAI's weights)
             "source_model": built.name,
         }
+        # (a CoCa tower also returns its token embeddings, for the caption decoder: an encoder export does not)
         if which == "image":
-            meta.update(vision_cfg=model_cfg["vision_cfg"], preprocess_cfg=pre)
+            meta.update(vision_cfg={**model_cfg["vision_cfg"], "output_tokens": False}, preprocess_cfg=pre)
         else:
             meta.update(
-                text_cfg=model_cfg["text_cfg"],
+                text_cfg={**model_cfg["text_cfg"], "output_tokens": False},
                 tokenizer={"open_clip": built.name, "context_length": built.tokenizer.context_length},
             )
         (d / "tower_config.json").write_text(json.dumps(meta, indent=1, default=list))
@@ -351,8 +355,12 @@ def export_towers(built: Built, cfg: RootConfig, out: Path) -> dict:
             {k: v.detach().contiguous().cpu() for k, v in _tower_state(sd, which).items()}, str(d / "model.safetensors")
         )
     images, text = _probe_inputs(built)
-    ref_img, ref_txt = _reference(built, images, text)
-    with torch.no_grad():
+    built.model.eval()
+    with torch.no_grad():  # (un-normalised, as the towers give them; CoCa's encode_* normalise by default)
+        ref_img, ref_txt = (
+            built.model.encode_image(images, normalize=False),
+            built.model.encode_text(text, normalize=False),
+        )
         got_img, got_txt = load_tower(out / "image_encoder")(images), load_tower(out / "text_encoder")(text)
     return _check("towers", ref_img, ref_txt, got_img, got_txt)
 

@@ -23,6 +23,7 @@ VERB_SECTIONS = {
     "train": ["name", "model", "data", "loss", "distill", "optim", "train", "eval", "logging", "parallel"],
     "eval": ["checkpoint", "eval", "model", "data.cache_dir", "data.demo", "train.device", "logging.progress"],
     "export": ["checkpoint", "format", "out", "weights"],
+    "caption": ["checkpoint", "caption", "weights"],
     "bench": [
         "bench",
         "model",

@@ -89,12 +89,22 @@ def run_evals(built, cfg: EvalConfig, device: torch.device, demo_dir: Path | Non
             )
         else:
             source = open_source("retrieval", task.cfg.dataset, task.cfg)
-            out = zeroshot_retrieval(model, built.tokenizer, source, transform, device, opts, bar.update)
+            captioner = _captioner(built) if hasattr(model, "text_decoder") else None  # CoCa: captions too
+            out = zeroshot_retrieval(model, built.tokenizer, source, transform, device, opts, bar.update, captioner)
         bar.close()
         if out is not None:
             results[task.name] = {"task": task.kind, "dataset": task.cfg.dataset, **out}
     model.train(was_training)
     return results
+
+
+def _captioner(built):
+    """images -> greedy captions. Under several ranks every rank decodes the same number of steps (a sharded
+    model's forward is a collective), not stopping early when its own captions have all ended."""
+    from clipkit.caption import decode, greedy_captions
+
+    synchronous = distributed.rank_and_world()[1] > 1
+    return lambda images: decode(built.tokenizer, greedy_captions(built.model, images, synchronous=synchronous))
 
 
 def _is_main() -> bool:
@@ -116,6 +126,13 @@ def format_table(results: dict) -> str:
                 ),
             ]
         elif r.get("task") == "retrieval":
+            if "caption_CIDEr" in r:
+                rows.append(
+                    (
+                        f"{label}captioning BLEU-4 / CIDEr",
+                        f"{100 * r['caption_BLEU-4']:.1f} / {100 * r['caption_CIDEr']:.1f}",
+                    )
+                )
             for d in ("image_to_text", "text_to_image"):
                 rows.append(
                     (
@@ -124,6 +141,13 @@ def format_table(results: dict) -> str:
                     )
                 )
             rows.append((f"{label}retrieval set", f"{r['num_images']} images, {r['num_texts']} captions"))
+            for ex in r.get("caption_examples", []):
+                rows.append(
+                    (
+                        f"{label}caption of image {ex['image']}",
+                        f"{ex['caption']!r}  (a reference: {ex['references'][0]!r})",
+                    )
+                )
         if r.get("skipped"):
             rows.append((f"{label}skipped", ", ".join(f"{k}: {v}" for k, v in r["skipped"].items())))
     width = max((len(k) for k, _ in rows), default=0)

@@ -24,6 +24,7 @@ import torch
 
 from clipkit import distributed
 from clipkit.eval import data as eval_data
+from clipkit.eval.captioning import caption_scores
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -41,20 +42,26 @@ def embed_texts(model, tokenizer, texts: list[str], device, batch_size: int = 51
 
 
 @torch.no_grad()
-def _embed_share(model, loader, device, amp, on_batch=None):
-    """This rank's (index, image embedding, target) lists and skip counts; ``on_batch`` sees each batch."""
-    indices, embs, targets, skips = [], [], [], collections.Counter()
+def _embed_share(model, loader, device, amp, on_batch=None, captioner=None):
+    """This rank's (index, image embedding, target) lists and skip counts; ``on_batch`` sees each batch;
+    ``captioner`` (images -> texts), if given, captions every image and its texts are a fifth list."""
+    indices, embs, targets, skips, generated = [], [], [], collections.Counter(), []
     for batch in loader:
         skips.update(batch["skips"])
         if batch["image"] is None:
             continue
         with _autocast(device, amp):
-            emb = model.encode_image(batch["image"].to(device, non_blocking=True))
+            images = batch["image"].to(device, non_blocking=True)
+            emb = model.encode_image(images)
+            if captioner is not None:
+                generated += captioner(images)
         embs.append(torch.nn.functional.normalize(emb.float(), dim=-1).cpu())
         indices += batch["index"]
         targets += batch["target"]
         if on_batch:
             on_batch(len(batch["index"]) + len(batch["skips"]))
+    if captioner is not None:
+        return indices, embs, targets, skips, generated
     return indices, embs, targets, skips
 
 
@@ -132,16 +139,18 @@ def zeroshot_classification(model, tokenizer, source, transform, classnames, tem
     return metrics
 
 
-def zeroshot_retrieval(model, tokenizer, source, transform, device, cfg, progress=None):
+def zeroshot_retrieval(model, tokenizer, source, transform, device, cfg, progress=None, captioner=None):
+    """Recall@k both ways; with ``captioner`` (a CoCa model's images -> texts) also BLEU-4 and CIDEr of each
+    image's caption against the set's captions of that image, and the first five as examples."""
     model.eval()
     amp = cfg.amp_dtype
     rank, world = distributed.rank_and_world()
     loader = eval_data.loader(source, transform, rank, world, cfg.batch_size, cfg.num_workers)
-    indices, embs, captions, skips = _embed_share(model, loader, device, amp, progress)
+    indices, embs, captions, skips, *generated = _embed_share(model, loader, device, amp, progress, captioner)
     # Each rank embeds its own images' captions too; they travel (with their text) with the image embeddings.
     txt = embed_texts(model, tokenizer, [c for caps in captions for c in caps], device, amp=amp).cpu()
     txt_per_image = list(zip(txt.split([len(caps) for caps in captions]), captions, strict=True)) if captions else []
-    shares = distributed.gather_to_main((indices, embs, txt_per_image, skips))
+    shares = distributed.gather_to_main((indices, embs, txt_per_image, skips, *generated))
     if shares is None:
         return None
     img_emb_ND, per_image, skips, records = _merge(shares)
@@ -154,6 +163,16 @@ def zeroshot_retrieval(model, tokenizer, source, transform, device, cfg, progres
     metrics.update(num_images=img_emb_ND.shape[0], num_texts=int(owner_M.numel()), skipped=skips)
     texts = [c for _, caps in per_image for c in caps]
     metrics["examples"] = retrieval_examples(img_emb_ND, txt_emb_MD, owner_M, texts, records)
+    if captioner is not None:  # (in source order, as _merge put the images)
+        by_index = {i: g for share in shares for i, g in zip(share[0], share[4], strict=True)}
+        generated = [by_index[i] for i in records]
+        references = [list(caps) for _, caps in per_image]
+        scores = caption_scores(generated, references)
+        metrics.update({f"caption_{k}": v for k, v in scores.items()})
+        metrics["caption_examples"] = [
+            {"image": records[i], "caption": generated[i], "references": references[i]}
+            for i in range(min(5, len(generated)))
+        ]
     return metrics
 
 

@@ -50,7 +50,7 @@ def test_verb_help_lists_its_overrides_with_their_values(verb, tmp_path):
         assert shown[key][0] == value and shown[key][1], (key, shown[key])
     if verb == "train":  # the composed values (the demo experiment's), the presets, the choices
         assert shown["train.steps"][0] == str(cfg.train.steps)
-        assert "model=small|tiny|vit_b16|vit_b32|vit_l14|vit_s32" in proc.stdout
+        assert "model=coca_tiny|small|tiny|vit_b16|vit_b32|vit_l14|vit_s32" in proc.stdout
         assert shown["train.precision"][1].startswith("[auto|fp32|bf16|fp16]")
 
 
