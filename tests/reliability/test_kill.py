@@ -37,16 +37,19 @@ def kill9_trials(tmp_path, ref, case: str, n: int, *overrides: str, label: str =
 
 # The kill matrix's training recipes (DDP): name -> (overrides, trials). Fast mode runs one DDP trial with every
 # recipe on (a locked image tower whose last group trains: frozen parameters, optimizer state for the rest; EMA
-# weights of what trains; a teacher to distil from); long mode each recipe alone as well.
+# weights of what trains; a teacher to distil from; a CoCa student with its caption decoder); long mode each
+# recipe alone as well.
 LIT = ["model.lock_image=true", "model.lock_image_unlocked_groups=1"]
 EMA = ["train.ema_decay=0.9"]
 DISTILL = ["distill.teacher={teacher}"]
+COCA = ["model=coca_tiny"]
 RECIPES = {
     "plain": ([], trials(0, 10)),
     "lit": (LIT, trials(0, 3)),
     "ema": (EMA, trials(0, 3)),
     "distill": (DISTILL, trials(0, 3)),
-    "lit+ema+distill": ([*LIT, *EMA, *DISTILL], trials(1, 3)),
+    "coca": (COCA, trials(0, 3)),
+    "lit+ema+distill+coca": ([*LIT, *EMA, *DISTILL, *COCA], trials(1, 3)),
 }
 
 
