@@ -241,6 +241,7 @@ def test_bad_eval_inputs(trained, folders, tmp_path):
     assert out["eval"]["retrieval"]["skipped"] == {"no_caption": 1} and out["eval"]["retrieval"]["num_images"] == 50
 
 
+@pytest.mark.slow  # (32 s; `make test-all` runs it: make test's 30-minute budget)
 def test_folder_classnames_file_in_another_order_is_matched_by_name(trained, folders, tmp_path):
     """An image folder (sub-folders sorted alphabetically) with a class-name file in the dataset's natural order:
     names are matched to folders by name, so the accuracy is the folder names' own. A file of wnid-style

@@ -197,6 +197,7 @@ def test_training_continues_from_init_from(finished_run, tmp_path):
     assert bad.returncode == 2 and "model.init_from" in bad.stderr
 
 
+@pytest.mark.slow  # (19 s; `make test-all` runs it: make test's 30-minute budget)
 def test_moving_the_data_changes_nothing(small_demo, tmp_path):
     """Seeds come from (seed, epoch, shard path relative to its pattern, key): the same run on two copies of the
     data in different folders gives bit-identical losses."""
