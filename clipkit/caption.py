@@ -1,10 +1,14 @@
 """``clipkit caption``: captions images with a trained CoCa model; also the decoding the captioning eval uses.
 
 Decoding is greedy (the most likely next token until the end-of-text token or the model's context length),
-written here over the model's public forward (``model(images, text, image_latent=, image_embs=,
-output_labels=False)``): open_clip's own ``CoCa.generate`` needs ``transformers`` < 5 (it imports
-``BeamSearchScorer``, which transformers 5 removed) and asserts otherwise. Greedy decoding is deterministic, so an
-exported model gives the same captions in open_clip (tested).
+written here over the CoCa's towers and decoder as its ``forward`` chains them (``visual``, ``text``,
+``text_decoder``), not through the root ``forward``: under FSDP2 the root's post-forward hook reshards what eval's
+``full_params`` unsharded, and the next decoding step fails.
+
+open_clip 3.3's own ``CoCa.generate`` needs ``transformers`` < 4.56 (it imports ``BeamSearchScorer``, which 4.57
+and 5.x no longer export) and asserts otherwise. Greedy decoding is deterministic: an exported model gives the
+same captions in open_clip (tested with a greedy loop over open_clip's model; with transformers 4.55,
+``generate(generation_type="top_k", top_k=1)`` agrees too).
 """
 
 from __future__ import annotations
@@ -64,15 +68,12 @@ def greedy_captions(
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        encoded = model(images)  # (the image tower once: its pooled latent and its tokens for the decoder)
+        _, image_embs = model.visual(images)  # (the image tower once: its tokens, which the decoder attends to)
         out = torch.full((images.shape[0], 1), SOT, dtype=torch.long, device=images.device)
         done = torch.zeros(images.shape[0], dtype=torch.bool, device=images.device)
         while out.shape[1] < max_tokens and (synchronous or not bool(done.all())):
-            logits = model(
-                images, out, image_latent=encoded["image_features"], image_embs=encoded["image_embs"],
-                output_labels=False,
-            )["logits"][:, -1]  # fmt: skip
-            nxt = logits.argmax(dim=-1)
+            _, token_embs = model.text(out)
+            nxt = model.text_decoder(image_embs, token_embs)[:, -1].argmax(dim=-1)
             if out.shape[1] == max_tokens - 1:
                 nxt = torch.full_like(nxt, EOT)  # the last place ends the caption
             nxt = nxt.masked_fill(done, pad_id)

@@ -42,7 +42,7 @@ class TowerOptimConfig:
 class OptimConfig:
     # Peak learning rate of AdamW, reached after the warmup.
     lr: float = 1e-3
-    # Decoupled weight decay (not applied to biases, norms, embeddings, temperature).
+    # Decoupled weight decay on weight matrices and embeddings (open_clip's rule: not on biases, norms, temperature).
     weight_decay: float = 0.2
     # AdamW's first-moment decay.
     beta1: float = 0.9

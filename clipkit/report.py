@@ -204,6 +204,7 @@ def _thumbnails(res: dict, retrieval_cfg) -> dict[int, str]:
     from clipkit.eval.data import open_source
 
     wanted = {i for ex in res.get("examples", []) for i in (ex["image"], *ex["top"])}
+    wanted |= {ex["image"] for ex in res.get("caption_examples", [])}
     if not wanted:
         return {}
     source = open_source("retrieval", res["dataset"], replace(retrieval_cfg, dataset=res["dataset"]))
@@ -223,12 +224,30 @@ def _thumbnails(res: dict, retrieval_cfg) -> dict[int, str]:
     return out
 
 
-def _examples(res: dict, retrieval_cfg) -> str:
+def _read_thumbnails(res: dict, retrieval_cfg) -> dict[int, str]:
     try:
-        thumbs = _thumbnails(res, retrieval_cfg)
+        return _thumbnails(res, retrieval_cfg)
     except Exception as err:  # the eval set moved or is remote and unreachable: the ranks still tell
         log.warning("report: retrieval thumbnails unavailable (%s)", err)
-        thumbs = {}
+        return {}
+
+
+def _captions(res: dict, thumbs: dict[int, str]) -> str:
+    """A CoCa model's greedy captions of the first held-out images, beside their reference captions."""
+    rows = []
+    for ex in res["caption_examples"]:
+        i = ex["image"]
+        img = f'<img alt="image {i}" src="{thumbs[i]}">' if i in thumbs else f"<span>#{i}</span>"
+        refs = "<br>".join(html.escape(r) for r in ex["references"])
+        rows.append(f"<tr><td>{img}</td><th>{html.escape(ex['caption'])}</th><td><small>{refs}</small></td></tr>")
+    return (
+        f"<p>BLEU-4 {100 * res['caption_BLEU-4']:.1f}, CIDEr {100 * res['caption_CIDEr']:.1f} over "
+        f"{res['caption_num_captioned']} images. The model's greedy caption, then the image's reference captions:</p>"
+        f'<table class="examples"><tr><td></td><td>caption</td><td>references</td></tr>{"".join(rows)}</table>'
+    )
+
+
+def _examples(res: dict, thumbs: dict[int, str]) -> str:
     rows = []
     for ex in res.get("examples", []):
         cells = []
@@ -320,7 +339,11 @@ def write_report(run_dir: Path) -> Path:
         elif res.get("task") == "retrieval":
             parts.append(f"<h2>Retrieval examples: {html.escape(name)}</h2>")
             parts.append(f'<div class="sub">{html.escape(str(res.get("dataset", "")))}</div>')
-            parts.append(_examples(res, retrieval_cfg))
+            thumbs = _read_thumbnails(res, retrieval_cfg)
+            parts.append(_examples(res, thumbs))
+            if res.get("caption_examples"):
+                parts.append(f"<h2>Captions: {html.escape(name)}</h2>")
+                parts.append(_captions(res, thumbs))
     parts += ["<h2>Data errors</h2>", _data_errors(summary)]
     env = summary.get("environment")
     if env:

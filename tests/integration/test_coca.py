@@ -7,6 +7,7 @@ Same data and tolerance as test_engines.py (one epoch of 256 pairs per step, flo
 
 from __future__ import annotations
 
+import html
 import json
 
 import pytest
@@ -23,6 +24,7 @@ COCA = [  # (after test_engines.COMMON: the last value of a key wins)
     "train.checkpoint_every=2",
     "model=coca_tiny",
     f"loss.caption_weight={CAPTION_WEIGHT}",
+    "eval.retrieval.dataset=demo",  # the end-of-run eval captions the 10 held-out images (on every rank)
 ]
 
 
@@ -65,6 +67,22 @@ def test_fsdp_with_gradient_caching_trains_the_same_parameters(single, tmp_path)
         torch.testing.assert_close(got[name], ref[name], atol=ATOL, rtol=0, msg=name)
     assert logged(other, "loss") == pytest.approx(logged(single, "loss"), rel=1e-5)
     assert logged(other, "grad_norm") == pytest.approx(logged(single, "grad_norm"), rel=1e-4)
+    # the end-of-run eval decoded on both ranks of the sharded model (the same number of steps on each)
+    retrieval = json.loads((other / "summary.json").read_text())["eval"]["retrieval"]
+    assert retrieval["caption_num_captioned"] == 10 and len(retrieval["caption_examples"]) == 5
+
+
+@pytest.mark.slow  # (`make test-all`: DeepSpeed starts in ~40 s per run)
+@pytest.mark.parametrize(
+    "engine, extra", [("zero2", ["train.micro_batch_size=64"]), ("zero3", [])], ids=["zero2-cache2", "zero3"]
+)
+def test_deepspeed_engines_train_the_same_parameters(single, tmp_path, engine, extra):
+    other = tmp_path / engine
+    torchrun(other, *COCA, f"parallel={engine}", *extra)
+    got, ref = final(other), final(single)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], atol=ATOL, rtol=0, msg=name)
+    assert logged(other, "loss") == pytest.approx(logged(single, "loss"), rel=1e-5)
 
 
 def test_eval_scores_the_captions(single, tmp_path):
@@ -75,6 +93,17 @@ def test_eval_scores_the_captions(single, tmp_path):
     assert 0 <= retrieval["caption_BLEU-4"] <= 1 and retrieval["caption_CIDEr"] >= 0
     assert len(retrieval["caption_examples"]) == 5
     assert "captioning BLEU-4 / CIDEr" in proc.stdout and "caption of image 0" in proc.stdout
+
+
+def test_the_run_report_shows_the_captions_beside_their_images(single):
+    run_cli("report", str(single), check=True)  # (the test runs skip the end-of-run report)
+    page = (single / "report.html").read_text()
+    captions = page.split("<h2>Captions: retrieval</h2>")[1].split("<h2>")[0]
+    summary = json.loads((single / "summary.json").read_text())
+    examples = next(r for r in summary["eval"].values() if "caption_examples" in r)["caption_examples"]
+    assert captions.count('src="data:image/png;base64,') == len(examples) == 5
+    for ex in examples:
+        assert html.escape(ex["caption"]) in captions and html.escape(ex["references"][0]) in captions
 
 
 def _png_folder(path, n: int = 3):

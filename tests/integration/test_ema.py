@@ -25,10 +25,9 @@ EMA = [f"train.ema_decay={DECAY}"]
 # Evals at steps 3, 6, 9 and at the end: mid-run (ZeRO-3's small persistent parameters gathered) and right after
 # a checkpoint save (partitioned).
 EVAL = ["eval.zeroshot.dataset=demo", "eval.every=3"]
-# `make test-all` runs every engine (~30 s to 1 min each); make test keeps within its 30 minutes without them
-# (the fast kill -9 trial trains and resumes with EMA under DDP, and the unit tests check the average itself).
+# The default suite runs the sharded (DTensor, DCP) case; `make test-all` the others (~1 min each).
 ENGINES = [
-    pytest.param("fsdp", marks=pytest.mark.slow),
+    "fsdp",
     pytest.param("ddp", marks=pytest.mark.slow),
     pytest.param("zero1", marks=pytest.mark.slow),
     pytest.param("zero2", marks=pytest.mark.slow),
