@@ -28,7 +28,7 @@ from clipkit.data.transforms import DeviceNormalize
 from clipkit.distributed import DistEnv
 from clipkit.engine import build_engine
 from clipkit.engine.parts import MAX_LOGIT_SCALE, autocast_dtype
-from clipkit.loss import build_loss
+from clipkit.loss import build_caption_loss, build_loss
 from clipkit.metrics import forward_flops_per_sample, peak_flops, peak_memory_gb, reset_peak_memory
 from clipkit.optim import build_optimizer
 from clipkit.step import train_step
@@ -87,7 +87,8 @@ def bench_clipkit(cfg: RootConfig, batches: list[tuple], device: torch.device, w
     torch.manual_seed(cfg.train.seed)
     built = model_lib.build(cfg.model, device)
     engine = build_engine(built.model, cfg, DistEnv(device=device))
-    loss_fn = build_loss(cfg.loss.name, cfg.loss.impl, cfg.loss.chunk_size)
+    loss_fn = build_loss(cfg.loss.name, cfg.loss.impl, cfg.loss.chunk_size, cfg.loss.contrastive_weight)
+    caption = build_caption_loss(cfg, built.model)  # (CoCa: the captioning term too, as training runs it)
     micro = cfg.train.micro_batch(1)
     normalize = DeviceNormalize(built.mean, built.std).to(device)
     built.model.train()
@@ -103,7 +104,7 @@ def bench_clipkit(cfg: RootConfig, batches: list[tuple], device: torch.device, w
             for im, tx in zip(images_u8.split(micro), text.split(micro), strict=True)
         ]
         wait += time.perf_counter() - t_fetch
-        train_step(engine, loss_fn, pairs)
+        train_step(engine, loss_fn, pairs, caption=caption)
     _sync(device)
     elapsed = time.perf_counter() - t0
     return {"seconds": elapsed, "data_wait_s": wait, "peak_mem_gb": peak_memory_gb(device)}
@@ -159,7 +160,13 @@ def bench_open_clip(cfg: RootConfig, batches: list[tuple], device: torch.device,
         False,
         False,
     )
-    loss = open_clip.SigLipLoss() if cfg.loss.name == "siglip" else open_clip.ClipLoss()
+    if model_lib.is_coca(cfg.model):  # open_clip_train's --coca-*-loss-weight
+        weight = 2.0 if cfg.loss.caption_weight is None else cfg.loss.caption_weight
+        loss = open_clip.CoCaLoss(caption_loss_weight=weight, clip_loss_weight=cfg.loss.contrastive_weight)
+    elif cfg.loss.name == "siglip":
+        loss = open_clip.SigLipLoss()
+    else:
+        loss = open_clip.ClipLoss()
     optimizer = build_optimizer(model, cfg.optim, device)
     scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
     mean = torch.tensor(built.mean).view(1, -1, 1, 1)

@@ -29,8 +29,7 @@ from clipkit.data.transforms import DeviceNormalize
 from clipkit.distill import Teacher
 from clipkit.engine import NonFiniteError, build_engine
 from clipkit.eval.runner import format_table, run_evals
-from clipkit.loss import build_loss
-from clipkit.loss.caption import CaptionLoss
+from clipkit.loss import build_caption_loss, build_loss
 from clipkit.loss.distill import DistillLoss
 from clipkit.metrics import (
     KeyLog,
@@ -393,10 +392,7 @@ def _train(cfg: RootConfig, run_dir: Path, loaders: list, preemption: Preemption
     engine = build_engine(built.model, cfg, env)
     peak = peak_flops(env.device, engine.amp_dtype, cfg.logging.peak_tflops)
     loss_fn = build_loss(cfg.loss.name, cfg.loss.impl, cfg.loss.chunk_size, cfg.loss.contrastive_weight)
-    caption = None
-    if model_lib.is_coca(cfg.model):  # CoCa: the captioning term beside the contrastive one
-        weight = 2.0 if cfg.loss.caption_weight is None else cfg.loss.caption_weight
-        caption = CaptionLoss(weight, getattr(built.model, "pad_id", 0))
+    caption = build_caption_loss(cfg, built.model)  # CoCa: the captioning term beside the contrastive one
     teacher = None
     if cfg.distill.teacher:  # the teacher sees the same samples; the loss adds the distillation term
         teacher = Teacher(cfg.distill, built, env.device)

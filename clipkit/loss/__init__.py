@@ -58,6 +58,18 @@ def build_loss(name: str, impl: str = "gathered", chunk_size: int | str = "auto"
     return loss if weight == 1 else Weighted(loss, weight)
 
 
+def build_caption_loss(cfg, model):
+    """CoCa's captioning term for ``cfg`` (a ``RootConfig``) when its model is a CoCa, else None."""
+    from clipkit import model as model_lib
+
+    if not model_lib.is_coca(cfg.model):
+        return None
+    from clipkit.loss.caption import CaptionLoss
+
+    weight = 2.0 if cfg.loss.caption_weight is None else cfg.loss.caption_weight
+    return CaptionLoss(weight, getattr(model, "pad_id", 0))
+
+
 def __getattr__(name: str):
     if name in ("InfoNCELoss", "SigLIPLoss"):
         from clipkit.loss import contrastive

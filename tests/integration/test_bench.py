@@ -36,3 +36,22 @@ def test_bench_on_training_data_without_baseline(small_demo, tmp_path):
         check=True,
     )
     assert set(json.loads(out.read_text())["results"]) == {"clipkit"}
+
+
+def test_bench_of_a_coca_model_runs_both_trainers_with_the_captioning_loss(tmp_path):
+    """clipkit's step with its CaptionLoss, open_clip_train's with CoCaLoss (before: its ClipLoss got the
+    decoder's logits and labels and failed)."""
+    out = tmp_path / "bench.json"
+    run_cli(
+        "bench",
+        "model=coca_tiny",
+        "train.global_batch_size=16",
+        "bench.steps=2",
+        "bench.warmup=1",
+        f"bench.output={out}",
+        f"hydra.run.dir={tmp_path}",
+        check=True,
+    )
+    result = json.loads(out.read_text())
+    assert set(result["results"]) == {"clipkit", "open_clip"}
+    assert all(row["samples_per_s"] > 0 for row in result["results"].values())
