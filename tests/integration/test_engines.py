@@ -105,6 +105,7 @@ def test_engine_matches_single_process(runs, engine):
     assert logged(runs[engine], "grad_norm") == pytest.approx(logged(runs["single"], "grad_norm"), rel=1e-4)
 
 
+@pytest.mark.slow  # (~20 s; `make test-all` runs it: make test's 30-minute budget)
 def test_zero3_resume_and_export(runs, tmp_path):
     """A ZeRO-3 checkpoint resumes exactly (DeepSpeed shards inside clipkit's verified dir) and exports."""
     run = tmp_path / "zero3"

@@ -167,6 +167,7 @@ def test_metrics_equal_clip_benchmark(trained, folders, tmp_path):
         assert ours[f"image_to_text_R@{k}"] == pytest.approx(ref[f"text_retrieval_recall@{k}"], abs=1e-6)
 
 
+@pytest.mark.slow  # (~20 s; `make test-all` runs it: make test's 30-minute budget)
 def test_two_ranks_equal_one_rank_with_skips(trained, folders, tmp_path):
     """101 images + 1 unreadable file over 2 ranks: the same metrics, per-class recalls and skip counts."""
     (folders["folder"] / "blue_circle" / "zz_broken.jpg").write_bytes(b"not a jpeg at all")
