@@ -115,10 +115,10 @@ def test_warmup_longer_than_the_run_is_clamped_with_a_warning():
 
     cfg, _ = compose(["train.steps=20"])
     notes = adjust(cfg)
-    assert cfg.optim.warmup_steps == 20 and len(notes) == 1 and "optim.warmup_steps=50" in notes[0]
+    assert cfg.optim.warmup_steps == 20 and len(notes) == 1 and "optim.warmup_steps=400" in notes[0]
     validate(cfg)
-    cfg, _ = compose(["train.steps=200"])
-    assert adjust(cfg) == [] and cfg.optim.warmup_steps == 50
+    cfg, _ = compose(["train.steps=1000"])
+    assert adjust(cfg) == [] and cfg.optim.warmup_steps == 400
 
 
 def test_repeated_path_overrides_join_only_when_the_shell_expanded_them():
