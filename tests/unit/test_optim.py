@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from clipkit.model import ModelConfig, build
-from clipkit.optim import OptimConfig, build_optimizer
+from clipkit.optim import OptimConfig, build_optimizer, param_groups
 
 
 def _no_decay_names(model, optimizer) -> set[str]:
@@ -110,29 +112,23 @@ def test_cpu_update_is_torchs_fused_adamw_and_steps_like_the_reference():
     the demo model's update), which must still be AdamW: within float rounding of torch's reference loop."""
     torch.manual_seed(0)
     model = build(ModelConfig(name="clipkit-tiny")).model
+    twin = copy.deepcopy(model)
     cfg = OptimConfig(lr=7e-4, weight_decay=0.2)
     optimizer = build_optimizer(model, cfg, torch.device("cpu"))
     assert optimizer.defaults["fused"] is True
-    reference = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
-    start = model.visual.conv1.weight.detach().clone()
-    names = {id(p): n for n, p in model.named_parameters()}
+    # The same groups (clipkit's own), stepped by torch's reference loop.
     loop = torch.optim.AdamW(
-        [
-            {"params": [reference[names[id(p)]] for p in g["params"]], "lr": g["lr"], "weight_decay": g["weight_decay"]}
-            for g in optimizer.param_groups
-        ],
-        betas=(cfg.beta1, cfg.beta2),
-        eps=cfg.eps,
-        foreach=False,
+        param_groups(twin, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=False
     )
-    assert loop.defaults["fused"] is None and loop.param_groups[0].get("fused") is None  # (the loop, really)
+    assert loop.defaults["fused"] is None
+    start = model.visual.conv1.weight.detach().clone()
     gen = torch.Generator().manual_seed(1)
     for _ in range(5):
-        for n, p in model.named_parameters():
+        for p, q in zip(model.parameters(), twin.parameters(), strict=True):
             p.grad = torch.randn(p.shape, generator=gen)
-            reference[n].grad = p.grad.clone()
+            q.grad = p.grad.clone()
         optimizer.step()
         loop.step()
-    apart = max((p.detach() - reference[n].detach()).abs().max().item() for n, p in model.named_parameters())
+    apart = max((p - q).abs().max().item() for p, q in zip(model.parameters(), twin.parameters(), strict=True))
     assert apart < 1e-6
     assert (model.visual.conv1.weight - start).abs().max() > 1e-3  # (the five steps of 7e-4 did move it)
