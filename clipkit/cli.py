@@ -186,11 +186,12 @@ def main(argv: list[str] | None = None) -> None:
 
             print(verb_help(verb, conf_dir(), cfg), end="")
             return
-        for note in adjust(cfg):
-            logging.getLogger("clipkit").warning(note)
+        notes = adjust(cfg)
         validate(cfg, verb)
     except ConfigError as err:
-        _fail(f"config error: {err}", EXIT_CONFIG)
+        _fail(f"config error: {err}", EXIT_CONFIG)  # (alone: the adjustment notes matter only for a valid config)
+    for note in notes:
+        logging.getLogger("clipkit").warning(note)
     if print_cfg:
         from omegaconf import OmegaConf
 

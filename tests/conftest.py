@@ -42,11 +42,15 @@ def small_demo(cache_dir) -> Path:
     return ensure_demo(cfg, say=lambda m: None)
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: float = 600, check: bool = False):
-    """Runs `python -m clipkit ARGS` in a subprocess; returns the CompletedProcess (text)."""
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600, check: bool = False, python_flags: tuple = ()):
+    """Runs `python [FLAGS] -m clipkit ARGS` in a subprocess; returns the CompletedProcess (text)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.run(
-        [sys.executable, "-m", "clipkit", *args], capture_output=True, text=True, env=full_env, timeout=timeout
+        [sys.executable, *python_flags, "-m", "clipkit", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"clipkit {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")

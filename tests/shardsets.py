@@ -15,6 +15,31 @@ from PIL import Image
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 230), "yellow": (240, 220, 40)}
 
 
+# The reliability suite's faults, as fractions of the samples (tests/reliability/test_dirty_data.py, and the
+# loader benchmark's --dirty mode), and the error kind each is counted as.
+FAULTS = {"truncated": 0.01, "nonimage": 0.01, "nocaption": 0.01, "emptycaption": 0.005}
+COUNTED_AS = {
+    "truncated": "bad_image",
+    "nonimage": "bad_image",
+    "nocaption": "no_caption",
+    "emptycaption": "empty_caption",
+}
+
+
+def inject(sample: dict, kind: str) -> dict:
+    """A copy of ``sample`` with one of ``FAULTS`` (``"ok"``: none)."""
+    sample = dict(sample)
+    if kind == "truncated":
+        sample["jpg"] = sample["jpg"][: len(sample["jpg"]) // 2]
+    elif kind == "nonimage":
+        sample["jpg"] = b"<html>not an image</html>" * 8
+    elif kind == "nocaption":
+        del sample["txt"]
+    elif kind == "emptycaption":
+        sample["txt"] = "  "
+    return sample
+
+
 def jpeg(colour: tuple[int, int, int], size: int = 40, seed: int = 0) -> bytes:
     rng = random.Random(seed)
     img = Image.new("RGB", (size, size), tuple(max(0, min(255, c + rng.randint(-20, 20))) for c in colour))

@@ -26,8 +26,9 @@ from pathlib import Path
 import braceexpand
 
 from clipkit.data import remote
-from clipkit.data.writer import SIZES_FILE
 
+# The size file beside the shards: shard name -> sample count (written by ``writer.write_sizes_file``).
+SIZES_FILE = "sizes.json"
 _WEIGHT = re.compile(r"^(?P<url>.+)@(?P<weight>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)$")
 _PATTERN_CHARS = re.compile(r"[{*?\[]")
 

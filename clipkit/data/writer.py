@@ -15,7 +15,7 @@ from pathlib import Path
 
 import webdataset as wds
 
-SIZES_FILE = "sizes.json"
+from clipkit.data.shards import SIZES_FILE
 
 
 def write_shard(path: Path, samples: Iterable[dict]) -> int:

@@ -134,7 +134,7 @@ def test_report_renders_in_headless_chromium(run, tmp_path):
         ],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,
     )
     assert proc.returncode == 0 and shot.is_file(), proc.stderr[-2000:]
     img = Image.open(shot).convert("RGB")

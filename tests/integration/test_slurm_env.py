@@ -38,5 +38,5 @@ def test_srun_tasks_form_a_two_rank_job(small_demo, tmp_path):
 
 def test_srun_world_size_enters_validation(tmp_path):
     """A batch that does not divide over the SLURM tasks is refused by every task before anything starts."""
-    results = fake_srun(2, ["train", f"hydra.run.dir={tmp_path}", "train.global_batch_size=127"], timeout=120)
+    results = fake_srun(2, ["train", f"hydra.run.dir={tmp_path}", "train.global_batch_size=127"], timeout=600)
     assert all(r.returncode == 2 and "train.global_batch_size=127" in r.stderr for r in results)

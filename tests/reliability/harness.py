@@ -12,7 +12,6 @@ import os
 import random
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -53,13 +52,13 @@ def rng(case: str) -> random.Random:
     return random.Random(f"{seed}/{case}")
 
 
-def train(run_dir: Path, *overrides: str, faults: str = "", timeout: float = 300) -> subprocess.CompletedProcess:
+def train(run_dir: Path, *overrides: str, faults: str = "", timeout: float = 900) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "CLIPKIT_FAULTS": faults}
     cmd = [sys.executable, "-m", "clipkit", "train", f"hydra.run.dir={run_dir}", *RUN_ARGS, *overrides]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
 
 
-def srun_train(run_dir: Path, *overrides: str, faults: str = "", timeout: float = 300) -> list[tuple[int, str]]:
+def srun_train(run_dir: Path, *overrides: str, faults: str = "", timeout: float = 900) -> list[tuple[int, str]]:
     """Two ranks started as SLURM would (srun-style environment): (exit code, stderr) per rank."""
     args = ["train", f"hydra.run.dir={run_dir}", *RUN_ARGS, "parallel.timeout_s=60", *overrides]
     procs = srun_tasks(2, args, extra_env={"CLIPKIT_FAULTS": faults})
@@ -118,12 +117,3 @@ def same_run(run_dir: Path, ref_dir: Path) -> tuple[bool, str]:
         lost, repeated = len(set(want) - set(got)), len(got) - len(set(got))
         return False, f"sample keys differ ({lost} lost, {repeated} repeated)"
     return True, "identical"
-
-
-class Timer:
-    def __enter__(self):
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.seconds = time.perf_counter() - self.t0
