@@ -25,7 +25,7 @@ import torch
 
 from clipkit import model as model_lib
 from clipkit.data.transforms import DeviceNormalize
-from clipkit.distributed import DistEnv
+from clipkit.distributed import DistEnv, set_fp32_math
 from clipkit.engine import build_engine
 from clipkit.engine.parts import MAX_LOGIT_SCALE, autocast_dtype
 from clipkit.loss import build_caption_loss, build_loss
@@ -191,6 +191,7 @@ def bench_open_clip(cfg: RootConfig, batches: list[tuple], device: torch.device,
 def bench_command(cfg: RootConfig, run_dir: Path) -> dict:
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(auto if cfg.train.device == "auto" else cfg.train.device)
+    set_fp32_math(device, cfg.train.tf32)  # (one process: both trainers run under the same setting)
     b = cfg.bench
     built = model_lib.build(cfg.model, device)
     fwd = forward_flops_per_sample(built.model, built.image_size, built.context_length, device)

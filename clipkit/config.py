@@ -122,6 +122,9 @@ class TrainConfig:
     compile: bool = False
     # Channels-last memory format for images and the patch-embedding conv (can help convolutional stems on GPU).
     channels_last: bool = False
+    # On CUDA, fp32 matmuls and convolutions (an fp32 run, the loss's B x N products, the root layers kept in
+    # fp32) use TF32 tensor cores: fp32 range, 10-bit mantissa inputs, fp32 accumulation. false: full fp32.
+    tf32: bool = True
     # Checkpoints written in the background (parallel=fsdp): the step loop waits only for the copy of the state.
     async_checkpoint: bool = False
     # ``auto`` resumes from the newest complete checkpoint in the run dir; ``never`` starts fresh.

@@ -50,8 +50,18 @@ def _slurm_env() -> dict[str, str]:
     return env
 
 
-def init(device: str = "auto", timeout_s: int = 600) -> DistEnv:
-    """Initialises the default process group when launched distributed; picks the device and backend."""
+def set_fp32_math(device: torch.device, tf32: bool) -> None:
+    """``train.tf32`` on a CUDA device: fp32 matmuls and cuDNN convolutions on TF32 tensor cores, or not. A CPU's
+    fp32 math is left as it is (the exactness tests' reference). (``set_float32_matmul_precision``, not the new
+    per-backend ``fp32_precision`` flags, which make a later read of ``allow_tf32`` by a library raise.)"""
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high" if tf32 else "highest")
+        torch.backends.cudnn.allow_tf32 = tf32
+
+
+def init(device: str = "auto", timeout_s: int = 600, tf32: bool = True) -> DistEnv:
+    """Initialises the default process group when launched distributed; picks the device and backend; sets the
+    device's fp32 math (``set_fp32_math``)."""
     if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         os.environ.update(_slurm_env())
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -62,6 +72,7 @@ def init(device: str = "auto", timeout_s: int = 600) -> DistEnv:
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device("cpu")
+    set_fp32_math(dev, tf32)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(
             backend="nccl" if use_cuda else "gloo",

@@ -49,7 +49,7 @@ def use_ema_weights(model: torch.nn.Module, path: Path, device: torch.device) ->
 
 def evaluate_command(cfg: RootConfig, run_dir: Path) -> dict:
     """Evaluates on every rank of the job (torchrun / SLURM / one process); rank 0 prints and writes JSON."""
-    env = distributed.init(cfg.train.device, cfg.parallel.timeout_s)
+    env = distributed.init(cfg.train.device, cfg.parallel.timeout_s, cfg.train.tf32)
     device = env.device
     data_cfg: DataConfig = cfg.data
     ema_path = None

@@ -62,6 +62,7 @@ RESUME_MUTABLE = (
     "parallel.requeue",
     "parallel.signal_check_every",
     "train.async_checkpoint",
+    "train.tf32",
     "bench",
     # How the data is read, not which samples in which order per layout (a new layout is re-planned exactly):
     "data.num_workers",
@@ -372,7 +373,7 @@ def train(cfg: RootConfig, run_dir: Path) -> dict:
 def _train(cfg: RootConfig, run_dir: Path, loaders: list, preemption: Preemption) -> dict:
     for note in resolve_eval_sets(cfg):  # (the CLI did this already; a config built in Python may not have)
         log.warning(note)
-    env = distributed.init(cfg.train.device, cfg.parallel.timeout_s)
+    env = distributed.init(cfg.train.device, cfg.parallel.timeout_s, cfg.train.tf32)
     if cfg.data.num_workers or cfg.eval.num_workers:
         worker_context(start=True)  # the loader workers' fork server warms up while the model is built
     run_dir = Path(run_dir)

@@ -8,9 +8,11 @@ engines.
   (``CPUOffloadPolicy``).
 - ``train.compile``: each block's forward is compiled before ``fully_shard`` (see ``parts.Forward``); the root's
   few layers (patch embedding, projections) run eagerly.
-- Precision: with bf16 the parameters are cast to bf16 for compute by FSDP's ``MixedPrecisionPolicy``, gradients
-  are reduced in fp32 and the optimizer updates fp32 shards (master weights); autocast is then off, and the loss
-  upcasts to fp32 itself. fp32 runs without a policy.
+- Precision: with bf16 each block's parameters are cast to bf16 for compute by FSDP's ``MixedPrecisionPolicy``,
+  gradients are reduced in fp32 and the optimizer updates fp32 shards (master weights). The root unit (embeddings,
+  final norms, projections, the temperature and bias) keeps fp32 parameters and runs under autocast, as DDP's
+  whole model does: its matmuls run in bf16, while ``exp(logit_scale)`` stays fp32 (a bf16 temperature would
+  round 100.003 to 99.0, and the bias's -10 to steps of 0.06). fp32 runs without a policy.
 - Gradient caching: the K-1 first re-forwards run with gradient synchronisation off (``no_sync``: unsharded
   gradients accumulate locally), the last reduce-scatters the sum once, which is what DDP does; the result equals
   one process on the whole batch (tests/integration/test_engines.py).
@@ -63,19 +65,28 @@ class FSDPEngine:
         ensure_process_group(env, cfg.parallel.timeout_s)  # (a single process too: DTensors need a group)
         self.model, self.device, self.rank = model, env.device, env.rank
         amp = autocast_dtype(cfg.train.precision, env.device)
-        policy = MixedPrecisionPolicy(param_dtype=amp, reduce_dtype=torch.float32) if amp else MixedPrecisionPolicy()
-        self.amp_dtype = amp  # (reported for MFU; the cast is FSDP's, not autocast's)
-        options = {"mp_policy": policy, "reshard_after_forward": cfg.parallel.reshard_after_forward}
-        if cfg.parallel.offload_optimizer:
-            options["offload_policy"] = CPUOffloadPolicy()
+        self.amp_dtype = amp
+        # Blocks: bf16 compute copies of fp32 shards; the root: fp32 parameters under autocast (module docstring).
+        block_policy = MixedPrecisionPolicy(param_dtype=amp, reduce_dtype=torch.float32)
+        root_policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
+        options = {"offload_policy": CPUOffloadPolicy()} if cfg.parallel.offload_optimizer else {}
         self.scalar_names = hold_scalars_as_vectors(model, hooks=False)
         blocks = _blocks(model)
         # train.compile: each block compiled before it is sharded (torch's documented order: activation
         # checkpointing, then compile, then fully_shard), so FSDP's hooks run eagerly around the compiled blocks.
-        self._forward = Forward(model, env.device, None, False, cfg.train.compile, compile_blocks=blocks)
+        self._forward = Forward(model, env.device, amp, False, cfg.train.compile, compile_blocks=blocks)
         for block in blocks:
-            fully_shard(block, **options)
-        fully_shard(model, **options)
+            fully_shard(
+                block,
+                mp_policy=block_policy if amp else MixedPrecisionPolicy(),
+                reshard_after_forward=cfg.parallel.reshard_after_forward,
+                **options,
+            )
+        # The root stays gathered from its forward to its backward (FSDP's own default for a root): the model
+        # returns ``logit_bias`` itself, whose storage a reshard would free before the loss reads it.
+        fully_shard(
+            model, mp_policy=root_policy if amp else MixedPrecisionPolicy(), reshard_after_forward=False, **options
+        )
         # Clip, finite check, AdamW on the fp32 shards, schedule, temperature clamp (each rank clamps its own shard
         # of the 1-element temperature): the same update as the replicated engines (no fp16 scaler: refused).
         # train.ema_decay: the average of this rank's fp32 shards (sharded like the parameters; DCP reshards it).
@@ -111,9 +122,8 @@ class FSDPEngine:
 
     @contextlib.contextmanager
     def full_params(self):
-        """The root's parameters unsharded (the blocks unshard themselves when called), for eval. Under a bf16
-        policy the unsharded copies are bf16, so fp32 inputs are cast by autocast (the eval computes in bf16,
-        as training does)."""
+        """The root's parameters unsharded (the blocks unshard themselves when called), for eval, under the
+        training's autocast (the blocks' unsharded copies are bf16 under a bf16 policy; the root's stay fp32)."""
         self.model.unshard()
         cast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
         try:

@@ -66,3 +66,24 @@ def test_matches_open_clip_exact_modes(results, name):
     r = res[name]
     assert abs(r["loss"] - r["ref_loss"]) <= TOL * abs(r["ref_loss"]), r
     assert r["max_grad_rel_err"] <= TOL, r
+
+
+@pytest.mark.parametrize("loss_name", ["infonce", "siglip"])
+def test_references_build_their_tensors_on_the_inputs_device(loss_name):
+    """The GPU suite runs these references on CUDA (NCCL); a label or target made on the CPU would fail there.
+    The ``meta`` device shows such a mismatch on a CPU-only machine."""
+    import torch
+    import torch.nn.functional as F
+
+    from tests.distributed.workers import reference_distill, reference_loss
+
+    def features():
+        return F.normalize(torch.randn(5, 16, dtype=torch.float64), dim=-1).to("meta")
+
+    out = {"image_features": features(), "text_features": features()}
+    out["logit_scale"] = torch.tensor(10.0, dtype=torch.float64, device="meta")
+    out["logit_bias"] = torch.tensor(-2.0, dtype=torch.float64, device="meta")
+    assert reference_loss(out, loss_name).device.type == "meta"
+    teacher = {**out, "image_features": features(), "text_features": features()}
+    for kind in ("logits", "features"):
+        assert reference_distill(out, teacher, kind).device.type == "meta"

@@ -57,9 +57,9 @@ def reference_loss(out: dict, loss_name: str) -> torch.Tensor:
     img, txt, scale = out["image_features"], out["text_features"], out["logit_scale"]
     logits = scale * img @ txt.T
     if loss_name == "siglip":
-        labels = 2 * torch.eye(len(img), dtype=logits.dtype) - 1
+        labels = 2 * torch.eye(len(img), dtype=logits.dtype, device=logits.device) - 1
         return -F.logsigmoid(labels * (logits + out["logit_bias"])).sum() / len(img)
-    target = torch.arange(len(img))
+    target = torch.arange(len(img), device=logits.device)
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 

@@ -1,0 +1,89 @@
+"""What a first run on a GPU depends on, checked where a CPU can reach it (issue 27): TF32 for fp32 math on CUDA,
+the bench feeding both trainers the way their loaders do, and the temperature kept in fp32 under FSDP's bf16
+policy. (The ZeRO autocast state is in ``tests/integration/test_engines.py``; the GPU figures themselves come
+from ``benchmarks/gpu_suite.sh``.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clipkit import distributed
+
+
+@pytest.fixture
+def fp32_math():
+    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    yield
+    torch.set_float32_matmul_precision(before[0])
+    torch.backends.cudnn.allow_tf32 = before[1]
+
+
+@pytest.mark.parametrize("tf32", [True, False])
+def test_a_cuda_run_sets_tf32_as_configured(monkeypatch, fp32_math, tf32):
+    """distributed.init on a (pretended) CUDA device turns TF32 on for matmuls and convolutions, or off with
+    train.tf32=false; the calls that would touch a real GPU are stubbed, the flags are torch's own."""
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = not tf32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    env = distributed.init("auto", tf32=tf32)
+    assert env.device.type == "cuda"
+    assert torch.get_float32_matmul_precision() == ("high" if tf32 else "highest")
+    assert torch.backends.cudnn.allow_tf32 is tf32
+    assert torch.backends.cuda.matmul.allow_tf32 is tf32  # (a library's read of the legacy flag still works)
+
+
+def test_a_cpu_run_keeps_full_fp32(fp32_math):
+    torch.set_float32_matmul_precision("highest")
+    assert distributed.init("cpu").device.type == "cpu"
+    assert torch.get_float32_matmul_precision() == "highest"
+
+
+@pytest.fixture
+def process_group(monkeypatch):
+    """A single-process gloo group for an engine built in this test process, gone again afterwards."""
+    import torch.distributed as dist
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def test_fsdp_bf16_keeps_the_temperature_and_bias_in_fp32(process_group):
+    """Under FSDP's bf16 policy the temperature's exp runs in fp32, as under DDP's autocast: 100.003 stays
+    100.003 (bf16 would give 99.0) and the SigLIP bias keeps its fp32 value; the blocks still compute in bf16;
+    the bias trains."""
+    import math
+
+    from clipkit.config import RootConfig
+    from clipkit.distributed import DistEnv
+    from clipkit.engine import build_engine
+    from tests.distributed.workers import micro_clip
+
+    cfg = RootConfig()
+    cfg.train.precision, cfg.parallel.engine = "bf16", "fsdp"
+    model = micro_clip(siglip=True).float()
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(100.003))
+        model.logit_bias.fill_(-10.03)
+    engine = build_engine(model, cfg, DistEnv())
+    seen = {}
+    block = engine.model.visual.transformer.resblocks[0]
+    block.register_forward_hook(lambda mod, args, out: seen.update(block=out.dtype))
+    out = engine.forward(torch.randn(4, 3, 16, 16), torch.randint(1, 400, (4, 8)))
+    assert out["logit_scale"].dtype == torch.float32 and out["logit_bias"].dtype == torch.float32
+    assert out["logit_scale"].item() == pytest.approx(100.003, rel=1e-6)
+    assert out["logit_bias"].item() == pytest.approx(-10.03, rel=1e-6)
+    assert seen["block"] == torch.bfloat16
+    # The bias is the parameter itself (open_clip returns it): still readable by the loss and trained through it
+    # (a resharded root once freed its storage under the loss: a crash of FSDP + SigLIP, precision aside).
+    loss = (out["image_features"] * out["text_features"]).sum() * out["logit_scale"] + out["logit_bias"]
+    engine.backward([loss.float()])
+    norm, applied = engine.step()
+    assert bool(applied) and engine.model.logit_bias.grad is None  # (applied, then zeroed)
+    assert engine.model.logit_bias.full_tensor().item() != pytest.approx(-10.03, rel=1e-9)
