@@ -43,8 +43,8 @@ log = logging.getLogger("clipkit")
 TAG = "deepspeed"  # the DeepSpeed checkpoint's folder inside clipkit's checkpoint dir
 
 
-def deepspeed_config(cfg: RootConfig, world_size: int) -> dict:
-    """The DeepSpeed JSON for ``parallel=zero1|2|3``, derived from clipkit's config alone."""
+def deepspeed_config(cfg: RootConfig, world_size: int, device: torch.device) -> dict:
+    """The DeepSpeed JSON for ``parallel=zero1|2|3``, derived from clipkit's config (and the run's device)."""
     stage = int(cfg.parallel.engine.removeprefix("zero"))
     micro = cfg.train.micro_batch_size or cfg.train.global_batch_size // world_size
     bucket = cfg.parallel.bucket_size_m * 1_000_000
@@ -65,6 +65,7 @@ def deepspeed_config(cfg: RootConfig, world_size: int) -> dict:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if cfg.parallel.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    amp = autocast_dtype(cfg.train.precision, device)
     return {
         "train_batch_size": cfg.train.global_batch_size,
         "train_micro_batch_size_per_gpu": micro,
@@ -72,10 +73,24 @@ def deepspeed_config(cfg: RootConfig, world_size: int) -> dict:
         "managed_gradient_accumulation": False,
         "gradient_clipping": cfg.optim.grad_clip_norm,
         "zero_optimization": zero,
-        # Mixed precision is torch autocast around the forward (LocalEngine.autocast), weights stay fp32:
-        # DeepSpeed's own bf16/fp16 modes would keep half-precision weights and change the numerics.
+        # Mixed precision is torch autocast around the forward, weights stay fp32 (DeepSpeed's own bf16/fp16 modes
+        # would keep half-precision weights and change the numerics). The engine's forward runs inside DeepSpeed's
+        # ``autocast_if_enabled``, which *switches off* an outer CUDA autocast unless this section enables its own:
+        # without it ZeRO would train in fp32 on a GPU. No module reduces its gradients in bf16 (DeepSpeed's
+        # default for Linear/Conv under this section): gradients are reduced in fp32, as DDP does.
+        "torch_autocast": {
+            "enabled": True,
+            "dtype": str(amp).removeprefix("torch."),
+            "lower_precision_safe_modules": [],
+        }
+        if amp
+        else {"enabled": False},
         "bf16": {"enabled": False},
         "fp16": {"enabled": False},
+        # parallel.offload_optimizer: the client torch AdamW (fused, also on the CPU) steps the offloaded fp32
+        # partitions; DeepSpeed refuses a client optimizer with offload unless told so, to push its CPUAdam op
+        # (a C++ extension compiled on first use). One AdamW everywhere keeps every engine's update the same.
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
@@ -99,7 +114,7 @@ class DeepSpeedEngine:
         # fp16, torch.compile and channels-last are refused for ZeRO by config validation; bf16 needs no scaler.
         self.amp_dtype = autocast_dtype(cfg.train.precision, env.device)
         self.stage = int(cfg.parallel.engine.removeprefix("zero"))
-        self.ds_config = deepspeed_config(cfg, env.world_size)
+        self.ds_config = deepspeed_config(cfg, env.world_size, env.device)
         self.scalar_names = hold_scalars_as_vectors(model)  # before the optimizer sees the parameters
         optimizer = build_optimizer(model, cfg.optim, env.device)
         scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)

@@ -502,3 +502,59 @@ def count_host_syncs(rank: int, world: int, port: int, out_path: str, cache_dir:
     train(cfg, run_dir)
     if rank == 0:
         Path(out_path).write_text(json.dumps(per_step))
+
+
+def zero_precision_and_offload(rank: int, world: int, port: int, out_path: str) -> None:
+    """For the local engine and ZeRO-1/2/3 (and ZeRO with optimizer / parameter offload): the autocast state and
+    a block's output dtype inside the model's forward under ``train.precision=bf16``, and the parameters after two
+    fp32 steps. ``torch.is_autocast_enabled()`` without a device reports CUDA's state, which a CPU run never sets;
+    here it reports the CPU's, as it reports CUDA's on a GPU: DeepSpeed's forward then meets the same outer
+    autocast it meets there."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    torch.set_num_threads(1)
+    real = torch.is_autocast_enabled
+    torch.is_autocast_enabled = lambda device_type=None: real("cpu" if device_type is None else device_type)
+    from clipkit.config import RootConfig
+    from clipkit.distributed import DistEnv
+    from clipkit.engine import build_engine
+
+    images, text = global_batch(4)
+    images, text = images.float(), text
+    result: dict = {"precision": {}, "params": {}}
+    result["init"] = {n: p.detach().float().flatten().tolist() for n, p in micro_clip().float().named_parameters()}
+    variants = {
+        "ddp": {},
+        "zero1": {},
+        "zero2": {},
+        "zero3": {},
+        "zero1+offload": {"offload_optimizer": True},
+        "zero2+offload": {"offload_optimizer": True},
+        "zero3+offload": {"offload_optimizer": True, "offload_params": True},
+    }
+    for name, offload in variants.items():
+        for precision in ("bf16", "fp32"):
+            cfg = RootConfig()
+            cfg.train.precision, cfg.parallel.engine = precision, name.split("+")[0]
+            cfg.optim.lr, cfg.optim.warmup_steps = 1e-3, 0
+            for key, value in offload.items():
+                setattr(cfg.parallel, key, value)
+            model = micro_clip().float()
+            seen = {}
+
+            def hook(module, args, out, seen=seen):
+                seen.update(autocast=real("cpu"), dtype=str(torch.get_autocast_dtype("cpu")), out=str(out.dtype))
+
+            model.visual.transformer.resblocks[0].register_forward_hook(hook)
+            engine = build_engine(model, cfg, DistEnv())
+            if precision == "bf16":
+                engine.forward(images, text)
+                result["precision"][name] = seen
+                continue
+            for _ in range(2):
+                out = engine.forward(images, text)
+                loss = (out["image_features"] @ out["text_features"].T).logsumexp(1).mean() * out["logit_scale"]
+                engine.backward([loss])
+                engine.step()
+            with engine.full_params():
+                result["params"][name] = {n: p.detach().float().flatten().tolist() for n, p in model.named_parameters()}
+    Path(out_path).write_text(json.dumps(result))

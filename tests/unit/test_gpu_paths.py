@@ -87,3 +87,40 @@ def test_fsdp_bf16_keeps_the_temperature_and_bias_in_fp32(process_group):
     norm, applied = engine.step()
     assert bool(applied) and engine.model.logit_bias.grad is None  # (applied, then zeroed)
     assert engine.model.logit_bias.full_tensor().item() != pytest.approx(-10.03, rel=1e-9)
+
+
+@pytest.fixture(scope="module")
+def zero_runs(tmp_path_factory) -> dict:
+    import json
+
+    import torch.multiprocessing as mp
+
+    from tests.distributed.workers import zero_precision_and_offload
+
+    out = tmp_path_factory.mktemp("zero") / "zero.json"
+    args = (1, distributed.free_port(), str(out))
+    mp.start_processes(zero_precision_and_offload, args=args, nprocs=1, start_method="spawn")
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("engine", ["zero1", "zero2", "zero3"])
+def test_zero_forward_runs_under_the_same_autocast_as_ddp(zero_runs, engine):
+    """DeepSpeed's forward used to switch a CUDA bf16 autocast off (no torch_autocast section): ZeRO trained in
+    fp32 on a GPU. Inside the model's forward, ZeRO now sees what DDP sees."""
+    assert zero_runs["precision"]["ddp"] == {"autocast": True, "dtype": "torch.bfloat16", "out": "torch.bfloat16"}
+    assert zero_runs["precision"][engine] == zero_runs["precision"]["ddp"]
+
+
+@pytest.mark.parametrize("engine", ["zero1", "zero2", "zero3"])
+def test_zero_offload_starts_and_steps_like_the_same_stage_without_it(zero_runs, engine):
+    """parallel.offload_optimizer=true (zero3: and offload_params) used to be refused by DeepSpeed at start (a
+    client optimizer with ZeRO-Offload); it trains, and two steps give the parameters of the same stage without
+    offload (the same AdamW, on the CPU partitions)."""
+    got, want = zero_runs["params"][f"{engine}+offload"], zero_runs["params"][engine]
+    assert got.keys() == want.keys()
+    worst = max(max(abs(a - b) for a, b in zip(got[n], want[n], strict=True)) for n in got)
+    assert worst < 1e-6, worst
+    moved = max(max(abs(a - b) for a, b in zip(want[n], zero_runs["params"]["ddp"][n], strict=True)) for n in want)
+    assert moved < 1e-5, moved  # (every stage steps as one process does)
+    trained = max(max(abs(a - b) for a, b in zip(want[n], zero_runs["init"][n], strict=True)) for n in want)
+    assert trained > 1e-4, trained  # (and the two steps did move the parameters)
