@@ -18,6 +18,7 @@ def test_bench_reports_both_trainers(tmp_path):
         assert row["samples_per_s"] > 0 and 0 < row["mfu"] < 1 and row["peak_mem_gb"] > 0  # (MFU is a fraction)
     assert result["peak_kind"] == "measured fp32 matmul peak" and result["forward_gflops_per_sample"] > 0
     assert result["speedup"] > 0 and "clipkit / open_clip samples/s" in proc.stdout
+    assert set(result["fed"]) == {"clipkit", "open_clip"} and "open_clip was fed: float32 images" in proc.stdout
 
 
 def test_bench_on_training_data_without_baseline(small_demo, tmp_path):

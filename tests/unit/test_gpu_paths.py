@@ -124,3 +124,31 @@ def test_zero_offload_starts_and_steps_like_the_same_stage_without_it(zero_runs,
     assert moved < 1e-5, moved  # (every stage steps as one process does)
     trained = max(max(abs(a - b) for a, b in zip(want[n], zero_runs["init"][n], strict=True)) for n in want)
     assert trained > 1e-4, trained  # (and the two steps did move the parameters)
+
+
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_bench_feeds_both_trainers_as_their_loaders_do(monkeypatch, device):
+    """On a GPU each side's batches are pinned (as both loaders pin) so their non_blocking copies overlap the
+    step; before, open_clip's side got pageable fp32 batches, copied synchronously. ``pin_memory`` itself needs a
+    GPU: here it is recorded, not performed."""
+    from clipkit.bench import feeds, synthetic_batches
+
+    pinned = set()
+
+    def pin(t):
+        out = t.clone()
+        pinned.add(id(out))
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
+    batches = synthetic_batches(3, 4, 16, 8, seed=0)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    fed, described = feeds(batches, torch.device(device), mean, std)
+    tensors = [t for side in fed.values() for batch in side for t in batch]
+    assert len(tensors) == 12 and all((id(t) in pinned) == (device == "cuda") for t in tensors)
+    assert fed["clipkit"][0][0].dtype == torch.uint8 and fed["open_clip"][0][0].dtype == torch.float32
+    want = (batches[1][0].float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    assert torch.equal(fed["open_clip"][1][0], want)
+    assert ("pinned" in described["open_clip"]) == (device == "cuda") and "normalised on the host" in described[
+        "open_clip"
+    ]
