@@ -152,3 +152,30 @@ def test_bench_feeds_both_trainers_as_their_loaders_do(monkeypatch, device):
     assert ("pinned" in described["open_clip"]) == (device == "cuda") and "normalised on the host" in described[
         "open_clip"
     ]
+
+
+@pytest.fixture(scope="module")
+def compile_runs(tmp_path_factory) -> dict:
+    import json
+
+    import torch.multiprocessing as mp
+
+    from tests.distributed.workers import compiled_vs_eager
+
+    out = tmp_path_factory.mktemp("compile") / "compile.json"
+    mp.start_processes(compiled_vs_eager, args=(1, distributed.free_port(), str(out)), nprocs=1, start_method="spawn")
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("engine,graphs", [("ddp", 1), ("fsdp", 2)])
+def test_compiled_training_equals_eager_with_a_bounded_number_of_graphs(compile_runs, engine, graphs):
+    """train.compile=true (inductor, on the CPU): 5 steps give eager's losses and parameters within float
+    tolerance; dynamo makes one graph for the whole model, or (FSDP, blocks compiled one by one) one per tower:
+    the 3 blocks of a tower share their graph, nothing recompiles per block or per step, nothing breaks."""
+    eager, compiled = compile_runs[f"{engine}-eager"], compile_runs[f"{engine}-compiled"]
+    assert eager["graphs"] == 0 and compiled["graphs"] == graphs and compiled["graph_breaks"] == 0
+    assert compiled["losses"] == pytest.approx(eager["losses"], rel=1e-4, abs=1e-5)
+    worst = max(
+        max(abs(a - b) for a, b in zip(compiled["params"][n], eager["params"][n], strict=True)) for n in eager["params"]
+    )
+    assert worst < 1e-5, worst
