@@ -4,8 +4,9 @@ The average is kept where each engine keeps the parameters themselves, so it cos
 already holds and no communication per step: the replicated engines (one process, DDP, ZeRO-1/2) average the
 whole tensors, FSDP its local shards, ZeRO-3 its flat partitions. The engine hands ``EMA`` those local tensors
 (``sources``); after every *applied* update the average moves toward them (a skipped non-finite step moves
-nothing, and is not counted). Locked parameters never change, so they are not averaged: the EMA weights are the
-average for what trains and the parameters themselves for the rest (and for buffers).
+nothing, and is not counted; the decision and the count stay on the device, like the optimizer's skip).
+Locked parameters never change, so they are not averaged: the EMA weights are the average for what trains and
+the parameters themselves for the rest (and for buffers).
 
 Decay with ``train.ema_warmup``: ``min(decay, 1 - (1 + n) ** -2/3)`` at the n-th update (timm's and diffusers'
 warm-up with gamma 1, power 2/3), so the average is not dominated by the random initialisation in short runs;
@@ -38,7 +39,13 @@ class EMA:
         self.sources, self.decay, self.warmup = sources, decay, warmup
         with torch.no_grad():
             self.shadow = {name: t.detach().float().clone() for name, t in sources().items()}
-        self.updates = 0
+        device = next(iter(self.shadow.values())).device if self.shadow else torch.device("cpu")
+        self._count = torch.zeros((), dtype=torch.float64, device=device)  # applied updates, on the device
+
+    @property
+    def updates(self) -> int:
+        """Applied updates so far (a host read of the device counter)."""
+        return int(self._count.item())
 
     def decay_at(self, n: int) -> float:
         """The decay of the n-th update (1-based)."""
@@ -47,12 +54,19 @@ class EMA:
         return min(self.decay, 1.0 - (1.0 + n) ** (-2.0 / 3.0))
 
     @torch.no_grad()
-    def update(self) -> None:
-        """After an applied optimizer update: shadow += (1 - decay) * (param - shadow), in fp32."""
-        self.updates += 1
+    def update(self, applied: torch.Tensor | None = None) -> None:
+        """After an optimizer step: shadow += (1 - d_n) * (param - shadow), in fp32, where ``applied`` (a device
+        bool; None: it was) says the update was applied; a skipped one moves nothing and is not counted. All on
+        the device: the decay of the n-th applied update comes from a device counter."""
+        flag = torch.ones((), device=self._count.device) if applied is None else applied.to(self._count.device)
+        self._count += flag.to(self._count.dtype)
         if not self.shadow:
             return
-        weight = 1.0 - self.decay_at(self.updates)
+        if self.warmup:
+            decay = torch.clamp(1.0 - (1.0 + self._count) ** (-2.0 / 3.0), max=self.decay)
+        else:
+            decay = torch.full_like(self._count, self.decay)
+        weight = ((1.0 - decay) * flag).float()
         sources = self.sources()
         names = list(self.shadow)
         torch._foreach_lerp_([self.shadow[n] for n in names], [sources[n].float() for n in names], weight)
@@ -76,7 +90,7 @@ class EMA:
         return {"updates": self.updates, "decay": self.decay, "warmup": self.warmup}
 
     def load_state(self, state: dict, shadow: dict[str, torch.Tensor] | None = None) -> None:
-        self.updates = int(state["updates"])
+        self._count.fill_(int(state["updates"]))
         if shadow is not None:
             missing = set(self.shadow) - set(shadow)
             if missing:

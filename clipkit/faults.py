@@ -7,13 +7,13 @@
   nan_loss@S       the loss of step S is NaN
   inf_grad@S       the loss of step S is finite but its gradient is infinite
   spike_loss@S     the loss of step S is 20x its value (a loss spike)
-A fault fires once; ``@S+`` fires at every attempt of step S (a skipped step is attempted again).
+A fault fires once; ``@S+`` fires at step S and at every step after it.
 
 Points: ``save_start`` (temporary dir created), ``save_shards`` (every rank: its own files written, or copied
 for a background write), ``save_written`` (all files written, no manifest yet),
 ``save_manifest`` (manifest written, not yet renamed into place), ``save_done`` (renamed, not yet pruned),
-``eval`` (before a periodic eval), ``step`` (after the update of step S), ``skip`` (after step S was skipped as
-non-finite).
+``eval`` (before a periodic eval), ``step`` (after the update of step S), ``skip`` (when the loop reads that step S
+was skipped as non-finite: at the next log, checkpoint, eval or stop).
 ``/RANK`` limits a fault to one rank (default: every rank). Steps are 1-based, as in ``metrics.jsonl``.
 """
 
@@ -56,7 +56,8 @@ def _rank() -> int:
 
 def _matching(action: str, point: str | None, step: int) -> bool:
     for f in FAULTS:
-        if f.action == action and f.point == point and f.step == step and f.rank in (None, _rank()):
+        at_step = step >= f.step if f.repeat else step == f.step
+        if f.action == action and f.point == point and at_step and f.rank in (None, _rank()):
             if f in _FIRED and not f.repeat:
                 continue
             _FIRED.add(f)

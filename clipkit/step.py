@@ -3,10 +3,10 @@
 Read top to bottom: forward (plain, or gradient-cached over K micro-batches), loss, backward, then the engine's
 update, which clips, checks that the global gradient norm is finite and applies the update only then.
 
-Host synchronisation: nothing here reads a device value; the engine's finite check is the step's one host read
-(a NaN/inf loss on any rank makes the reduced gradients, hence every rank's norm, non-finite, so no separate
-collective is needed). The loss, the norm and the temperature come back as device tensors; the loop reads them
-when it logs.
+Host synchronisation: none. The engine's finite check is decided on the device (a NaN/inf loss on any rank makes
+the reduced gradients, hence every rank's norm, non-finite, so every rank decides alike without a collective).
+The loss, the norm, the temperature and whether the update was applied come back as device tensors; the loop
+reads them when it logs, and enforces ``train.nonfinite`` then.
 
 Gradient caching (GradCache) lets a rank contribute K micro-batches to one global batch of negatives:
   1. forward every micro-batch without autograd and keep only the embeddings (cheap in memory);
@@ -51,7 +51,7 @@ class StepResult:
     loss: torch.Tensor  # this rank's loss over its rows (detached, on the device)
     grad_norm: torch.Tensor  # global pre-clip gradient norm (on the device)
     logit_scale: torch.Tensor  # the temperature the loss used (detached, on the device)
-    applied: bool  # False: the norm was not finite and nothing was applied
+    applied: torch.Tensor  # (a device bool) False: the norm was not finite and nothing was applied
 
 
 def train_step(

@@ -6,6 +6,7 @@ import collections
 import dataclasses
 import json
 import logging
+import math
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -247,49 +248,83 @@ def summed_data_errors(loader: TrainLoader) -> dict:
 
 
 class NonFinitePolicy:
-    """``train.nonfinite`` for a step whose gradient norm was not finite (nothing was applied; every rank sees
-    the same norm, so every rank is here together): ``fail`` raises; ``skip`` returns the reason, until more
-    than ``max_in_a_row`` consecutive skips, which raise."""
+    """``train.nonfinite`` for the steps whose gradient norm was not finite (nothing of them was applied, decided
+    on the device; every rank holds the same flags). Enforced when the loop reads the flags (``read_steps``: at
+    a log, and before a checkpoint, an eval or a stop): ``fail`` raises naming the first such step; ``skip``
+    reports each, until more than ``max_in_a_row`` in a row, which raises."""
 
     def __init__(self, policy: str, max_in_a_row: int):
         self.policy, self.max_in_a_row, self.in_a_row = policy, max_in_a_row, 0
 
-    def applied(self) -> None:
-        self.in_a_row = 0
+    def check(self, read: StepsRead, env: distributed.DistEnv) -> list[tuple[int, str]]:
+        """(step, reason) of each skipped step in ``read``; raises ``NonFiniteError`` as the policy says."""
+        skipped = []
+        for step, applied, loss, norm in zip(read.steps, read.applied, read.losses, read.grad_norms, strict=True):
+            if applied:
+                self.in_a_row = 0
+                continue
+            reason = self.reason(step, loss, norm, env)
+            if self.policy == "fail":
+                raise NonFiniteError(reason)
+            self.in_a_row += 1
+            if self.in_a_row > self.max_in_a_row:
+                raise NonFiniteError(
+                    f"{self.in_a_row} non-finite steps in a row (train.max_nonfinite_skips={self.max_in_a_row}); "
+                    f"last: {reason}"
+                )
+            skipped.append((step, reason))
+        return skipped
 
-    def skipped(self, result: StepResult, step: int, env: distributed.DistEnv) -> str:
-        # The rare path may talk: which ranks' losses were non-finite (one tiny all-gather, on every rank).
-        finite = distributed.flags_of_all_ranks(bool(torch.isfinite(result.loss).all()), env.device)
+    @staticmethod
+    def reason(step: int, own_loss: float, norm: float, env: distributed.DistEnv) -> str:
+        # The rare path may talk: which ranks' losses were non-finite (one tiny all-gather; every rank is here
+        # for the same steps, since the flags are the same everywhere).
+        finite = distributed.flags_of_all_ranks(math.isfinite(own_loss), env.device)
         if not all(finite):
             bad = ", ".join(str(r) for r, ok in enumerate(finite) if not ok)
-            reason = f"non-finite loss at step {step} on rank {bad}; no update was applied"
-        else:
-            reason = (
-                f"non-finite gradient (norm {float(result.grad_norm)}) at step {step} on rank {env.rank} "
-                "(and every other: gradients are reduced); no update was applied"
-            )
-        if self.policy == "fail":
-            raise NonFiniteError(reason)
-        self.in_a_row += 1
-        if self.in_a_row > self.max_in_a_row:
-            raise NonFiniteError(
-                f"{self.in_a_row} non-finite steps in a row (train.max_nonfinite_skips={self.max_in_a_row}); "
-                f"last: {reason}"
-            )
-        return reason
+            return f"non-finite loss at step {step} on rank {bad}; no update was applied"
+        return (
+            f"non-finite gradient (norm {norm}) at step {step} on rank {env.rank} (and every other: gradients are "
+            "reduced); no update was applied"
+        )
 
 
-def read_for_log(losses: list[torch.Tensor], last: StepResult, world_size: int) -> tuple[list[float], list[float]]:
-    """The logging step's one host read: this rank's loss of every step since the last log (for the spike
-    detector), and the global-batch loss, grad norm and temperature of the last step (averaged over ranks:
-    each rank's loss covers its own rows; norm and temperature are the same everywhere)."""
-    dtype = torch.float64 if losses[-1].device.type != "mps" else torch.float32
-    shared = torch.stack([losses[-1], last.grad_norm.to(losses[-1].device), last.logit_scale]).to(dtype)
-    if world_size > 1:
-        torch.distributed.all_reduce(shared)
-        shared /= world_size
-    values = torch.cat([torch.stack(losses).to(dtype), shared]).tolist()
-    return values[: len(losses)], values[len(losses) :]
+@dataclass
+class StepsRead:
+    """What one host read of the steps since the last one gives (``read_steps``)."""
+
+    steps: list[int]
+    losses: list[float]  # this rank's loss of each step (its own rows)
+    applied: list[bool]
+    grad_norms: list[float]
+    # the last step's global-batch loss (averaged over ranks), grad norm and temperature; on a logging read only
+    shared: tuple[float, float, float] | None = None
+
+
+def read_steps(pending: list[tuple[int, StepResult]], world_size: int, log: bool) -> StepsRead:
+    """The loop's one host read of the steps since the last read (one transfer): each step's own loss, whether
+    its update was applied and its grad norm; with ``log``, also the last step's loss averaged over ranks (each
+    rank's loss covers its own rows), grad norm and temperature (the same everywhere)."""
+    results = [r for _, r in pending]
+    last = results[-1]
+    dtype = torch.float64 if last.loss.device.type != "mps" else torch.float32
+    parts = [torch.stack([r.loss.to(dtype) for r in results])]
+    parts.append(torch.stack([r.applied.to(dtype) for r in results]))
+    parts.append(torch.stack([r.grad_norm.to(last.loss.device, dtype) for r in results]))
+    if log:
+        shared = torch.stack([last.loss, last.grad_norm.to(last.loss.device), last.logit_scale]).to(dtype)
+        if world_size > 1:
+            torch.distributed.all_reduce(shared)
+            shared /= world_size
+        parts.append(shared)
+    values, n = torch.cat(parts).tolist(), len(results)
+    return StepsRead(
+        steps=[step for step, _ in pending],
+        losses=values[:n],
+        applied=[v == 1.0 for v in values[n : 2 * n]],
+        grad_norms=values[2 * n : 3 * n],
+        shared=tuple(values[3 * n :]) if log else None,
+    )
 
 
 class Checkpoints:
@@ -443,8 +478,21 @@ def _train(cfg: RootConfig, run_dir: Path, loaders: list, preemption: Preemption
     nonfinite = NonFinitePolicy(cfg.train.nonfinite, cfg.train.max_nonfinite_skips)
     # Agreeing on a signal is a collective and a host read: every N steps (every step when alone).
     check_every = cfg.parallel.signal_check_every if env.world_size > 1 else 1
-    spikes, spiked, losses = SpikeDetector(), False, []  # losses: device tensors since the last log
+    spikes, spiked, pending = SpikeDetector(), False, []  # pending: (step, StepResult) not yet read on the host
     key_log = KeyLog(run_dir, env.rank, state.step) if cfg.train.record_keys else None
+
+    def settle(log: bool = False) -> StepsRead | None:
+        """Reads the pending steps (one transfer) and enforces train.nonfinite on them; reports skipped steps."""
+        if not pending:
+            return None
+        read = read_steps(pending, env.world_size, log)
+        pending.clear()
+        for step, reason in nonfinite.check(read, env):  # (raises for fail, or too many in a row)
+            logger.log({"step": step, "samples_seen": step * global_batch, "skipped": reason})
+            logger.write(f"skipped: {reason}")
+            faults.at("skip", step)
+        return read
+
     built.model.train()
     while state.step < cfg.train.steps:
         t0 = time.perf_counter()
@@ -459,32 +507,23 @@ def _train(cfg: RootConfig, run_dir: Path, loaders: list, preemption: Preemption
             for b in batches
         ]
         lr = engine.lr
+        # No host read: a non-finite step is skipped on the device (nothing applied; its batch is not retried)
+        # and train.nonfinite is enforced when the steps are read (settle).
         result = train_step(engine, loss_fn, micro, teacher, caption)
-        if not result.applied:  # non-finite norm, train.nonfinite=skip: the batch is dropped, the step retried
-            reason = nonfinite.skipped(result, state.step + 1, env)  # (raises for fail, or too many in a row)
-            logger.log({"step": state.step + 1, "samples_seen": state.samples_seen, "skipped": reason})
-            logger.write(f"skipped: {reason}")
-            faults.at("skip", state.step + 1)
-            stop_signal = preemption.agreed(env.device)  # a signal during a run of skips is honoured here too
-            if stop_signal:
-                break
-            continue
-        nonfinite.applied()
         if key_log:
             key_log.write(state.step + 1, batches)
-        losses.append(result.loss)
         state.step += 1
         state.samples_seen += global_batch
         meter.add(global_batch, data_wait)
+        pending.append((state.step, result))
 
         if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
-            own_losses, (loss_value, grad_norm, logit_scale) = read_for_log(losses, result, env.world_size)
-            first = state.step - len(losses) + 1
-            for step, value in enumerate(own_losses, first):
-                if spikes.update(value):
+            read = settle(log=True)
+            for step, value, applied in zip(read.steps, read.losses, read.applied, strict=True):
+                if applied and spikes.update(value):
                     spiked = True
                     logger.write(f"loss spike at step {step}: {value:.4f} (recent mean {spikes.mean:.4f})")
-            losses = []
+            loss_value, grad_norm, logit_scale = read.shared
             samples_per_s, wait_pct = meter.rate()
             per_rank = samples_per_s / env.world_size
             mfu = per_rank * train_flops / peak if train_flops and peak else None
@@ -504,6 +543,7 @@ def _train(cfg: RootConfig, run_dir: Path, loaders: list, preemption: Preemption
                 "data_errors": dict(loader.errors),  # this rank's (rank 0); summary.json sums all ranks
                 "data_retries": loader.retried,  # transient remote read errors retried (rank 0)
                 "loss_spike": spiked,  # (rank 0's own rows; a warning, never an action)
+                "skipped_steps": read.applied.count(False),  # non-finite steps since the last log (skip policy)
                 "checkpoint_s": checkpoints.take_blocked_s(),  # the step loop held up by saves since the last log
             }
             spiked = False
@@ -512,9 +552,11 @@ def _train(cfg: RootConfig, run_dir: Path, loaders: list, preemption: Preemption
             shown.update({"mfu": f"{100 * mfu:.1f}%"} if mfu is not None else {}, wait=f"{wait_pct:.0f}%")
             logger.progress(state.step, shown)
         if state.step % cfg.train.checkpoint_every == 0:
+            settle()  # (a checkpoint never holds a step the policy has not seen)
             checkpoints.save()
             last_saved = state.step
         if cfg.eval.every and state.step % cfg.eval.every == 0 and state.step < cfg.train.steps:
+            settle()
             faults.at("eval", state.step)
             results = evaluate(cfg, built, env, engine, demo, held)
             logger.log({"step": state.step, "samples_seen": state.samples_seen, "eval": results})
@@ -525,6 +567,7 @@ def _train(cfg: RootConfig, run_dir: Path, loaders: list, preemption: Preemption
             if stop_signal:
                 break
 
+    settle()
     if last_saved != state.step:
         checkpoints.save()
     checkpoints.wait()  # (an asynchronous save published before anything else happens)

@@ -92,11 +92,12 @@ class Engine(Protocol):
     def no_sync(self) -> AbstractContextManager:
         """A context in which backward accumulates locally, without synchronising gradients across ranks."""
 
-    def step(self) -> tuple[torch.Tensor, bool]:
-        """Clips and applies the accumulated gradients and advances the schedule, unless their global norm is not
-        finite; then nothing is applied and the gradients are dropped. Returns (pre-clip norm on the device,
-        applied). The one host read of a training step is the finiteness of that norm; it is the same on every
-        rank (gradients are reduced before it is computed), so every rank takes the same branch."""
+    def step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clips and applies the accumulated gradients, unless their global norm is not finite (then nothing is
+        applied: parameters, optimizer state and EMA stay as they were, and the gradients are dropped), and
+        advances the schedule either way. Returns (pre-clip norm, applied), both on the device: the decision is
+        taken there and nothing is read on the host (the loop reads ``applied`` with the loss when it logs). The
+        norm is the same on every rank (gradients are reduced before it is computed), so is the decision."""
 
     @property
     def lr(self) -> float:

@@ -113,7 +113,7 @@ class FSDPEngine:
         finally:
             self.model.set_requires_gradient_sync(True)
 
-    def step(self) -> tuple[torch.Tensor, bool]:
+    def step(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.update.step()  # the norm is global (clipping reduces it over the shards)
 
     @property

@@ -128,14 +128,14 @@ class Forward:
                 return self.module(images, text)
 
 
-def is_finite(norm: torch.Tensor | float | None) -> bool:
-    """The step's one host read: whether the global gradient norm is finite."""
-    return norm is not None and bool(torch.isfinite(torch.as_tensor(norm)))
-
-
 class TorchUpdate:
     """AdamW + warmup/cosine schedule over ``model``'s parameters, with global-norm clipping, a finite check before
-    the update, the temperature clamp after it, and fp16 loss scaling when ``train.precision=fp16``."""
+    the update, the temperature clamp after it, and fp16 loss scaling when ``train.precision=fp16``.
+
+    The finite check stays on the device: the fused AdamW kernel takes it as ``found_inf`` and leaves parameters,
+    moments and step counts untouched when the norm is not finite; the EMA follows the same flag; the schedule
+    advances every step (a skipped step is a step). Nothing is read on the host: the loop reads the flag with
+    the loss when it logs (``train.nonfinite``). Only an optimizer without that kernel (MPS) reads it at once."""
 
     def __init__(self, model: torch.nn.Module, cfg: RootConfig, device: torch.device, amp_dtype, ema=None):
         self.model, self.ema = model, ema  # (ema: moved after every applied update)
@@ -153,28 +153,33 @@ class TorchUpdate:
                 grads = [self.scaler.scale(g) for g in grads]
         torch.autograd.backward(outputs, grads)
 
-    def step(self) -> tuple[torch.Tensor, bool]:
+    def step(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm)
         if hasattr(norm, "full_tensor"):  # a sharded model's (FSDP) norm is a replicated DTensor
             norm = norm.full_tensor()
-        if self.scaler:  # fp16: the scaler skips inf/NaN steps itself and adapts the scale (its normal dynamics)
-            self.scaler.step(self.optimizer)
+        finite = torch.isfinite(norm)
+        if self.scaler:  # fp16: the scaler skips inf/NaN steps itself and adapts the scale (its normal dynamics,
+            self.scaler.step(self.optimizer)  # not a non-finite step of train.nonfinite)
             self.scaler.update()
-        elif is_finite(norm):
+            applied = torch.ones_like(finite)
+        elif self.optimizer.defaults.get("fused"):
+            self.optimizer.found_inf = (~finite).float()  # the kernel applies nothing when it is non-zero
             self.optimizer.step()
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
-            return norm.detach(), False
+            applied = finite
+        else:  # no device-side skip in this optimizer: the one host read
+            if bool(finite):
+                self.optimizer.step()
+            applied = finite
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-        if self.ema and (self.scaler is None or is_finite(norm)):  # (not after a step the fp16 scaler skipped)
-            self.ema.update()
-        return norm.detach(), True
+        if self.ema:
+            self.ema.update(finite)  # (not after a step the fp16 scaler skipped either)
+        return norm.detach(), applied
 
     @property
     def lr(self) -> float:
@@ -225,7 +230,7 @@ class Replicated:
     def no_sync(self):
         return contextlib.nullcontext()
 
-    def step(self) -> tuple[torch.Tensor, bool]:
+    def step(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.update.step()
 
     @property

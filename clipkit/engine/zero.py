@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -119,8 +118,11 @@ class DeepSpeedEngine:
         optimizer = build_optimizer(model, cfg.optim, env.device)
         scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
         self.base_lr = cfg.optim.lr
-        self.module, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config, dist_init_required=False
+        # The schedule stays clipkit's (stepped in ``step``, saved in ``engine.pt``): DeepSpeed would hold it on a
+        # skipped step, a decision it takes on the host.
+        self.scheduler = scheduler
+        self.module, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=self.ds_config, dist_init_required=False
         )
         self.module.train()
         # train.ema_decay: ZeRO-1/2 average the (replicated, fp32) module weights; ZeRO-3 each rank's flat fp32
@@ -142,26 +144,19 @@ class DeepSpeedEngine:
     def no_sync(self):
         return contextlib.nullcontext()  # unmanaged accumulation: backward never reduces; step does
 
-    def step(self) -> tuple[torch.Tensor, bool]:
-        self.module.step()  # reduce (scatter), clip, AdamW, schedule, zero_grad; all skipped if the norm is bad
+    def step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.module.step()  # reduce (scatter), clip, AdamW, zero_grad; skipped by DeepSpeed if the norm is bad
+        self.module.zero_grad()  # (DeepSpeed leaves a skipped step's gradients in place)
+        self.scheduler.step()  # clipkit's own: the schedule advances every step, as on the other engines
         norm = self.module.get_global_grad_norm()
-        norm = torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32, device=self.device)
-        # The one host read: the norm and the updated temperature (the working copy; under ZeRO-3, where it is
-        # partitioned, the fp32 master gathered on the device).
-        scale = self.model.logit_scale.detach()
-        if scale.numel() == 0:
-            from deepspeed.utils import safe_get_full_fp32_param
-
-            scale = safe_get_full_fp32_param(self.model.logit_scale)  # collective under ZeRO-3
-        norm_value, scale = torch.stack([norm, scale.reshape(()).float().to(self.device)]).tolist()
-        if not math.isfinite(norm_value):
-            self.module.zero_grad()
-            return norm, False
-        if not 0 <= scale <= MAX_LOGIT_SCALE:
-            self._clamp_logit_scale()
+        if not isinstance(norm, torch.Tensor):
+            norm = torch.tensor(float("nan") if norm is None else norm)
+        norm = norm.detach().reshape(()).float().to(self.device, non_blocking=True)
+        applied = torch.isfinite(norm)  # (DeepSpeed's own decision; clipkit reads nothing on the host here)
+        self._clamp_logit_scale()
         if self.ema:
-            self.ema.update()
-        return norm, True
+            self.ema.update(applied)
+        return norm, applied
 
     def _ema_sources(self) -> dict[str, torch.Tensor]:
         params = ema_lib.trainable(self.model)
@@ -217,15 +212,25 @@ class DeepSpeedEngine:
                         p.data.copy_(saved[name])
 
     def _clamp_logit_scale(self) -> None:
-        """Clamps the temperature in DeepSpeed's fp32 master copy and in the module's working copy."""
-        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
-
+        """Clamps the temperature in this rank's piece of DeepSpeed's fp32 master copy and of the working copy,
+        on the device and with no collective (every step: whether it is out of range is not read)."""
         param = self.model.logit_scale
-        master = safe_get_full_fp32_param(param)  # collective under ZeRO-3
-        if master is not None:
-            safe_set_full_fp32_param(param, master.clamp(0, MAX_LOGIT_SCALE))
-        with self.full_params(modifier_rank=0), torch.no_grad():
-            param.clamp_(0, MAX_LOGIT_SCALE)
+        with torch.no_grad():
+            if self.stage == 3:
+                from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+
+                master = safe_get_local_fp32_param(param)  # (a copy when offloaded: written back below)
+                if master is not None and master.numel():
+                    safe_set_local_fp32_param(param, master.clamp(0, MAX_LOGIT_SCALE))
+                working = param.ds_tensor
+            else:
+                mapping = getattr(param, "_hp_mapping", None)
+                master = mapping.get_hp_fragment() if mapping is not None else None
+                if master is not None and master.numel():
+                    master.clamp_(0, MAX_LOGIT_SCALE)
+                working = param.data
+            if working.numel():
+                working.clamp_(0, MAX_LOGIT_SCALE)
 
     @property
     def lr(self) -> float:
@@ -251,6 +256,7 @@ class DeepSpeedEngine:
         if self.rank == 0:
             ckpt.save_tensors(path / "model.safetensors", weights)
             ckpt.save_json(path / "deepspeed_config.json", self.ds_config)
+            ckpt.save_torch(path / "engine.pt", {"scheduler": self.scheduler.state_dict()})
         if self.ema:
             if self.stage == 3:  # each rank's own partitions, for resume (on the same world size)
                 ckpt.save_tensors(path / self._ema_partition_file(), self.ema.shadow)
@@ -261,10 +267,17 @@ class DeepSpeedEngine:
 
     def load(self, path: Path) -> None:
         loaded, _ = self.module.load_checkpoint(
-            str(path), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+            str(path), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False
         )
         if loaded is None:
             raise ckpt.CorruptCheckpoint(f"{path / TAG}: DeepSpeed could not load its checkpoint")
+        if (path / "engine.pt").is_file():
+            self.scheduler.load_state_dict(ckpt.load_torch(path / "engine.pt")["scheduler"])
+        else:  # written before the schedule was clipkit's own (it then held on skipped steps): its step count
+            step = ckpt.load_json(path / "trainer.json")["step"]
+            self.scheduler.last_epoch = step - 1
+            self.scheduler.step()
+            log.info("%s has no engine.pt (an older ZeRO checkpoint): the schedule resumes at step %d", path, step)
         if self.ema:  # ZeRO-3 resumes its own partitions (the consolidated file is for eval and export)
             weights = self._ema_partition_file() if self.stage == 3 else ema_lib.EMA_FILE
             self.ema.load_state(*ema_lib.load_files(path, self.device, weights))
