@@ -35,7 +35,8 @@ def test_fail_policy_stops_before_the_update(small_demo, tmp_path):
             and last == 5
             and "Traceback" not in proc.stderr
         )
-    record("non-finite, policy fail", len(checks), sum(checks), "exit 1 at the next read of the steps (here every step), naming step and rank; the update never applied")
+    figure = "exit 1 at the next read of the steps (every step here), naming step and rank; nothing applied"
+    record("non-finite, policy fail", len(checks), sum(checks), figure)
     assert all(checks)
 
 
