@@ -241,7 +241,7 @@ def _export(cfg) -> None:
 
 
 def _train(cfg, run_dir: Path) -> None:
-    if cfg.data.num_workers or cfg.eval.num_workers:
+    if cfg.data.workers() or cfg.eval.num_workers:
         from clipkit.data import worker_context
 
         worker_context(start=True)  # the workers' fork server imports torch/open_clip while this process does

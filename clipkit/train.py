@@ -125,7 +125,7 @@ def build_loader(
         seed=cfg.train.seed,
         rank=env.rank,
         world_size=env.world_size,
-        num_workers=cfg.data.num_workers,
+        num_workers=cfg.data.workers(),
         batch_size=cfg.train.micro_batch(env.world_size),
         window=cfg.data.shuffle_window,
         prefetch_factor=cfg.data.prefetch_factor,
@@ -208,7 +208,7 @@ def resume(run_dir: Path, cfg: RootConfig, env, engine, loader: TrainLoader, sta
         )
     trainer = ckpt.load_json(path / "trainer.json")
     same_layout = trainer["world_size"] == env.world_size and trainer["data"][0]["num_workers"] == max(
-        1, cfg.data.num_workers
+        1, cfg.data.workers()
     )
     if trainer["world_size"] != env.world_size and cfg.parallel.is_deepspeed:
         raise ResumeError(
@@ -409,7 +409,7 @@ def _train(cfg: RootConfig, run_dir: Path, loaders: list, preemption: Preemption
     for note in resolve_eval_sets(cfg):  # (the CLI did this already; a config built in Python may not have)
         log.warning(note)
     env = distributed.init(cfg.train.device, cfg.parallel.timeout_s, cfg.train.tf32)
-    if cfg.data.num_workers or cfg.eval.num_workers:
+    if cfg.data.workers() or cfg.eval.num_workers:
         worker_context(start=True)  # the loader workers' fork server warms up while the model is built
     run_dir = Path(run_dir)
     uses_demo = "demo" in (cfg.data.train, cfg.eval.zeroshot.dataset, cfg.eval.retrieval.dataset)

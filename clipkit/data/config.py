@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from clipkit.errors import PATH, Choice, ConfigError, non_negative, positive, require
@@ -34,14 +35,19 @@ class DemoDataConfig:
         non_negative(prefix, self, "num_zeroshot", "num_retrieval")
 
 
+MAX_AUTO_WORKERS = 32  # (num_workers=-1 never asks for more loader processes per rank)
+
+
 @dataclass
 class DataConfig:
     # Shard spec (``/data/{00000..00099}.tar``) or ``demo`` for the embedded demo data.
     train: str = field(default="demo", metadata=PATH)
     # `epoch`: every sample exactly once per epoch, resumable to the sample; `resampled`: shards drawn with replacement.
     mode: Mode = Mode.epoch
-    # Loader worker processes per rank (0 = decode in the training process).
-    num_workers: int = 2
+    # Loader worker processes per rank (0 = decode in the training process). -1 (default): what the host offers
+    # per local rank (its CPUs / local ranks, one left to the training process; at most 32), and 1 for the
+    # embedded demo (its 40 px images need no more). See ``workers()``.
+    num_workers: int = -1
     # Window of the seeded sample shuffle (samples); 0 keeps tar order.
     shuffle_window: int = 1000
     # Image members tried in order, separated by ``;``.
@@ -79,10 +85,26 @@ class DataConfig:
     cache_dir: str = field(default="${oc.env:CLIPKIT_CACHE,'~/.cache/clipkit'}", metadata=PATH)
     demo: DemoDataConfig = field(default_factory=DemoDataConfig)
 
+    def workers(self) -> int:
+        """``num_workers`` with -1 resolved for this process: the CPUs it may use (its affinity), shared by the
+        ranks of this node when that is the whole machine (torchrun's ``LOCAL_WORLD_SIZE``, SLURM's tasks per
+        node), less one for the training process itself."""
+        if self.num_workers >= 0:
+            return self.num_workers
+        if self.train == "demo":
+            return 1
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        if cpus == (os.cpu_count() or cpus):  # not bound to a share of the node: split it between the local ranks
+            local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE", "1")
+            cpus //= max(1, int(local.split("(")[0].split(",")[0] or 1))
+        return max(1, min(MAX_AUTO_WORKERS, cpus - 1))
+
     def validate(self, check_shards: bool, prefix: str = "data") -> None:
         """Own fields; with ``check_shards`` (training reads ``train``) the shard spec is expanded and probed."""
         positive(prefix, self, "prefetch_factor")
-        non_negative(prefix, self, "num_workers", "shuffle_window", "num_samples", "stall_timeout_s", "remote_retries")
+        if self.num_workers < -1:
+            raise ConfigError(f"{prefix}.num_workers", self.num_workers, "must be >= 0, or -1 for the host's CPUs")
+        non_negative(prefix, self, "shuffle_window", "num_samples", "stall_timeout_s", "remote_retries")
         non_negative(prefix, self, "retry_backoff_s")
         require(
             f"{prefix}.max_bad_fraction", self.max_bad_fraction, 0 <= self.max_bad_fraction <= 1, "must be in [0, 1]"

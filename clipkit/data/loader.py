@@ -352,13 +352,29 @@ def resolve_shards(spec: str, allow_pipe: bool = True, allow_missing: bool = Fal
     return ShardTable(urls, sizes, source_ids, names), [s.weight for s in sources]
 
 
+CHUNK = 256  # the most samples a worker hands over at once (see TrainLoader.chunk)
+
+
+def chunk_size(batch_size: int) -> int:
+    """The samples per worker hand-over for a micro-batch of ``batch_size``: the batch itself up to ``CHUNK``;
+    above, the largest divisor of it that is at most ``CHUNK`` (the whole batch if that would be under 32)."""
+    if batch_size <= CHUNK:
+        return batch_size
+    best = max(d for d in range(1, CHUNK + 1) if batch_size % d == 0)
+    return best if best >= 32 else batch_size
+
+
 class TrainLoader:
     """Iterator of training micro-batches for this rank, with exact ``state_dict`` / ``load_state_dict``.
 
     Waiting for a batch is guarded: no batch for ``stall_timeout_s`` raises ``DataError`` naming the slot, the
     shard and the position it was reading; SIGTERM / SIGUSR1 during the wait end it at once (``preempt``).
     Workers are started by a fork server (no fork of a process whose threads may hold locks), die with the
-    training process, and are killed if they do not stop when the loader closes."""
+    training process, and are killed if they do not stop when the loader closes.
+
+    Workers hand over *chunks* of at most ``CHUNK`` samples, in turn, which the loader joins into micro-batches:
+    the shared memory in flight is workers x prefetch_factor x chunk, whatever the batch (a per-rank batch of
+    4096 at 224 px would otherwise hold 617 MB per worker and prefetch slot; benchmarks/loader_memory.py)."""
 
     def __init__(
         self,
@@ -392,6 +408,7 @@ class TrainLoader:
         if self.plan.sized and self.plan.total < self.plan.num_slots:
             raise DataError(f"{self.plan.total} samples cannot feed {self.plan.num_slots} (ranks x workers) streams")
         self.decoder, self.tokenizer, self.batch_size = decoder, tokenizer, batch_size
+        self.chunk = chunk_size(batch_size)
         self.teacher_tokenizer = teacher_tokenizer  # batches then carry "teacher_text" too
         self.num_workers, self.prefetch_factor, self.pin_memory = num_workers, prefetch_factor, pin_memory
         self.max_bad_fraction, self.stall_timeout_s = max_bad_fraction, stall_timeout_s
@@ -417,7 +434,7 @@ class TrainLoader:
             self.plan,
             self.decoder,
             self.tokenizer,
-            self.batch_size,
+            self.chunk,
             list(self.positions),
             self.next_worker,
             Reader(self.retries, self.retry_backoff_s),
@@ -430,7 +447,7 @@ class TrainLoader:
         kwargs = dict(
             num_workers=self.num_workers,
             batch_size=None,
-            pin_memory=self.pin_memory,
+            pin_memory=self.pin_memory and self.chunk == self.batch_size,  # (chunks: the joined batch is pinned)
             generator=torch.Generator().manual_seed(self.plan.seed),
         )
         if self.num_workers:
@@ -446,6 +463,23 @@ class TrainLoader:
         return self
 
     def __next__(self) -> dict:
+        parts = [self._next_chunk()]
+        while sum(len(p["keys"]) for p in parts) < self.batch_size:
+            parts.append(self._next_chunk())
+        if len(parts) == 1:
+            return parts[0]
+        batch = {"keys": [k for p in parts for k in p["keys"]], "epochs": [e for p in parts for e in p["epochs"]]}
+        for key in ("image", "text", "teacher_text"):
+            if key in parts[0]:
+                chunks = [p[key] for p in parts]
+                shape = (sum(len(c) for c in chunks), *chunks[0].shape[1:])
+                # (pinned here, once, for the device copy: the chunks themselves are not pinned, see _make_iter)
+                out = torch.empty(shape, dtype=chunks[0].dtype, pin_memory=self.pin_memory)
+                batch[key] = torch.cat(chunks, out=out)
+        return batch
+
+    def _next_chunk(self) -> dict:
+        """The next worker's chunk, in turn; the loader's state moves past it."""
         try:
             with preempt.data_wait(self.stall_timeout_s):
                 if self._iter is None:

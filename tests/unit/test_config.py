@@ -14,7 +14,7 @@ BAD_CONFIGS = [
     (["train.steps=0"], "train.steps=0"),  # zero size
     (["train.global_batch_size=-8"], "train.global_batch_size=-8"),  # negative size
     (["optim.lr=-1"], "optim.lr"),
-    (["data.num_workers=-1"], "data.num_workers=-1"),
+    (["data.num_workers=-2"], "data.num_workers=-2"),
     (["train.global_batch_size=100", "train.micro_batch_size=30"], "train.global_batch_size=100"),  # indivisible
     (["model.name=ViT-Nope-99"], "model.name='ViT-Nope-99'"),  # unknown model
     (["model=nope"], "model/nope"),  # unknown preset
