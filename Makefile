@@ -46,8 +46,8 @@ format: install
 clean:
 	rm -rf $(VENV) runs build *.egg-info
 
-# What the GPU machine lacks (open_clip, webdataset, Hydra, DeepSpeed, ...) as wheels in .gpu-wheels/, to carry
-# there; then, on the GPU machine, `make gpu-suite` (or `bash benchmarks/gpu_suite.sh`). See benchmarks/README.md.
+# What the GPU machine lacks (open_clip, webdataset, Hydra, DeepSpeed, ...) as cp312 wheels in .gpu-wheels/, checked
+# to install there; then, on the GPU machine, `bash benchmarks/gpu_suite.sh`. See benchmarks/README.md.
 gpu-wheels: install
 	$(PY) benchmarks/gpu_wheels.py --out .gpu-wheels $(GPU_WHEELS_ARGS)
 

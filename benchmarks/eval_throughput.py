@@ -7,7 +7,7 @@
    clipkit's chunked ``retrieval_metrics`` at 10k images x 50k captions and 100k x 100k, and of
    CLIP_benchmark's full-matrix metric code where it fits (10k x 50k).
 
-    python benchmarks/eval_throughput.py [--images 512 --models clipkit-tiny ViT-B-32 --workers 1]
+    python benchmarks/eval_throughput.py [--images 512 --models clipkit-tiny ViT-B-32 --workers 1 --device cpu]
 """
 
 from __future__ import annotations
@@ -36,6 +36,15 @@ def make_folder(root: Path, num_images: int, num_classes: int = 10) -> None:
         (d / f"{i:05d}.jpg").write_bytes(buf.getvalue())
 
 
+def _encode(model, images: torch.Tensor) -> None:
+    """encode_image on the model's device (bf16 autocast on CUDA, as both eval paths run there)."""
+    device = next(model.parameters()).device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        model.encode_image(images.to(device, non_blocking=True))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.no_grad()
 def clipkit_rate(model, transform, folder: Path, batch: int, workers: int) -> float:
     from clipkit.eval import data as eval_data
@@ -43,7 +52,7 @@ def clipkit_rate(model, transform, folder: Path, batch: int, workers: int) -> fl
     loader = eval_data.loader(eval_data.image_folder(folder), transform, 0, 1, batch, workers)
     n, t0 = 0, time.perf_counter()
     for b in loader:
-        model.encode_image(b["image"])
+        _encode(model, b["image"])
         n += len(b["index"])
     return n / (time.perf_counter() - t0)
 
@@ -55,7 +64,7 @@ def clip_benchmark_rate(model, transform, folder: Path, batch: int, workers: int
     loader = torch.utils.data.DataLoader(ImageFolder(str(folder), transform=transform), batch, num_workers=workers)
     n, t0 = 0, time.perf_counter()
     for images, _ in loader:  # what clip_benchmark's run_classification does per batch
-        model.encode_image(images)
+        _encode(model, images)
         n += images.shape[0]
     return n / (time.perf_counter() - t0)
 
@@ -110,6 +119,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--skip-retrieval", action="store_true")
+    parser.add_argument("--device", default="cpu", help="where the model embeds (cuda: bf16 autocast)")
     parser.add_argument("--out", default="benchmarks/out/eval_throughput.json")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -124,7 +134,7 @@ def main() -> None:
         make_folder(folder, args.images)
         print("| model | clipkit img/s | CLIP_benchmark img/s | ratio |\n|---|---:|---:|---:|")
         for name in args.models:
-            model = model_lib.build(ModelConfig(name=name)).model.eval()
+            model = model_lib.build(ModelConfig(name=name), args.device).model.eval()
             transform = eval_transform(model)
             clipkit_rate(model, transform, folder, args.batch, args.workers)  # warm-up (page cache, threads)
             ours = clipkit_rate(model, transform, folder, args.batch, args.workers)

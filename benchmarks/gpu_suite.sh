@@ -1,30 +1,43 @@
 #!/usr/bin/env bash
-# All GPU figures in one command, on the GPU machine, from the repository root:
-#   bash benchmarks/gpu_suite.sh [--quick]
-# 1. installs clipkit and what the GPU image lacks (open_clip, webdataset, Hydra, DeepSpeed, wandb, ...) from the
-#    wheels `make gpu-wheels` downloaded into .gpu-wheels/ (no network needed there);
-# 2. runs the GPU tests (pytest -m gpu tests/gpu);
-# 3. runs benchmarks/gpu_suite.py: train step vs open_clip, loss memory 4k-128k, compile vs eager.
-# Results: $OUT (default benchmarks/out/gpu; on the device tool, $OUT is the folder that comes back).
-# SKIP_GPU_TESTS=1 skips step 2 (e.g. for the second and third part of a suite run in parts).
-set -uo pipefail
+# Every GPU figure and the GPU tests in one command, on the GPU machine, from the repository root:
+#   bash benchmarks/gpu_suite.sh            (about 6 minutes on one H200, the install included)
+#   bash benchmarks/gpu_suite.sh --dry-run  (any machine: tiny sizes, the same parts and outputs; make test runs it)
+# 1. if clipkit or what it needs is missing, installs the wheels benchmarks/gpu_wheels.py built into .gpu-wheels/
+#    (no network; --no-deps into a folder of its own, so the image's torch stays what it is) and stops at once,
+#    naming the package, if that fails;
+# 2. runs benchmarks/gpu_suite.py: the GPU tests, then the figures. Writes gpu_suite.json, gpu_suite.md and
+#    gpu_suite.log.gz to $OUT (the device tool's folder that comes back; default benchmarks/out/gpu). Caches and
+#    run directories stay in a temporary folder.
+# GPU_SUITE_INSTALL=1 installs even when the imports work (a check of the carried set); PYTHON picks the Python.
+set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/out/gpu}"
 WHEELS="${GPU_WHEELS:-.gpu-wheels}"
+PYTHON="${PYTHON:-python3}"
 mkdir -p "$OUT"
-export HF_HUB_OFFLINE=1 WANDB_MODE=offline
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/clipkit-gpu-suite.XXXXXX")"
+trap 'rm -rf "$WORK"' EXIT
+export HF_HUB_OFFLINE=1 WANDB_MODE=offline PIP_DISABLE_PIP_VERSION_CHECK=1
 
-if ! python -c "import clipkit, open_clip, webdataset, hydra, deepspeed" 2>/dev/null; then
-  if [ ! -d "$WHEELS" ]; then
-    echo "no $WHEELS/: run 'make gpu-wheels' on a machine with PyPI access and carry the folder" >&2
+MODULES="clipkit open_clip webdataset hydra omegaconf deepspeed braceexpand ftfy"
+if [ -n "${GPU_SUITE_INSTALL:-}" ] || ! "$PYTHON" -c "import ${MODULES// /, }" 2>/dev/null; then
+  if ! ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+    echo "gpu_suite: no wheels in $WHEELS/: run 'python benchmarks/gpu_wheels.py' where PyPI is reachable and carry" \
+      "the folder" >&2
     exit 2
   fi
-  # torch stays the image's own (its CUDA build); everything else comes from the carried wheels.
-  python -m pip install -q --no-index --find-links "$WHEELS" --no-build-isolation --no-deps "$WHEELS"/*.whl \
-    "$WHEELS"/*.tar.gz 2>&1 | tail -5
+  SITE="$WORK/site"
+  if ! "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "$WHEELS"/*.whl \
+      >"$WORK/pip.log" 2>&1; then
+    echo "gpu_suite: installing the carried wheels failed, stopping: $(grep -m1 -E 'ERROR|error' "$WORK/pip.log")" >&2
+    exit 3
+  fi
+  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+  for module in $MODULES; do
+    if ! err="$("$PYTHON" -c "import $module" 2>&1)"; then
+      echo "gpu_suite: '$module' does not import after the install, stopping: $(echo "$err" | tail -1)" >&2
+      exit 3
+    fi
+  done
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/nvidia-smi.csv"
-if [ -z "${SKIP_GPU_TESTS:-}" ]; then
-  python -m pytest -q -m gpu tests/gpu -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
-fi
-python benchmarks/gpu_suite.py --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu_suite.log"
+"$PYTHON" benchmarks/gpu_suite.py --out "$OUT" --work "$WORK" "$@"

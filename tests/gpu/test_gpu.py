@@ -3,8 +3,8 @@ first step of ``benchmarks/gpu_suite.sh``.
 
 - the loss exactness suite on NCCL: the float64 cases of ``tests/distributed`` on CUDA, at world size 1 and, where
   the machine has more GPUs, at world size 2; plus the autograd-aware gather's NCCL branch (reduce-scatter);
-- bf16 autocast training of a few steps for every engine that runs on one GPU (DDP's single-process engine,
-  ZeRO-1/2/3), through the CLI;
+- bf16 training of a few steps for every engine on one GPU (the single-process engine, ZeRO-1/2/3, FSDP),
+  through the CLI;
 - ``clipkit bench`` (clipkit vs open_clip's step; MFU from the data-sheet peak within (0, 1));
 - the exports of a GPU-trained run (each export verifies itself by loading it in its consumer);
 - the tiled loss's CUDA memory: at a global batch of 16k its peak is a small fraction of the gathered loss's.
@@ -90,40 +90,43 @@ def test_autograd_gather_nccl_branch():
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
-@pytest.fixture(scope="module")
-def gpu_runs(small_demo, tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("gpu-runs")
-    runs = {}
-    for engine in ("ddp", "zero1", "zero2", "zero3"):
-        run_dir = root / engine
-        proc = run_cli("train", f"hydra.run.dir={run_dir}", *TRAIN, f"parallel={engine}", timeout=900)
-        runs[engine] = (run_dir, proc)
-    return runs
+def _train(run_dir, engine: str):
+    return run_cli("train", f"hydra.run.dir={run_dir}", *TRAIN, f"parallel={engine}", timeout=900)
 
 
-@pytest.mark.parametrize("engine", ["ddp", "zero1", "zero2", "zero3"])
-def test_bf16_training_on_one_gpu(gpu_runs, engine):
-    run_dir, proc = gpu_runs[engine]
+@pytest.mark.parametrize("engine", ["ddp", "zero1", "zero2", "zero3", "fsdp"])
+def test_bf16_training_on_one_gpu(small_demo, tmp_path, engine):
+    """Each engine trains in bf16 on one GPU (each run its own test, so that pytest-xdist runs them side by side
+    in the GPU suite)."""
+    proc = _train(tmp_path, engine)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 7))
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
     assert steps[-1]["loss"] < steps[0]["loss"], [r["loss"] for r in steps]
     assert all(0 < r["mfu"] < 1 for r in steps), [r["mfu"] for r in steps]  # a data-sheet peak is known
-    summary = json.loads((run_dir / "summary.json").read_text())
+    assert sum(r.get("skipped_steps", 0) for r in steps) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["eval"], summary
 
 
+@pytest.fixture(scope="module")
+def ddp_run(small_demo, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("gpu-ddp")
+    proc = _train(run_dir, "ddp")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+@pytest.mark.xdist_group("exports")  # (one worker: the exports share one run)
 @pytest.mark.parametrize("fmt", ["open_clip", "hf", "onnx", "towers"])
-def test_exports_of_a_gpu_run(gpu_runs, tmp_path, fmt):
+def test_exports_of_a_gpu_run(ddp_run, tmp_path, fmt):
     needs = {"hf": "transformers", "onnx": "onnxruntime"}.get(fmt)
     if needs:
-        pytest.importorskip(needs)  # (carried to the GPU machine with make gpu-wheels GPU_WHEELS_ARGS=--extras=hf,onnx)
-    run_dir, proc = gpu_runs["ddp"]
-    assert proc.returncode == 0, proc.stderr[-3000:]
+        pytest.importorskip(needs)  # (the GPU image has both)
     out = tmp_path / fmt
-    export = run_cli("export", f"checkpoint={run_dir}", f"format={fmt}", f"out={out}", timeout=900)
+    export = run_cli("export", f"checkpoint={ddp_run}", f"format={fmt}", f"out={out}", timeout=900)
     assert export.returncode == 0, export.stderr[-3000:]
     assert any(out.iterdir())
 
