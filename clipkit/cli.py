@@ -21,6 +21,7 @@ VERB_LINES = {
         "checkpoint=PATH format=open_clip|hf|onnx|towers out=DIR: encoder artifacts, verified by loading them back"
     ),
     "caption": "checkpoint=PATH [caption.images=FILE|DIR|GLOB]: captions from a trained CoCa model (greedy)",
+    "embed": "checkpoint=PATH data.train=SHARDS out=DIR: image/text embeddings in clip-retrieval's layout (embed.*)",
     "shards": "write webdataset shards from local images + captions: clipkit shards INPUT OUTPUT [--help]",
     "bench": "samples/s, MFU, data-wait, peak memory of clipkit's training step vs open_clip's (model=..., bench.*)",
     "report": "RUN_DIR: write RUN_DIR/report.html (curves, eval, confusion, retrieval examples; also after each run)",
@@ -197,6 +198,47 @@ def main(argv: list[str] | None = None) -> None:
 
         print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         return
+    try:
+        _run(verb, cfg, run_dir)
+    except ConfigError as err:  # (what only the running process can see: no GPU for train.device=cuda, ...)
+        _fail(f"config error: {err}", EXIT_CONFIG)
+    except Exception as err:
+        message = _user_error(err)
+        if message is None or os.environ.get("CLIPKIT_DEBUG"):
+            raise  # a bug, not a user's mistake: the traceback is what helps (CLIPKIT_DEBUG=1 shows it always)
+        _fail(f"error: {message}", 1)
+
+
+def _user_error(err: Exception) -> str | None:
+    """One line for what a user's input or machine caused (a file, a checkpoint, the data, the disk), else None.
+    The error classes are imported here, on the error path only."""
+    import errno
+
+    from clipkit.checkpoint import CorruptCheckpoint
+    from clipkit.data.loader import DataError
+    from clipkit.data.shards import ShardSpecError
+    from clipkit.embed import EmbedError
+    from clipkit.eval.data import EvalDataError
+    from clipkit.evaluate import NoEmaWeights
+    from clipkit.export_check import ExportError
+    from clipkit.run_dir import RunDirError
+    from clipkit.train import ResumeError
+    from clipkit.yaml_files import YamlFileError
+
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return (
+            f"no space left on the device writing {err.filename or 'a file'}: free some and run the same command "
+            "again (a checkpoint is published only once complete: the last one is intact)"
+        )
+    if isinstance(err, OSError) and err.filename is not None:
+        return f"{err.strerror or type(err).__name__}: {err.filename}"
+    known = (CorruptCheckpoint, DataError, ShardSpecError, EmbedError, EvalDataError, NoEmaWeights, ExportError)
+    if isinstance(err, (*known, RunDirError, ResumeError, YamlFileError, OSError)):
+        return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return None
+
+
+def _run(verb: str, cfg, run_dir: Path) -> None:
     if verb == "train":
         _train(cfg, run_dir)
     elif verb == "eval":
@@ -213,6 +255,13 @@ def main(argv: list[str] | None = None) -> None:
         from clipkit.caption import caption_command
 
         caption_command(cfg)
+    elif verb == "embed":
+        from clipkit.embed import EmbedError, embed_command
+
+        try:
+            embed_command(cfg)
+        except EmbedError as err:
+            _fail(f"embed error: {err}", 1)
     elif verb == "bench":
         from clipkit.bench import bench_command
 
@@ -230,7 +279,7 @@ def _export(cfg) -> None:
     path = resolve(Path(cfg.checkpoint))
     built, saved_cfg = load_trained(path, torch.device("cpu"), weights=cfg.weights)
     try:
-        result = export(built, saved_cfg, cfg.format, Path(cfg.out))
+        result = export(built, saved_cfg, cfg.format, Path(cfg.out), source=path, overwrite=cfg.overwrite)
     except ExportError as err:
         _fail(f"export error: {err}", 1)
     print(
@@ -250,12 +299,13 @@ def _train(cfg, run_dir: Path) -> None:
     from clipkit.data.shards import ShardSpecError
     from clipkit.engine import NonFiniteError
     from clipkit.preempt import Preempted
+    from clipkit.run_dir import RunDirError
     from clipkit.train import ResumeError, train
 
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         train(cfg, run_dir)
-    except (DataError, ResumeError, ShardSpecError, CorruptCheckpoint, NonFiniteError) as err:
+    except (DataError, ResumeError, RunDirError, ShardSpecError, CorruptCheckpoint, NonFiniteError) as err:
         _fail(f"error on rank {os.environ.get('RANK', '0')}: {err}", 1)
     except Preempted as sig:
         _fail(

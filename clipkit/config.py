@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -27,7 +28,7 @@ from clipkit.caption import CaptionConfig
 from clipkit.data.config import DataConfig
 from clipkit.distill import DistillConfig, DistillKind
 from clipkit.engine import EngineName, ParallelConfig
-from clipkit.errors import PATH, Choice, ConfigError, non_negative, positive, require
+from clipkit.errors import PATH, Choice, ConfigError, at_most, non_negative, positive, require
 from clipkit.eval.config import EvalConfig
 from clipkit.loss import LossConfig, LossName
 from clipkit.metrics import LoggingConfig
@@ -35,6 +36,9 @@ from clipkit.model import ModelConfig
 from clipkit.optim import OptimConfig
 
 __all__ = ["ConfigError", "RootConfig", "TrainConfig", "adjust", "path_keys", "register_configs", "validate"]
+
+
+MAX_GLOBAL_BATCH = 1 << 24  # 16.8M samples per step: 256x the largest batches in the CLIP literature
 
 
 class Precision(Choice):
@@ -50,8 +54,9 @@ class NonFinite(Choice):
 
 
 class Resume(Choice):
-    auto = "auto"
-    never = "never"
+    auto = "auto"  # continue from the run dir's newest complete checkpoint, if any
+    never = "never"  # start fresh; refused where checkpoints exist
+    restart = "restart"  # move an earlier run's files aside (RUN_DIR.old-TIMESTAMP), then start fresh
 
 
 class BenchData(Choice):
@@ -77,6 +82,43 @@ class BenchConfig:
 
     def validate(self, prefix: str = "bench") -> None:
         positive(prefix, self, "steps", "warmup")
+
+
+class EmbedDtype(Choice):
+    float16 = "float16"  # clip-retrieval's and autofaiss's default
+    float32 = "float32"
+
+
+@dataclass
+class EmbedConfig:
+    """``clipkit embed``: normalised image and/or text embeddings of ``data.train``'s shards, in the layout
+    clip-retrieval and autofaiss read (``img_emb/img_emb_N.npy``, ``text_emb/text_emb_N.npy``,
+    ``metadata/metadata_N.parquet``); part N holds the samples of a fixed group of shards, so a killed run
+    resumes at the first part it had not finished and the ranks of a job share the parts."""
+
+    # Embed the images / the captions.
+    images: bool = True
+    texts: bool = True
+    # Samples per forward pass.
+    batch_size: int = 256
+    # Input shards per output part: the unit of resume and of the split over ranks and loader workers.
+    shards_per_part: int = 1
+    # On-disk dtype of the embeddings.
+    dtype: EmbedDtype = EmbedDtype.float16
+    # After every part: a faiss inner-product index per modality (image.index, text.index; needs faiss-cpu).
+    index: bool = False
+    # DataComp-style CLIP-score filter: filtered/keys_N.txt lists the keys whose image-text cosine similarity is
+    # at least this (needs images and texts); null: no filter. Every part's metadata has the score either way.
+    filter_threshold: Optional[float] = None
+
+    def validate(self, prefix: str = "embed") -> None:
+        positive(prefix, self, "batch_size", "shards_per_part")
+        require(f"{prefix}.images", self.images, self.images or self.texts, "embed images, texts or both")
+        if self.filter_threshold is not None:
+            require(f"{prefix}.filter_threshold", self.filter_threshold, -1.0 <= self.filter_threshold <= 1.0,
+                    "a cosine similarity, in [-1, 1]")  # fmt: skip
+            require(f"{prefix}.filter_threshold", self.filter_threshold, self.images and self.texts,
+                    "needs embed.images=true and embed.texts=true")  # fmt: skip
 
 
 class Weights(Choice):
@@ -127,7 +169,8 @@ class TrainConfig:
     tf32: bool = True
     # Checkpoints written in the background (parallel=fsdp): the step loop waits only for the copy of the state.
     async_checkpoint: bool = False
-    # ``auto`` resumes from the newest complete checkpoint in the run dir; ``never`` starts fresh.
+    # ``auto`` resumes from the newest complete checkpoint in the run dir; ``never`` starts fresh (refused where
+    # checkpoints exist); ``restart`` moves an earlier run's files aside to RUN_DIR.old-TIMESTAMP and starts fresh.
     resume: Resume = Resume.auto
     # EMA weights: an fp32 exponential moving average of the trainable parameters with this decay, kept on every
     # engine (sharded like the parameters), checkpointed, evaluated beside them (eval.use_ema); 0 = off.
@@ -141,7 +184,10 @@ class TrainConfig:
 
     def validate(self, prefix: str = "train") -> None:
         positive(prefix, self, "steps", "global_batch_size", "log_every", "checkpoint_every", "keep_last")
-        non_negative(prefix, self, "micro_batch_size", "max_nonfinite_skips")
+        non_negative(prefix, self, "micro_batch_size", "max_nonfinite_skips", "seed")
+        at_most(prefix, self, "global_batch_size", MAX_GLOBAL_BATCH, "the largest contrastive batches trained are 64k")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
+            raise ConfigError(f"{prefix}.device", self.device, "one of auto, cpu, cuda, cuda:N, mps")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"{prefix}.ema_decay", self.ema_decay, "must be in [0, 1) (0 = no EMA weights)")
 
@@ -160,12 +206,17 @@ class RootConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
     # For ``clipkit eval`` / ``export`` / ``caption``: a run dir, a checkpoint dir or an exported folder.
     checkpoint: Optional[str] = field(default=None, metadata=PATH)
     # For ``clipkit export``: the kind of artifact to write.
     format: ExportFormat = ExportFormat.open_clip
-    # (the folder the export is written to)
+    # (the folder the export, or ``clipkit embed``'s output, is written to; a non-empty export folder is refused
+    # unless ``overwrite``; embed resumes in the folder of its own earlier run)
     out: Optional[str] = field(default=None, metadata=PATH)
+    # For ``clipkit export``: replace a non-empty ``out`` whole (the old folder is removed once the new export has
+    # been written and verified; never a run or checkpoint dir).
+    overwrite: bool = False
     # For ``clipkit export`` and ``clipkit caption``: which weights of the checkpoint: raw, or ema (its
     # train.ema_decay average).
     weights: Weights = Weights.raw
@@ -247,8 +298,9 @@ def validate(cfg: RootConfig, verb: str = "train", world_size: Optional[int] = N
     cfg.logging.validate()
     cfg.parallel.validate()
     cfg.bench.validate()
+    cfg.embed.validate()
     cfg.caption.validate()
-    reads_train = verb == "train" or (verb == "bench" and cfg.bench.data == "train")
+    reads_train = verb in ("train", "embed") or (verb == "bench" and cfg.bench.data == "train")
     cfg.data.validate(check_shards=reads_train)
     cfg.eval.validate(check_sources=verb in ("train", "eval"), allow_pipe=cfg.data.allow_pipe)
 
@@ -276,20 +328,39 @@ def validate(cfg: RootConfig, verb: str = "train", world_size: Optional[int] = N
         if cfg.distill.kind == DistillKind.features:
             _require_same_width(cfg)
     _validate_engine_support(cfg, world_size)
-    if verb in ("eval", "export", "caption") and cfg.checkpoint is not None:
+    if verb in ("eval", "export", "caption", "embed") and cfg.checkpoint is not None:
         require("checkpoint", cfg.checkpoint, Path(cfg.checkpoint).expanduser().exists(), "path not found")
     if verb == "export":
         require("checkpoint", None, cfg.checkpoint is not None, "required: a run dir or a checkpoint dir to export")
         require("out", cfg.out, bool(cfg.out), "required: the folder to write the export to")
+        _require_export_destination(cfg.out, cfg.overwrite)
+    if verb == "embed":
+        require("checkpoint", None, cfg.checkpoint is not None, "required: a run dir or checkpoint dir to embed with")
+        require("out", cfg.out, bool(cfg.out), "required: the folder to write the embeddings to")
     if verb == "caption":
         _require_coca_checkpoint(cfg.checkpoint)
     if verb == "train" and cfg.eval.use_ema == "ema" and cfg.train.ema_decay == 0:
         raise ConfigError("eval.use_ema", cfg.eval.use_ema, "needs EMA weights: train.ema_decay > 0 (e.g. 0.999)")
-    by_weights = verb in ("export", "caption")
+    by_weights = verb in ("export", "caption", "embed")
     asks_ema = (by_weights and cfg.weights == "ema") or (verb == "eval" and cfg.eval.use_ema == "ema")
     if asks_ema and cfg.checkpoint is not None:
         key, value = ("weights", cfg.weights) if by_weights else ("eval.use_ema", cfg.eval.use_ema)
         _require_ema_weights(key, value, cfg.checkpoint)
+
+
+def _require_export_destination(out: str, overwrite: bool) -> None:
+    """``out`` is a new or empty folder, or (``overwrite``) a folder to replace whole; never a file, a run dir or
+    a checkpoint dir (an export there would overwrite a checkpoint's weights)."""
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError("out", out, "is a file; give a folder for the export")
+    if (path / "checkpoints").is_dir() or (path / "config.yaml").is_file():
+        raise ConfigError("out", out, "is a run dir; export to another folder (e.g. a new folder inside it)")
+    for parent in (path, *path.parents):
+        if (parent / "manifest.json").is_file():
+            raise ConfigError("out", out, f"is inside the checkpoint {parent}; export to another folder")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise ConfigError("out", out, "is not empty; choose a new folder, or overwrite=true to replace it whole")
 
 
 def saved_config(path: Path) -> RootConfig:

@@ -12,7 +12,8 @@ A fault fires once; ``@S+`` fires at step S and at every step after it.
 Points: ``save_start`` (temporary dir created), ``save_shards`` (every rank: its own files written, or copied
 for a background write), ``save_written`` (all files written, no manifest yet),
 ``save_manifest`` (manifest written, not yet renamed into place), ``save_done`` (renamed, not yet pruned),
-``eval`` (before a periodic eval), ``step`` (after the update of step S), ``skip`` (when the loop reads that step S
+``eval`` (before a periodic eval), ``embed_part`` (``clipkit embed``: after part S-1 is written), ``step``
+(after the update of step S), ``skip`` (when the loop reads that step S
 was skipped as non-finite: at the next log, checkpoint, eval or stop).
 ``/RANK`` limits a fault to one rank (default: every rank). Steps are 1-based, as in ``metrics.jsonl``.
 """

@@ -22,7 +22,8 @@ from pathlib import Path
 VERB_SECTIONS = {
     "train": ["name", "model", "data", "loss", "distill", "optim", "train", "eval", "logging", "parallel"],
     "eval": ["checkpoint", "eval", "model", "data.cache_dir", "data.demo", "train.device", "logging.progress"],
-    "export": ["checkpoint", "format", "out", "weights"],
+    "export": ["checkpoint", "format", "out", "overwrite", "weights"],
+    "embed": ["checkpoint", "out", "weights", "embed", "data.train", "data.caption_key", "data.num_workers"],
     "caption": ["checkpoint", "caption", "weights"],
     "bench": [
         "bench",

@@ -42,6 +42,26 @@ def small_demo(cache_dir) -> Path:
     return ensure_demo(cfg, say=lambda m: None)
 
 
+# The session's shared trained run: 40 steps of the small demo, checkpoints at 20 and 40, an eval at the end.
+DEMO_RUN_ARGS = [
+    *SMALL_DEMO,
+    "train.steps=40",
+    "train.checkpoint_every=20",
+    "train.log_every=1",
+    "optim.warmup_steps=5",
+    "logging.progress=false",
+    "logging.report=false",
+]
+
+
+@pytest.fixture(scope="session")
+def demo_run(small_demo, tmp_path_factory):
+    """(run dir, CompletedProcess) of one `clipkit train` every test that needs a trained model shares; tests
+    must not write into it (copy it first)."""
+    run_dir = tmp_path_factory.mktemp("demo-run")
+    return run_dir, run_cli("train", f"hydra.run.dir={run_dir}", *DEMO_RUN_ARGS, check=True)
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: float = 600, check: bool = False, python_flags: tuple = ()):
     """Runs `python [FLAGS] -m clipkit ARGS` in a subprocess; returns the CompletedProcess (text)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}

@@ -7,17 +7,9 @@ import signal
 
 import pytest
 
-from tests.conftest import SMALL_DEMO, run_cli
+from tests.conftest import DEMO_RUN_ARGS, SMALL_DEMO, run_cli
 
-RUN_ARGS = [
-    *SMALL_DEMO,
-    "train.steps=40",
-    "train.checkpoint_every=20",
-    "train.log_every=1",
-    "optim.warmup_steps=5",
-    "logging.progress=false",
-    "logging.report=false",
-]
+RUN_ARGS = DEMO_RUN_ARGS
 
 
 def _losses(run_dir):
@@ -29,10 +21,8 @@ def _losses(run_dir):
 
 
 @pytest.fixture(scope="module")
-def finished_run(small_demo, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("run-a")
-    proc = run_cli("train", f"hydra.run.dir={run_dir}", *RUN_ARGS, check=True)
-    return run_dir, proc
+def finished_run(demo_run):
+    return demo_run
 
 
 def test_train_writes_metrics_summary_checkpoints(finished_run):
