@@ -113,9 +113,17 @@ def caption_command(cfg) -> list[dict]:
     else:
         files = image_files(c.images)
         records = [{"image": str(p), "references": []} for p in (files[: c.num] if c.num else files)]
+    readable = []
+    for r in records:  # an unreadable image is reported and skipped; the others are captioned
+        try:
+            r["pixels"] = transform(_load(r))
+            readable.append(r)
+        except Exception as err:
+            log.warning("skipped %s: not a readable image (%s)", r["image"], type(err).__name__)
+    records = readable
     for start in range(0, len(records), 64):
         chunk = records[start : start + 64]
-        images = torch.stack([transform(_load(r)) for r in chunk])
+        images = torch.stack([r.pop("pixels") for r in chunk])
         texts = decode(built.tokenizer, greedy_captions(built.model, images, c.max_tokens))
         for r, text in zip(chunk, texts, strict=True):
             r["caption"] = text
@@ -132,9 +140,11 @@ def _load(record: dict):
 
     from PIL import Image
 
+    from clipkit.data.transforms import to_rgb
+
     data = record.pop("bytes") if "bytes" in record else Path(record["image"]).read_bytes()
     with Image.open(io.BytesIO(data)) as im:
-        return im.convert("RGB")
+        return to_rgb(im)
 
 
 def demo_references(demo_dir: Path, num: int) -> list[dict]:

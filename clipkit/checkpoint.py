@@ -203,6 +203,15 @@ def verify(path: Path) -> dict:
     return manifest
 
 
+def listed(path: Path, name: str) -> bool:
+    """Whether ``name`` is one of checkpoint ``path``'s files by its manifest. A file added to a checkpoint after
+    it was written (a planted ``ema.safetensors``) is not part of it and is never loaded."""
+    try:
+        return name in json.loads((Path(path) / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        return False
+
+
 def find_latest(root: Path) -> Path | None:
     """Newest checkpoint under ``root`` that verifies; corrupt ones are skipped with a warning."""
     if Path(root).is_dir():

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from clipkit.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -67,6 +69,12 @@ def init(device: str = "auto", timeout_s: int = 600, tf32: bool = True) -> DistE
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if use_cuda and not torch.cuda.is_available():
+        raise ConfigError("train.device", device, "no CUDA device is visible to this process (train.device=cpu?)")
+    if use_cuda and local_rank >= torch.cuda.device_count():
+        raise ConfigError(
+            "train.device", device, f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible)"
+        )
     if use_cuda:
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from clipkit.checkpoint import listed
+
 EMA_FILE = "ema.safetensors"
 STATE_FILE = "ema.json"
 SUFFIX = "_ema"  # eval results of the EMA weights: NAME_ema beside NAME
@@ -113,9 +115,10 @@ def build(cfg, sources: Callable[[], dict[str, torch.Tensor]]) -> EMA | None:
 
 
 def ema_weights(path: Path) -> Path | None:
-    """The consolidated EMA weights of a checkpoint dir, if it has them."""
+    """The consolidated EMA weights of a checkpoint dir, if it has them (by its manifest: a file added later is
+    not the checkpoint's)."""
     f = Path(path) / EMA_FILE
-    return f if f.is_file() else None
+    return f if f.is_file() and listed(path, EMA_FILE) else None
 
 
 def save_files(path: Path, weights: dict[str, torch.Tensor], state: dict) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from enum import Enum
 from typing import Any
 
@@ -38,9 +39,16 @@ def require(key: str, value: Any, ok: bool, reason: str) -> None:
 
 def positive(prefix: str, obj: Any, *names: str) -> None:
     for name in names:
-        require(f"{prefix}.{name}", getattr(obj, name), getattr(obj, name) > 0, "must be > 0")
+        value = getattr(obj, name)
+        require(f"{prefix}.{name}", value, math.isfinite(value) and value > 0, "must be a finite number > 0")
 
 
 def non_negative(prefix: str, obj: Any, *names: str) -> None:
     for name in names:
-        require(f"{prefix}.{name}", getattr(obj, name), getattr(obj, name) >= 0, "must be >= 0")
+        value = getattr(obj, name)
+        require(f"{prefix}.{name}", value, math.isfinite(value) and value >= 0, "must be a finite number >= 0")
+
+
+def at_most(prefix: str, obj: Any, name: str, limit: float, why: str) -> None:
+    value = getattr(obj, name)
+    require(f"{prefix}.{name}", value, value <= limit, f"must be at most {limit:g}: {why}")

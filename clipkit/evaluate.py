@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -30,7 +32,7 @@ def load_trained(path: Path, device: torch.device, weights: str = "raw") -> tupl
     """The model of a clipkit checkpoint, built from the config it carries, with its raw or its EMA weights."""
     saved_cfg = saved_config(path)
     built = model_lib.build(saved_cfg.model, device)
-    built.model.load_state_dict(ckpt.load_tensors(path / "model.safetensors", device))
+    model_lib.load_weights(built.model, ckpt.load_tensors(path / "model.safetensors", device), "checkpoint", path)
     if weights == "ema":
         use_ema_weights(built.model, path, device)
     return built, saved_cfg
@@ -51,6 +53,11 @@ def evaluate_command(cfg: RootConfig, run_dir: Path) -> dict:
     """Evaluates on every rank of the job (torchrun / SLURM / one process); rank 0 prints and writes JSON."""
     env = distributed.init(cfg.train.device, cfg.parallel.timeout_s, cfg.train.tf32)
     device = env.device
+    out = Path(cfg.eval.output) if cfg.eval.output else Path(run_dir) / "eval.json"
+    if env.is_main:  # (checked before anything is computed: a read-only place would lose the results at the end)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+            raise PermissionError(errno.EACCES, "cannot write the eval results (eval.output=FILE elsewhere?)", str(out))
     data_cfg: DataConfig = cfg.data
     ema_path = None
     if cfg.checkpoint and (Path(cfg.checkpoint).expanduser() / "open_clip_config.json").is_file():
@@ -79,8 +86,6 @@ def evaluate_command(cfg: RootConfig, run_dir: Path) -> dict:
         averaged = run_evals(built, cfg.eval, device, demo, progress=cfg.logging.progress)
         results.update({f"{name}{ema_lib.SUFFIX}": res for name, res in averaged.items()})
     if env.is_main:
-        out = Path(cfg.eval.output) if cfg.eval.output else Path(run_dir) / "eval.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
         record = {
             "model": source,
             "world_size": env.world_size,

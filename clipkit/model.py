@@ -220,7 +220,14 @@ def build(cfg: ModelConfig, device: torch.device | str = "cpu") -> Built:
     if cfg.patch_dropout:
         init["force_patch_dropout"] = cfg.patch_dropout
     with quiet_root_logger():  # open_clip warns that no weights were loaded: random init is what pretraining wants
-        model = open_clip.create_model(name, pretrained=cfg.pretrained, device=device, output_dict=True, **init)
+        try:
+            model = open_clip.create_model(name, pretrained=cfg.pretrained, device=device, output_dict=True, **init)
+        except Exception as err:  # a pickle with code, a text file, another model's weights: one line, not a trace
+            if cfg.pretrained is None:
+                raise
+            raise ConfigError(
+                "model.pretrained", cfg.pretrained, f"cannot be loaded as {name} weights: {_short(err)}"
+            ) from None
     if cfg.pretrained is None:
         init_uninitialized(model)
     if cfg.grad_checkpointing:
@@ -273,15 +280,35 @@ def load_init(model: torch.nn.Module, cfg: ModelConfig, device: torch.device | s
     from clipkit import checkpoint as ckpt
     from clipkit.optim import tower_of
 
-    weights = ckpt.load_tensors(ckpt.weights_file(Path(cfg.init_from).expanduser()), device)
+    try:
+        weights = ckpt.load_tensors(ckpt.weights_file(Path(cfg.init_from).expanduser()), device)
+    except (OSError, ValueError, RuntimeError) as err:  # not safetensors, a folder that is no run, ...
+        reason = f"holds no weights clipkit can read: {_short(err)}"
+        raise ConfigError("model.init_from", cfg.init_from, reason) from None
     if cfg.init_towers == Towers.both:
-        model.load_state_dict(weights)
+        load_weights(model, weights, "model.init_from", cfg.init_from)
         return
     wanted = {k for k in model.state_dict() if tower_of(k) == cfg.init_towers}
     missing = sorted(wanted - weights.keys())
     if missing:
         raise ConfigError("model.init_from", cfg.init_from, f"has no {cfg.init_towers} tower weights {missing[:3]}")
-    model.load_state_dict({k: weights[k] for k in wanted}, strict=False)
+    load_weights(model, {k: weights[k] for k in wanted}, "model.init_from", cfg.init_from, strict=False)
+
+
+def load_weights(model: torch.nn.Module, weights: dict, key: str, source, strict: bool = True) -> None:
+    """``load_state_dict``, with another architecture's weights refused in one line naming ``key=source``: how
+    many keys are missing or unexpected, which shapes differ."""
+    try:
+        model.load_state_dict(weights, strict=strict)
+    except RuntimeError as err:
+        raise ConfigError(key, str(source), f"holds weights of another model: {_short(err)}") from None
+
+
+def _short(err: BaseException) -> str:
+    """An exception as one short line (load_state_dict's message lists every key)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = "; ".join(lines[:3]) if lines else ""
+    return f"{type(err).__name__}: {text[:300]}"
 
 
 _NORMS = ("LayerNorm", "GroupNorm", "BatchNorm", "RMSNorm")

@@ -32,6 +32,11 @@ CURVES = [  # (metrics.jsonl key, title)
 PACKAGES = ("torch", "open_clip_torch", "webdataset", "deepspeed", "hydra-core", "numpy", "pillow")
 
 
+def _plain(label: str) -> str:
+    """A label matplotlib draws as typed: ``$`` would start TeX-like math text (``$x$``, or an error)."""
+    return str(label).replace("$", r"\$")
+
+
 def environment(world_size: int, device) -> dict:
     """What the run ran on (stored in summary.json, so a report made elsewhere still shows it)."""
     import torch
@@ -149,7 +154,7 @@ def _confusion(res: dict) -> str:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    names, counts = res["classnames"], np.array(res["confusion"], dtype=float)
+    names, counts = [_plain(n) for n in res["classnames"]], np.array(res["confusion"], dtype=float)
     rows = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     size = max(5.0, 0.19 * len(names) + 2)
     fig, ax = plt.subplots(figsize=(size, size * 0.9))
@@ -170,7 +175,7 @@ def _recall_bars(res: dict, n: int = 20) -> str:
     shown = items if len(items) <= 2 * n else items[:n] + items[-n:]
     fig, ax = plt.subplots(figsize=(6, 0.18 * len(shown) + 1))
     ax.barh(range(len(shown)), [100 * v for _, v in shown], color="#2563eb")
-    ax.set_yticks(range(len(shown)), [k for k, _ in shown], fontsize=6)
+    ax.set_yticks(range(len(shown)), [_plain(k) for k, _ in shown], fontsize=6)
     ax.set_xlim(0, 100)
     what = "per-class recall (%)" if len(items) == len(shown) else f"per-class recall (%): worst and best {n}"
     ax.set_title(what, fontsize=10)
@@ -396,5 +401,9 @@ def main(argv: list[str]) -> int:
             f"clipkit: report error: {run_dir} has no metrics.jsonl or summary.json (not a run dir?)", file=sys.stderr
         )
         return 2
-    print(f"wrote {write_report(run_dir)}")
+    try:
+        print(f"wrote {write_report(run_dir)}")
+    except ValueError as err:  # a truncated or hand-edited summary.json / metrics.jsonl
+        print(f"clipkit: report error: {run_dir}: a run file is not valid JSON ({err})", file=sys.stderr)
+        return 1
     return 0

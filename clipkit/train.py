@@ -21,8 +21,9 @@ from clipkit import checkpoint as ckpt
 from clipkit import distributed, faults, report
 from clipkit import ema as ema_lib
 from clipkit import model as model_lib
+from clipkit import run_dir as run_dirs
 from clipkit.config import RootConfig, resolve_eval_sets
-from clipkit.data import ensure_demo, train_spec, worker_context
+from clipkit.data import ensure_demo, remote, train_spec, worker_context
 from clipkit.data.config import holdout_every
 from clipkit.data.loader import SampleDecoder, TrainLoader, resolve_shards
 from clipkit.data.stream import ShardTable
@@ -97,6 +98,7 @@ def build_loader(
     cfg: RootConfig, built: model_lib.Built, env: distributed.DistEnv, demo: Path | None, teacher_tokenizer=None
 ) -> tuple[TrainLoader, ShardTable | None]:
     """This rank's training loader, and the held-out shards (``data.holdout_fraction``; else None)."""
+    remote.configure(cfg.data.stall_timeout_s)  # (planning reads sizes files: bounded like every read)
     shards, weights = resolve_shards(train_spec(cfg.data, demo), cfg.data.allow_pipe, cfg.data.allow_missing_shards)
     held = None
     if cfg.data.holdout_fraction > 0:
@@ -204,7 +206,7 @@ def resume(run_dir: Path, cfg: RootConfig, env, engine, loader: TrainLoader, sta
     if diffs:
         raise ResumeError(
             f"run dir {run_dir} holds a checkpoint of a different config ({'; '.join(diffs)}); use a new "
-            "hydra.run.dir / name=..., or train.resume=never to start over there"
+            "hydra.run.dir / name=..., or train.resume=restart to move that run aside and start over there"
         )
     trainer = ckpt.load_json(path / "trainer.json")
     same_layout = trainer["world_size"] == env.world_size and trainer["data"][0]["num_workers"] == max(
@@ -409,9 +411,15 @@ def _train(cfg: RootConfig, run_dir: Path, loaders: list, preemption: Preemption
     for note in resolve_eval_sets(cfg):  # (the CLI did this already; a config built in Python may not have)
         log.warning(note)
     env = distributed.init(cfg.train.device, cfg.parallel.timeout_s, cfg.train.tf32)
+    run_dir = Path(run_dir)
+    if env.is_main:  # one run per run dir: held until this process ends, however it ends
+        run_dirs.lock(run_dir)
+        aside = run_dirs.refuse_or_move_aside(run_dir, cfg.train.resume)
+        if aside:
+            log.warning("train.resume=restart: the earlier run in %s moved to %s", run_dir, aside)
+    distributed.barrier()
     if cfg.data.workers() or cfg.eval.num_workers:
         worker_context(start=True)  # the loader workers' fork server warms up while the model is built
-    run_dir = Path(run_dir)
     uses_demo = "demo" in (cfg.data.train, cfg.eval.zeroshot.dataset, cfg.eval.retrieval.dataset)
     demo = ensure_demo(cfg.data, say=lambda m: log.info(m)) if uses_demo else None
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from clipkit.errors import PATH, Choice, ConfigError, non_negative, positive, require
+from clipkit.errors import PATH, Choice, ConfigError, at_most, non_negative, positive, require
 
 
 class Mode(Choice):
@@ -105,6 +105,9 @@ class DataConfig:
         if self.num_workers < -1:
             raise ConfigError(f"{prefix}.num_workers", self.num_workers, "must be >= 0, or -1 for the host's CPUs")
         non_negative(prefix, self, "shuffle_window", "num_samples", "stall_timeout_s", "remote_retries")
+        at_most(prefix, self, "prefetch_factor", 64, "batches each loader worker keeps ready (shared memory)")
+        at_most(prefix, self, "shuffle_window", 1_000_000, "samples the reader holds in memory to shuffle")
+        at_most(prefix, self, "remote_retries", 100, "attempts per shard before it counts as missing")
         non_negative(prefix, self, "retry_backoff_s")
         require(
             f"{prefix}.max_bad_fraction", self.max_bad_fraction, 0 <= self.max_bad_fraction <= 1, "must be in [0, 1]"
@@ -162,6 +165,26 @@ def check_shard_spec(
     from clipkit.data.shards import ShardSpecError, expand_spec
 
     try:
-        return expand_spec(spec, check_exists=check_exists, allow_pipe=allow_pipe)
+        sources = expand_spec(spec, check_exists=check_exists, allow_pipe=allow_pipe)
     except ShardSpecError as err:
         raise ConfigError(key, spec, str(err)) from None
+    _probe_first_shard(key, spec, sources)
+    return sources
+
+
+def _probe_first_shard(key: str, spec: str, sources: list) -> None:
+    """The first local shard of the spec is a tar (one header read: ``/etc/passwd`` or a folder is named here,
+    not deep in the loader; the others are checked as they are read)."""
+    import tarfile
+
+    from clipkit.data import remote
+    from clipkit.data.shards import local_path
+
+    first = next((u for src in sources for u in src.urls), None)
+    if first is None or remote.is_remote(first) or remote.is_pipe(first):
+        return
+    path = local_path(first)
+    if path.is_dir():
+        raise ConfigError(key, spec, f"{path} is a folder: name its shards, e.g. {path}/*.tar")
+    if path.is_file() and path.stat().st_size > 0 and not tarfile.is_tarfile(path):
+        raise ConfigError(key, spec, f"{path} is not a tar file (webdataset shards are .tar files)")

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from clipkit import preempt
 from clipkit.data import transforms, worker_context
 from clipkit.data.shards import expand_spec, local_path, remote, shard_sizes
-from clipkit.data.stream import MISSING, UNKNOWN, Reader, ShardTable, StreamPlan, iter_slot
+from clipkit.data.stream import MISSING, UNANNOUNCED, UNKNOWN, Reader, ShardTable, StreamPlan, iter_slot
 
 log = logging.getLogger("clipkit")
 STATE_VERSION = 1
@@ -130,6 +130,8 @@ def decoded(plan: StreamPlan, decoder: SampleDecoder, worker: int, epoch: int, t
         try:
             if sample.get("__missing__"):
                 raise BadSample(MISSING)
+            if sample.get("__unannounced__"):
+                raise BadSample(UNANNOUNCED)
             image, caption = decoder(sample, e)
             yield e, pos, (image, caption, sample["__key__"]), url
         except BadSample as bad:
@@ -407,6 +409,11 @@ class TrainLoader:
             raise DataError(str(err)) from None
         if self.plan.sized and self.plan.total < self.plan.num_slots:
             raise DataError(f"{self.plan.total} samples cannot feed {self.plan.num_slots} (ranks x workers) streams")
+        if self.plan.sized and mode == "epoch" and batch_size * world_size > self.plan.total:
+            raise DataError(
+                f"a batch of {batch_size} per rank x {world_size} rank(s) is more than the {self.plan.total} samples "
+                "of data.train: lower train.global_batch_size (or train.micro_batch_size)"
+            )
         self.decoder, self.tokenizer, self.batch_size = decoder, tokenizer, batch_size
         self.chunk = chunk_size(batch_size)
         self.teacher_tokenizer = teacher_tokenizer  # batches then carry "teacher_text" too

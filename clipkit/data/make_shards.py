@@ -13,7 +13,10 @@ import argparse
 import io
 import json
 import multiprocessing as mp
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from PIL import Image
@@ -132,9 +135,18 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--procs", type=int, default=max(1, mp.cpu_count() - 1), help="parallel writer processes")
     ap.add_argument("--image-column", default="image")
     ap.add_argument("--caption-column", default="caption")
+    ap.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder whole")
     args = ap.parse_args(argv)
     if not args.input.exists():
         print(f"clipkit shards: input not found: {args.input}", file=sys.stderr)
+        return 2
+    out = args.output
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        print(
+            f"clipkit shards: {out} is not empty (shards already there would mix with the new ones): choose a new "
+            "folder, or --overwrite to replace it whole",
+            file=sys.stderr,
+        )
         return 2
     if args.shard_size <= 0 or args.shard_size > 9999:
         print(f"clipkit shards: --shard-size={args.shard_size}: must be in 1..9999", file=sys.stderr)
@@ -147,7 +159,21 @@ def main(argv: list[str]) -> int:
     if not rows:
         print(f"clipkit shards: no images found in {args.input}", file=sys.stderr)
         return 2
-    summary = make_shards(rows, args.output, args.shard_size, args.resize, args.procs)
+    # Written beside the output under a temporary name, then moved into place whole: an existing folder is replaced
+    # only by a complete new set (no stale later shards, no merged sizes.json), and an error leaves nothing.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        summary = make_shards(rows, tmp, args.shard_size, args.resize, args.procs)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        else:
+            tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     for failure in summary["failures"][:20]:
         print(f"skipped {failure}", file=sys.stderr)
     if len(summary["failures"]) > 20:

@@ -17,8 +17,22 @@ import tarfile
 REMOTE_SCHEMES = ("http://", "https://", "s3://", "gs://", "gcs://")
 _BACKEND = {"s3": ("s3fs", "clipkit[s3]"), "gs": ("gcsfs", "clipkit[gcs]"), "gcs": ("gcsfs", "clipkit[gcs]")}
 _BACKEND.update(http=("aiohttp", "aiohttp"), https=("aiohttp", "aiohttp"))
-# Seconds a connection may stay silent before the read fails (and is retried); CLIPKIT_REMOTE_TIMEOUT_S.
+# Seconds a connection may stay silent before the read fails (and is retried); CLIPKIT_REMOTE_TIMEOUT_S, and never
+# more than data.stall_timeout_s in the process that plans (``configure``).
 READ_TIMEOUT_S = float(os.environ.get("CLIPKIT_REMOTE_TIMEOUT_S", "60"))
+
+
+class RemoteReadError(OSError):
+    """A small remote file (sizes.json, _stats.json) that could not be read in time: one line naming the URL."""
+
+
+def configure(stall_timeout_s: float) -> None:
+    """Bounds every remote read of this process by ``data.stall_timeout_s`` (0: no bound beyond the default)."""
+    global READ_TIMEOUT_S
+    if stall_timeout_s > 0:
+        READ_TIMEOUT_S = min(READ_TIMEOUT_S, stall_timeout_s)
+
+
 BLOCK_SIZE = 8 << 20  # bytes per ranged read (s3/gs) and read-ahead buffer
 
 
@@ -80,9 +94,12 @@ def open_stream(url: str):
 
 
 def read_small(url: str, attempts: int = 3) -> str | None:
-    """The text of a small remote file (sizes.json, _stats.json); None if it does not exist."""
+    """The text of a small remote file (sizes.json, _stats.json); None if it does not exist. Transient errors
+    are retried while the whole read stays within ``READ_TIMEOUT_S`` (a server that accepts the connection and
+    never answers costs that long, not attempts x timeouts); then ``RemoteReadError`` names the URL."""
     import time
 
+    deadline = time.monotonic() + READ_TIMEOUT_S
     for attempt in range(attempts):
         try:
             with open_stream(url) as f:
@@ -90,8 +107,11 @@ def read_small(url: str, attempts: int = 3) -> str | None:
         except FileNotFoundError:
             return None
         except Exception as err:
-            if not is_transient(err) or attempt == attempts - 1:
-                raise
+            if not is_transient(err) or attempt == attempts - 1 or time.monotonic() + 0.5 * 2**attempt > deadline:
+                raise RemoteReadError(
+                    f"{url}: {type(err).__name__} {str(err)[:200]} (no answer within {READ_TIMEOUT_S:g} s: "
+                    "data.stall_timeout_s bounds it)"
+                ) from None
             time.sleep(0.5 * 2**attempt)
     return None
 

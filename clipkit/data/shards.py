@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import glob as globlib
 import json
+import logging
 import os
 import re
 import tarfile
@@ -29,6 +30,7 @@ from clipkit.data import remote
 
 # The size file beside the shards: shard name -> sample count (written by ``writer.write_sizes_file``).
 SIZES_FILE = "sizes.json"
+log = logging.getLogger("clipkit")
 _WEIGHT = re.compile(r"^(?P<url>.+)@(?P<weight>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)$")
 _PATTERN_CHARS = re.compile(r"[{*?\[]")
 
@@ -145,12 +147,26 @@ def _split(url: str) -> tuple[str, str]:
 def _sizes_file(folder: str) -> dict[str, int]:
     """``sizes.json`` of a local or remote folder ({} if it has none)."""
     if remote.is_remote(folder):
-        text = remote.read_small(folder + "/" + SIZES_FILE)
-        data = json.loads(text) if text is not None else {}
+        try:
+            text = remote.read_small(folder + "/" + SIZES_FILE)
+        except remote.RemoteReadError as err:
+            raise ShardSpecError(f"cannot read the shard sizes: {err}") from None
     else:
         path = local_path(folder) / SIZES_FILE
-        data = json.loads(path.read_text()) if path.is_file() else {}
-    return {k: int(v) for k, v in data.items()}
+        text = path.read_text() if path.is_file() else None
+    if text is None:
+        return {}
+    try:
+        data = json.loads(text)
+        sizes = {str(k): int(v) for k, v in data.items()}
+        if any(v < 0 for v in sizes.values()):
+            raise ValueError("a negative count")
+    except (ValueError, TypeError, AttributeError) as err:
+        raise ShardSpecError(
+            f"{folder}/{SIZES_FILE} is not a sizes file ({type(err).__name__}: {err}): it maps each shard's file "
+            'name to its sample count, e.g. {"00000.tar": 10000}; fix or remove it (the tars are then counted)'
+        ) from None
+    return sizes
 
 
 def _stats_url(url: str) -> str:
@@ -161,7 +177,10 @@ def _stats_url(url: str) -> str:
 def _stats_successes(url: str) -> int | None:
     """img2dataset's ``NNNNN_stats.json`` count, or None if there is none."""
     if remote.is_remote(url):
-        text = remote.read_small(_stats_url(url))
+        try:
+            text = remote.read_small(_stats_url(url))
+        except remote.RemoteReadError as err:
+            raise ShardSpecError(f"cannot read the shard sizes: {err}") from None
     else:
         path = local_path(_stats_url(url))
         text = path.read_text() if path.is_file() else None
@@ -171,14 +190,19 @@ def _stats_successes(url: str) -> int | None:
 def count_tar_samples(path: Path) -> int:
     """Number of distinct keys in a local tar, from its headers only (tarfile seeks over member data)."""
     keys, last = 0, None
-    with tarfile.open(path, mode="r:") as tar:
-        for member in tar:
-            if not member.isreg():
-                continue
-            name = member.name.rsplit("/", 1)
-            stem = (name[0] + "/" if len(name) == 2 else "") + name[-1].split(".", 1)[0]
-            if stem != last:
-                keys, last = keys + 1, stem
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for member in tar:
+                if not member.isreg():
+                    continue
+                name = member.name.rsplit("/", 1)
+                stem = (name[0] + "/" if len(name) == 2 else "") + name[-1].split(".", 1)[0]
+                if stem != last:
+                    keys, last = keys + 1, stem
+    except tarfile.TarError as err:
+        if keys == 0:
+            raise ShardSpecError(f"{path} is not a readable tar file ({err}) and no sizes.json announces it") from None
+        log.warning("%s is cut short (%s): planned with the %d samples before the cut", path, err, keys)
     return keys
 
 

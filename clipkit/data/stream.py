@@ -34,6 +34,7 @@ log = logging.getLogger("clipkit")
 
 # Error kinds counted (never raised) while streaming.
 MISSING = "missing"  # announced by sizes.json but not delivered (truncated / unreadable tar, a shard that kept failing)
+UNANNOUNCED = "unannounced"  # in a shard past the count sizes.json / _stats.json announced (not trained)
 
 
 @dataclass(frozen=True)
@@ -77,15 +78,19 @@ class ShardTable(Sequence):
         return Shard(self.urls[i], int(self.sizes[i]), int(self.sources[i]), self.names[i])
 
 
+UNKNOWN_SIZE = -1
+
+
 @dataclass(frozen=True)
 class Segment:
     url: str
     start: int  # first sample index inside the shard
     stop: int  # one past the last
     name: str = ""
+    size: int = UNKNOWN_SIZE  # the shard's announced sample count (sizes.json, _stats.json or its headers)
 
 
-UNKNOWN = -1  # a shard size nothing announces (pipe:, a remote folder without sizes.json / _stats.json)
+UNKNOWN = UNKNOWN_SIZE  # a shard size nothing announces (pipe:, a remote folder without sizes.json / _stats.json)
 
 
 class StreamPlan:
@@ -133,7 +138,7 @@ class StreamPlan:
         return np.random.default_rng([self.seed, *words])
 
     def _segment(self, i: int, start: int, stop: int) -> Segment:
-        return Segment(self.shards.urls[i], start, stop, self.shards.names[i])
+        return Segment(self.shards.urls[i], start, stop, self.shards.names[i], int(self.shards.sizes[i]))
 
     def segments(self, worker: int, epoch: int) -> list[Segment]:
         slot = self.rank * self.num_workers + worker
@@ -226,6 +231,7 @@ class Reader:
     retries: int = 5
     backoff_s: float = 1.0
     num_retries: int = 0
+    unannounced: dict | None = None  # url -> samples found past its announced size (counted, not trained)
     # Where it reads, for a stall message: the caller sets ``segment`` (its index in the slot's segment list);
     # ``progress[base + 2 : base + 4]`` (shared memory) get (segment, sample index in the shard).
     progress: object = None
@@ -317,8 +323,19 @@ def read_span(
             seg, base = segments[k], int(seg_offsets[k])
             reader.segment = k
             try:
-                for j, sample in enumerate(reader.samples(seg.url)):
+                numbered = enumerate(reader.samples(seg.url))
+                for j, sample in numbered:
                     if j >= seg.stop:
+                        if seg.stop == seg.size:  # the announced end, and the shard goes on: it was under-reported
+                            extra = 1 + sum(1 for _ in numbered)
+                            reader.unannounced = {**(reader.unannounced or {}), seg.url: extra}
+                            log.warning(
+                                "%s holds %d more samples than announced (%d): they are not trained; correct its "
+                                "count in sizes.json / _stats.json (or remove the file to count from the tar)",
+                                seg.url,
+                                extra,
+                                seg.size,
+                            )
                         break
                     if j >= seg.start and due[base + j - seg.start]:
                         sample["__shard__"] = seg.name
@@ -342,6 +359,8 @@ def read_span(
             k = int(np.searchsorted(seg_offsets, idx, side="right")) - 1
             sample = {"__missing__": True, "__url__": segments[k].url, "__shard__": segments[k].name}
         yield t, sample
+    if segments and segments[-1].stop == segments[-1].size:
+        next(samples, None)  # one read past the announced end: an under-reported shard shows there (the reader counts)
 
 
 def read_stream(
@@ -388,10 +407,14 @@ def iter_slot(
             segments = plan.segments(worker, epoch)
             rng = plan._rng(2, epoch, plan.rank * plan.num_workers + worker)
             samples = read_stream(segments, rng, plan.window, t, reader)
-        emitted = False
+        emitted, pos = False, t - 1
         for pos, sample in samples:
             emitted = True
             yield epoch, pos, sample
+        for url, extra in (reader.unannounced or {}).items():  # (found at the span's end: counted in its epoch)
+            for _ in range(extra):
+                yield epoch, pos, {"__unannounced__": True, "__url__": url}
+        reader.unannounced = None
         if not emitted and not plan.sized and t == 0:
             raise ShardReadError(segments[0].url if segments else "?", EOFError("no sample in this slot's shards"), 1)
         epoch, t = epoch + 1, 0

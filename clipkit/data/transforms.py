@@ -18,13 +18,22 @@ from PIL import Image
 _LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB. PIL's own conversion clips 16-bit grey (modes ``I;16*``, and ``I`` as 16-bit PNGs open) at 255,
+    turning most of a photo white: those are scaled from 0..65535 to 0..255 instead."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        grey = np.asarray(img, dtype=np.float64) * (255 / 65535)
+        img = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), "L")
+    return img.convert("RGB")
+
+
 def open_image(data: bytes, min_side: int) -> Image.Image:
     """Decodes to RGB, letting the JPEG decoder skip resolution we would throw away (>= ``min_side`` kept)."""
     img = Image.open(io.BytesIO(data))
     if img.format == "JPEG" and min(img.size) >= 2 * min_side:
         scale = min_side / min(img.size)
         img.draft("RGB", (math.ceil(img.size[0] * scale), math.ceil(img.size[1] * scale)))
-    return img.convert("RGB")
+    return to_rgb(img)
 
 
 def random_resized_crop_box(width: int, height: int, scale: tuple[float, float], rng: random.Random) -> tuple[int, ...]:

@@ -271,7 +271,7 @@ class DeepSpeedEngine:
         )
         if loaded is None:
             raise ckpt.CorruptCheckpoint(f"{path / TAG}: DeepSpeed could not load its checkpoint")
-        if (path / "engine.pt").is_file():
+        if ckpt.listed(path, "engine.pt"):
             self.scheduler.load_state_dict(ckpt.load_torch(path / "engine.pt")["scheduler"])
         else:  # written before the schedule was clipkit's own (it then held on skipped steps): its step count
             step = ckpt.load_json(path / "trainer.json")["step"]

@@ -52,6 +52,11 @@ class ZeroShotConfig:
             prompts.templates(self.templates, self.classnames)
         except ValueError as err:
             raise ConfigError(f"{prefix}.templates", self.templates, str(err)) from None
+        if self.classnames is not None and self.classnames not in prompts.BUILTIN_CLASSNAMES:
+            try:  # (a duplicated line would shift or blur the labels; a bad YAML file says so here, not later)
+                prompts.classnames(self.classnames)
+            except ValueError as err:
+                raise ConfigError(f"{prefix}.classnames", self.classnames, str(err)) from None
         folder = Path(self.dataset).expanduser()
         is_folder = folder.is_dir() and not list(folder.glob("*.tar"))
         if self.dataset not in ("", "demo", "auto") and not is_folder and self.classnames is None:
@@ -140,9 +145,12 @@ class EvalTask:
 def load_eval_suite(path: str | Path) -> list[EvalTask]:
     """An ``eval.suite`` YAML file: a list of {name, task: zeroshot|retrieval, dataset, ...that task's fields}.
     Unknown fields fail with their name (merged into the typed configs)."""
-    entries = OmegaConf.load(Path(path).expanduser())
-    if not OmegaConf.is_list(entries):
+    from clipkit import yaml_files
+
+    data = yaml_files.load(path)  # (no aliases: a nested-anchor file would expand without bound)
+    if not isinstance(data, list):
         raise ValueError(f"{path}: expected a list of tasks")
+    entries = OmegaConf.create(data)
     tasks = []
     for i, entry in enumerate(entries):
         entry = OmegaConf.to_container(entry)

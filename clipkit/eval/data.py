@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from clipkit.data.shards import expand_spec, is_shard_spec
 from clipkit.data.stream import ShardReadError, iter_shard
 from clipkit.data.tables import read_records
+from clipkit.data.transforms import to_rgb
 
 log = logging.getLogger("clipkit")
 SHARD_IMAGE_KEYS = ("jpg", "png", "webp", "jpeg")
@@ -258,7 +259,7 @@ class EvalStream(IterableDataset):
                 continue
             try:
                 with Image.open(io.BytesIO(load())) as img:
-                    image = self.transform(img)
+                    image = self.transform(to_rgb(img))  # (16-bit greys scaled, not clipped)
             except Exception:  # unreadable, truncated or not an image: counted, never fatal
                 yield {"index": index, "skip": "bad_image"}
                 continue

@@ -82,9 +82,9 @@ def read_list(path: str | Path) -> list[str]:
     if path.suffix == ".json":
         items = json.loads(text)
     elif path.suffix in (".yaml", ".yml"):
-        from omegaconf import OmegaConf
+        from clipkit import yaml_files
 
-        items = OmegaConf.to_container(OmegaConf.create(text))
+        items = yaml_files.load(path)
     else:
         return [line.strip() for line in text.splitlines() if line.strip()]
     if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
@@ -97,7 +97,14 @@ def classnames(spec: str | None, default: list[str] | None = None) -> list[str]:
     if spec in BUILTIN_CLASSNAMES:
         return BUILTIN_CLASSNAMES[spec][0]()
     if spec:
-        return read_list(spec)
+        names = read_list(spec)
+        seen: dict[str, int] = {}
+        for i, name in enumerate(names, 1):
+            norm = " ".join(name.replace("_", " ").lower().split())
+            if norm in seen:  # (two classes of one name: every label after them would be off, or ambiguous)
+                raise ValueError(f"{spec}: class {name!r} is listed twice (entries {seen[norm]} and {i})")
+            seen[norm] = i
+        return names
     if default is None:
         raise ValueError("class names are needed: a built-in set (imagenet1k, cifar10, cifar100) or a file")
     return default

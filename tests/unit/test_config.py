@@ -49,6 +49,16 @@ BAD_CONFIGS = [
     (["optim.text.lr=0"], "optim.text.lr=0"),
     (["data.holdout_fraction=0.1"], "data.holdout_fraction=0.1"),  # the demo has its own held-out splits
     (["parallel=fsdp", "train.channels_last=true"], "train.channels_last=True"),
+    # issue 32: values that looked valid to a `> 0` check, and nonsense that used to build for minutes or train
+    # somewhere other than asked
+    (["optim.lr=inf"], "optim.lr=inf"),
+    (["optim.eps=inf"], "optim.eps=inf"),
+    (["data.prefetch_factor=100000"], "data.prefetch_factor=100000"),
+    (["data.shuffle_window=1000000000"], "data.shuffle_window=1000000000"),
+    (["train.seed=-1"], "train.seed=-1"),
+    (["train.global_batch_size=1000000000000"], "train.global_batch_size=1000000000000"),
+    (["train.device=gpu"], "train.device='gpu'"),
+    (["embed.images=false", "embed.texts=false"], "embed.images=False"),
 ]
 
 
