@@ -235,8 +235,9 @@ def embed_command(cfg: RootConfig) -> dict:
     dim = built.model.encode_text(built.tokenizer(["x"]).to(env.device)).shape[-1]  # (a part may be empty)
     pending: dict[int, dict] = {}
     counts: Counter = Counter()
-    t0, samples = time.perf_counter(), 0
+    t0, samples = None, 0
     for batch in loader:
+        t0 = t0 or time.perf_counter()  # (from the first batch: the workers' start-up is not throughput)
         acc = pending.setdefault(batch["part"], {"rows": [], "image": [], "text": []})
         acc["rows"] += batch["rows"]
         counts.update(batch["bad"])
@@ -256,7 +257,7 @@ def embed_command(cfg: RootConfig) -> dict:
             counts["filter_passed"] += write_part(out, batch["part"], emb, done["rows"], cfg)
             counts["parts"] += 1
             faults.at("embed_part", batch["part"] + 1)  # (the reliability hook: kill after part N is written)
-    seconds = time.perf_counter() - t0
+    seconds = time.perf_counter() - t0 if t0 else 0.0
     counts["samples"] = samples
     all_counts = distributed.gather_to_main(dict(counts))
     distributed.barrier()
