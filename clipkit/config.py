@@ -96,8 +96,9 @@ class EmbedConfig:
     ``metadata/metadata_N.parquet``); part N holds the samples of a fixed group of shards, so a killed run
     resumes at the first part it had not finished and the ranks of a job share the parts."""
 
-    # Embed the images / the captions.
+    # Embed the images.
     images: bool = True
+    # Embed the captions.
     texts: bool = True
     # Samples per forward pass.
     batch_size: int = 256
