@@ -26,14 +26,29 @@ def test_a_cuda_run_sets_tf32_as_configured(monkeypatch, fp32_math, tf32):
     torch.set_float32_matmul_precision("highest")
     torch.backends.cudnn.allow_tf32 = not tf32
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
-    monkeypatch.delenv("RANK", raising=False)
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
     env = distributed.init("auto", tf32=tf32)
     assert env.device.type == "cuda"
     assert torch.get_float32_matmul_precision() == ("high" if tf32 else "highest")
     assert torch.backends.cudnn.allow_tf32 is tf32
     assert torch.backends.cuda.matmul.allow_tf32 is tf32  # (a library's read of the legacy flag still works)
+
+
+def test_a_local_rank_beyond_the_visible_gpus_is_named(monkeypatch):
+    """Eight ranks per node launched where four GPUs are visible: rank 5 says so instead of CUDA's invalid
+    device ordinal."""
+    from clipkit.errors import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ConfigError, match="local rank 5 has no GPU \\(4 visible\\)"):
+        distributed.init("auto")
 
 
 def test_a_cpu_run_keeps_full_fp32(fp32_math):
