@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import prefork
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
@@ -63,15 +65,22 @@ def demo_run(small_demo, tmp_path_factory):
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 600, check: bool = False, python_flags: tuple = ()):
-    """Runs `python [FLAGS] -m clipkit ARGS` in a subprocess; returns the CompletedProcess (text)."""
+    """Runs `python [FLAGS] -m clipkit ARGS` as a process of its own; returns the CompletedProcess (text). Without
+    interpreter flags the process is forked from the tests' fork server (``tests/prefork.py``: the same command,
+    minus ~4 s of importing torch and open_clip each time); with them, or with CLIPKIT_TEST_PREFORK=0, it is
+    a fresh interpreter."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    proc = subprocess.run(
-        [sys.executable, *python_flags, "-m", "clipkit", *args],
-        capture_output=True,
-        text=True,
-        env=full_env,
-        timeout=timeout,
-    )
+    server = None if python_flags else prefork.client()
+    if server is not None:
+        proc = server.run(list(args), full_env, timeout)
+    else:
+        proc = subprocess.run(
+            [sys.executable, *python_flags, "-m", "clipkit", *args],
+            capture_output=True,
+            text=True,
+            env=full_env,
+            timeout=timeout,
+        )
     if check and proc.returncode != 0:
         raise AssertionError(f"clipkit {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc

@@ -17,6 +17,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import gpu_wheels  # noqa: E402  (benchmarks/gpu_wheels.py)
 
+# `make test-all`: building the set downloads some 15 wheels from PyPI (~70 s); make test stays offline.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def wheels(tmp_path_factory) -> Path:

@@ -32,7 +32,15 @@ def spawn(command: str, cwd: Path) -> subprocess.Popen:
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONUNBUFFERED": "1"}
     # exec: the shell becomes clipkit, so signals reach it as they would from a terminal or a scheduler
     with open(cwd / "stderr.txt", "w") as err:
-        return subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=cwd, env=env, stdout=err, stderr=err)
+        return subprocess.Popen(
+            ["bash", "-c", f"exec {command}"], cwd=cwd, env=env, stdout=err, stderr=err, preexec_fn=_as_from_a_terminal
+        )
+
+
+def _as_from_a_terminal() -> None:
+    """Ctrl-C's default disposition, as a terminal's foreground command has it, however pytest itself was started
+    (a shell's background job inherits SIGINT ignored, and so would clipkit: Python keeps an ignored SIGINT)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def finish(proc: subprocess.Popen, cwd: Path, timeout: float) -> str:

@@ -11,13 +11,13 @@ import json
 import os
 import random
 import subprocess
-import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import SMALL_DEMO, srun_tasks
+from tests.conftest import SMALL_DEMO, run_cli, srun_tasks
 
 LONG = os.environ.get("CLIPKIT_RELIABILITY") == "long"
 RESULTS: list[dict] = []
@@ -42,6 +42,11 @@ def record(case: str, trials: int, passed: int, figure: str) -> None:
     RESULTS.append({"case": case, "trials": trials, "passed": passed, "figure": figure})
 
 
+long_only = pytest.mark.skipif(
+    not LONG, reason="CLIPKIT_RELIABILITY=long runs it (make test's time: its behaviour has a faster case in make test)"
+)
+
+
 def trials(fast: int, long: int) -> int:
     return long if LONG else fast
 
@@ -53,9 +58,9 @@ def rng(case: str) -> random.Random:
 
 
 def train(run_dir: Path, *overrides: str, faults: str = "", timeout: float = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CLIPKIT_FAULTS": faults}
-    cmd = [sys.executable, "-m", "clipkit", "train", f"hydra.run.dir={run_dir}", *RUN_ARGS, *overrides]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    """`python -m clipkit train ...` as a process of its own (``run_cli``: forked from the tests' fork server)."""
+    args = ["train", f"hydra.run.dir={run_dir}", *RUN_ARGS, *overrides]
+    return run_cli(*args, env={"CLIPKIT_FAULTS": faults}, timeout=timeout)
 
 
 def srun_train(run_dir: Path, *overrides: str, faults: str = "", timeout: float = 900) -> list[tuple[int, str]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.reliability.harness import record, same_run, srun_train, train
+from tests.reliability.harness import long_only, record, same_run, srun_train, train
 
 pytestmark = pytest.mark.reliability
 
@@ -38,6 +38,7 @@ def test_signals_checkpoint_and_resume_exactly(small_demo, tmp_path):
     assert not fails, fails
 
 
+@long_only  # (make test: SIGTERM to one rank of two in test_preemption, the signal cases above in one process)
 def test_sigterm_on_one_fsdp_rank_during_a_save(fsdp_ref, tmp_path):
     """parallel=fsdp, 2 ranks, default parallel.signal_check_every=10: SIGTERM reaches rank 1 alone in the
     middle of the step-8 torch-DCP save (its shards written, rank 0's manifest not yet); the save completes,

@@ -1,0 +1,177 @@
+"""A fork server for the tests' ``python -m clipkit ...`` processes (``tests.conftest.run_cli``).
+
+Every CLI process a test starts spends its first seconds importing torch, torchvision, open_clip (with timm and
+transformers), Hydra and webdataset: about 4 s of CPU each, some 120 times in ``make test``. This server imports
+those third-party packages once, then forks one child per command. The child is still a process of its own (its
+own pid, exit status, signals, environment, working directory, stdout/stderr files, loader workers); it runs
+``python -m clipkit ARGS`` through ``runpy`` as the interpreter would, and imports clipkit itself fresh, so
+whatever clipkit reads from the environment at import time (``CLIPKIT_FAULTS``, ...) comes from the command's
+environment. What the server never imports before forking: clipkit, DeepSpeed, anything that starts a thread.
+
+Tests about the shell, the interpreter's flags (``-X importtime``) or the launchers keep starting real processes;
+``CLIPKIT_TEST_PREFORK=0`` turns the server off for a whole run (every ``run_cli`` a real ``python -m clipkit``).
+
+Protocol (one Unix socket, one command at a time): the client sends one JSON line {args, env, cwd, stdout,
+stderr}; the server answers {"pid": ...} once the child runs, then {"status": ...} (``subprocess``'s return code:
+negative for a signal) once it has ended.
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib
+import json
+import os
+import runpy
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import traceback
+from pathlib import Path
+
+PRELOAD = ("numpy", "PIL.Image", "torch", "torchvision", "open_clip", "omegaconf", "hydra", "webdataset", "safetensors")
+MAIN = "clipkit"
+
+
+def _child(request: dict) -> None:
+    """Runs in the forked child: becomes `python -m clipkit ARGS` and never returns."""
+    code = 1
+    try:
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
+            target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(target, fd)
+            os.close(target)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGPIPE):
+            signal.signal(sig, signal.SIG_DFL if sig != signal.SIGINT else signal.default_int_handler)
+        if os.environ.get("OMP_NUM_THREADS", "").isdigit():  # (read by the OpenMP runtime when torch loaded)
+            import torch
+
+            torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        sys.path[0] = request["cwd"]
+        sys.argv = ["-m", *request["args"]]
+        try:
+            runpy.run_module(MAIN, run_name="__main__", alter_sys=True)
+            code = 0
+        except SystemExit as stop:
+            if stop.code is None:
+                code = 0
+            elif isinstance(stop.code, int):
+                code = stop.code
+            else:
+                print(stop.code, file=sys.stderr)
+                code = 1
+        except KeyboardInterrupt:
+            traceback.print_exc()
+            code = 130
+        except BaseException:  # noqa: BLE001  (the interpreter prints any uncaught exception and exits 1)
+            traceback.print_exc()
+            code = 1
+        # What the interpreter does at exit: wait for non-daemon threads, run atexit, flush.
+        for thread in threading.enumerate():
+            if thread is not threading.main_thread() and not thread.daemon:
+                thread.join()
+        atexit._run_exitfuncs()
+    except BaseException:  # noqa: BLE001
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def serve(path: str) -> None:
+    for name in PRELOAD:
+        importlib.import_module(name)
+    assert threading.active_count() == 1, threading.enumerate()  # (a fork copies only the forking thread)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+    print("ready", flush=True)
+    while True:
+        conn, _ = server.accept()
+        with conn:
+            request = json.loads(conn.makefile("r").readline())
+            if request.get("stop"):
+                return
+            pid = os.fork()
+            if pid == 0:
+                server.close()
+                conn.close()
+                _child(request)
+            conn.sendall((json.dumps({"pid": pid}) + "\n").encode())
+            _, status = os.waitpid(pid, 0)
+            try:
+                conn.sendall((json.dumps({"status": os.waitstatus_to_exitcode(status)}) + "\n").encode())
+            except OSError:
+                pass  # (the client gave up: a timeout)
+
+
+class Client:
+    """The pytest process's handle on one server, started on first use and stopped at exit."""
+
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="clipkit-prefork-")
+        self.path = os.path.join(self.dir, "socket")
+        root = Path(__file__).resolve().parents[1]
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.prefork", self.path], cwd=root, stdout=subprocess.PIPE, text=True
+        )
+        if self.proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("the test fork server did not start")
+        atexit.register(self.stop)
+
+    def run(self, args: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+        out, err = (os.path.join(self.dir, f"{os.getpid()}-{name}") for name in ("out", "err"))
+        request = {"args": list(args), "env": env, "cwd": os.getcwd(), "stdout": out, "stderr": err}
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.connect(self.path)
+            conn.sendall((json.dumps(request) + "\n").encode())
+            reader = conn.makefile("r")
+            pid = json.loads(reader.readline())["pid"]
+            conn.settimeout(timeout)
+            try:
+                line = reader.readline()
+            except TimeoutError:
+                os.kill(pid, signal.SIGKILL)
+                raise subprocess.TimeoutExpired([MAIN, *args], timeout) from None
+        status = json.loads(line)["status"]
+        texts = [Path(p).read_text(encoding="utf-8", errors="replace") for p in (out, err)]
+        return subprocess.CompletedProcess([sys.executable, "-m", MAIN, *args], status, *texts)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+                    conn.connect(self.path)
+                    conn.sendall(b'{"stop": true}\n')
+                self.proc.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+
+
+_CLIENT: Client | None = None
+
+
+def client() -> Client | None:
+    """The running server, or None where it is switched off (CLIPKIT_TEST_PREFORK=0) or cannot fork."""
+    global _CLIENT
+    if os.environ.get("CLIPKIT_TEST_PREFORK", "1") == "0" or not hasattr(os, "fork"):
+        return None
+    if _CLIENT is None or _CLIENT.proc.poll() is not None:
+        _CLIENT = Client()
+    return _CLIENT
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1])
