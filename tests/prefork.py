@@ -97,9 +97,17 @@ def serve(path: str) -> None:
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(path)
     server.listen(1)
+    server.settimeout(30)
+    parent = os.getppid()
     print("ready", flush=True)
     while True:
-        conn, _ = server.accept()
+        try:
+            conn, _ = server.accept()
+        except TimeoutError:
+            if os.getppid() != parent:  # (the pytest process is gone, killed without its atexit)
+                return
+            continue
+        conn.settimeout(None)
         with conn:
             request = json.loads(conn.makefile("r").readline())
             if request.get("stop"):
