@@ -73,6 +73,7 @@ RESUME_MUTABLE = (
     "data.remote_retries",
     "data.retry_backoff_s",
     "data.max_bad_fraction",
+    "data.max_member_mb",
 )
 
 
@@ -136,6 +137,7 @@ def build_loader(
         stall_timeout_s=cfg.data.stall_timeout_s,
         retries=cfg.data.remote_retries,
         retry_backoff_s=cfg.data.retry_backoff_s,
+        max_member_mb=cfg.data.max_member_mb,
         num_samples=cfg.data.num_samples,
         teacher_tokenizer=teacher_tokenizer,
     )

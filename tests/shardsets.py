@@ -87,3 +87,34 @@ def img2dataset_shards(root: Path, num_shards: int = 4, per_shard: int = 40, siz
     if sizes_json:
         (root / "sizes.json").write_text(json.dumps(sizes))
     return keys
+
+
+def gzip_bomb(path: Path, gib: int, before: int = 8, after: int = 8) -> int:
+    """A ``.tar.gz`` shard (one gzip stream, as ``tar czf`` writes it) whose sample ``before`` has a ``jpg`` of
+    ``gib`` GiB of zeros, in ~4.5 MB per GiB. Returns its number of samples."""
+    import zlib
+
+    def part(first: int, stop: int, bomb_header: bool = False) -> bytes:
+        buf = io.BytesIO()
+        tar = tarfile.TarFile(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT)
+        for i in range(first, stop):
+            _add(tar, f"k{i:03d}.txt", b"a caption")
+            _add(tar, f"k{i:03d}.jpg", jpeg(COLOURS["red"], seed=i))
+        if bomb_header:
+            _add(tar, f"k{stop:03d}.txt", b"a caption")
+            info = tarfile.TarInfo(f"k{stop:03d}.jpg")
+            info.size, info.mtime = gib << 30, 1_700_000_000
+            buf.write(info.tobuf(tarfile.USTAR_FORMAT))
+        else:
+            tar.close()  # (the end-of-archive blocks)
+        return buf.getvalue()
+
+    gz = zlib.compressobj(1, zlib.DEFLATED, 31)  # (wbits 31: the gzip format)
+    zeros = bytes(1 << 20)
+    with open(path, "wb") as f:
+        f.write(gz.compress(part(0, before, bomb_header=True)))
+        for _ in range(gib << 10):
+            f.write(gz.compress(zeros))
+        f.write(gz.compress(part(before + 1, before + 1 + after)))
+        f.write(gz.flush())
+    return before + 1 + after

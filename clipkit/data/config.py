@@ -75,6 +75,10 @@ class DataConfig:
     remote_retries: int = 5
     # (first backoff of those retries, doubled each time)
     retry_backoff_s: float = 1.0
+    # A tar member larger than this (MiB, decompressed: .tar.gz / .tar.bz2 / .tar.xz shards are decompressed as
+    # they stream) ends that shard's read: the rest of the shard counts as missing, and memory stays bounded.
+    # 0 = no bound.
+    max_member_mb: int = 256
     # Random-resized-crop area range, as fractions of the image (1, 1 = no crop).
     crop_scale_min: float = 0.9
     # (upper end of that range)
@@ -105,9 +109,11 @@ class DataConfig:
         if self.num_workers < -1:
             raise ConfigError(f"{prefix}.num_workers", self.num_workers, "must be >= 0, or -1 for the host's CPUs")
         non_negative(prefix, self, "shuffle_window", "num_samples", "stall_timeout_s", "remote_retries")
+        non_negative(prefix, self, "max_member_mb")
         at_most(prefix, self, "prefetch_factor", 64, "batches each loader worker keeps ready (shared memory)")
         at_most(prefix, self, "shuffle_window", 1_000_000, "samples the reader holds in memory to shuffle")
         at_most(prefix, self, "remote_retries", 100, "attempts per shard before it counts as missing")
+        at_most(prefix, self, "max_member_mb", 65536, "MiB one tar member may take in a loader worker's memory")
         non_negative(prefix, self, "retry_backoff_s")
         require(
             f"{prefix}.max_bad_fraction", self.max_bad_fraction, 0 <= self.max_bad_fraction <= 1, "must be in [0, 1]"

@@ -398,6 +398,7 @@ class TrainLoader:
         stall_timeout_s: float = 0.0,
         retries: int = 5,
         retry_backoff_s: float = 1.0,
+        max_member_mb: int = 256,
         num_samples: int = 0,
         teacher_tokenizer=None,
     ):
@@ -419,7 +420,7 @@ class TrainLoader:
         self.teacher_tokenizer = teacher_tokenizer  # batches then carry "teacher_text" too
         self.num_workers, self.prefetch_factor, self.pin_memory = num_workers, prefetch_factor, pin_memory
         self.max_bad_fraction, self.stall_timeout_s = max_bad_fraction, stall_timeout_s
-        self.retries, self.retry_backoff_s = retries, retry_backoff_s
+        self.retries, self.retry_backoff_s, self.max_member_mb = retries, retry_backoff_s, max_member_mb
         self.positions = [(0, 0)] * self.plan.num_workers
         self.next_worker = 0
         self.errors: collections.Counter = collections.Counter()
@@ -444,7 +445,7 @@ class TrainLoader:
             self.chunk,
             list(self.positions),
             self.next_worker,
-            Reader(self.retries, self.retry_backoff_s),
+            Reader(self.retries, self.retry_backoff_s, self.max_member_mb << 20),
             self.max_bad_fraction,
             self._progress,
             self.teacher_tokenizer,

@@ -18,8 +18,11 @@ earliest sample still due without opening them, and reads (never decodes) the re
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import heapq
 import logging
+import lzma
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -214,6 +217,84 @@ class StreamPlan:
         return self._slot_order(self.rank * self.num_workers + worker, epoch, n)
 
 
+class MemberTooLarge(ValueError):
+    """A tar member larger than ``data.max_member_mb`` (a decompression bomb, or a file that is no sample)."""
+
+    def __init__(self, url: str, cap: int):
+        super().__init__(url, cap)
+        self.url, self.cap = url, cap
+
+    def __str__(self) -> str:
+        return (
+            f"a member of {self.url} is larger than data.max_member_mb={self.cap >> 20} (decompressed); the rest of "
+            "the shard is skipped and counted as missing (raise data.max_member_mb if such members are real samples)"
+        )
+
+
+# Compressed tars are decompressed here, not by tarfile, so that the bytes tarfile reads can be counted.
+_COMPRESSED = (
+    (b"\x1f\x8b", lambda f: gzip.GzipFile(fileobj=f, mode="rb")),
+    (b"BZh", lambda f: bz2.BZ2File(f, mode="rb")),
+    (b"\xfd7zXZ\x00", lambda f: lzma.LZMAFile(f, mode="rb")),
+)
+MEMBER_SLACK = 1 << 20  # headers, skipped metadata members and tarfile's read-ahead between two members
+
+
+class CappedStream:
+    """A shard's tar bytes for webdataset's tar reader, decompressed (gzip, bzip2, xz) and counted: more than
+    ``cap`` bytes between two members delivered (``mark``) raise ``MemberTooLarge`` while tarfile is still
+    collecting the member, so a member that decompresses to gigabytes costs about ``cap`` of memory, not its
+    size. ``cap`` 0: no bound."""
+
+    def __init__(self, raw, url: str, cap: int):
+        self.raw, self.url, self.cap, self.since = raw, url, cap, 0
+        self._head = raw.read(6)
+        self._inner = None
+        for magic, opener in _COMPRESSED:
+            if self._head.startswith(magic):
+                self._inner = opener(self._RawTail(self))
+                break
+
+    class _RawTail:  # the raw stream with its first bytes (read to detect the compression) put back
+        def __init__(self, outer: CappedStream):
+            self.outer = outer
+
+        def read(self, n: int = -1) -> bytes:
+            return self.outer._raw_read(n)
+
+    def _raw_read(self, n: int = -1) -> bytes:
+        head = self._head
+        if head:
+            if n is None or n < 0:
+                self._head = b""
+                return head + self.raw.read()
+            self._head = head[n:]
+            head = head[:n]
+            return head if len(head) == n else head + self.raw.read(n - len(head))
+        return self.raw.read() if n is None or n < 0 else self.raw.read(n)
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._inner.read(n) if self._inner is not None else self._raw_read(n)
+        self.since += len(data)
+        if self.cap and self.since > self.cap + MEMBER_SLACK:
+            raise MemberTooLarge(self.url, self.cap)
+        return data
+
+    def mark(self) -> None:
+        """A member was delivered: count the next one from here."""
+        self.since = 0
+
+    def close(self) -> None:
+        try:
+            if self._inner is not None:
+                self._inner.close()
+        finally:
+            self.raw.close()
+
+    def __repr__(self) -> str:
+        return self.url
+
+
 class ShardReadError(OSError):
     """A shard that could not be read to its end (after retries for transient errors)."""
 
@@ -230,6 +311,7 @@ class Reader:
 
     retries: int = 5
     backoff_s: float = 1.0
+    max_member_bytes: int = 256 << 20  # data.max_member_mb (0: no bound)
     num_retries: int = 0
     unannounced: dict | None = None  # url -> samples found past its announced size (counted, not trained)
     # Where it reads, for a stall message: the caller sets ``segment`` (its index in the slot's segment list);
@@ -250,12 +332,13 @@ class Reader:
             record = _recorder(failure)
 
             try:
-                stream = remote.open_stream(url)
+                stream = _capped(remote.open_stream(url), url, self.max_member_bytes)
             except Exception as exn:
                 failure.append(exn)
             else:
                 try:
-                    files = tar_file_expander([{"url": url, "stream": stream}], handler=record)
+                    expanded = tar_file_expander([{"url": url, "stream": stream}], handler=record)
+                    files = (f for f in expanded if stream.mark() or True)
                     pending, j = None, 0
                     for sample in group_by_keys(files, handler=record):
                         # A sample is complete only once the next one starts (or the tar ends cleanly): hold
@@ -280,6 +363,14 @@ class Reader:
             self.num_retries += 1
             log.warning("retrying %s after %s: %s (attempt %d)", url, type(err).__name__, err, attempt + 2)
             time.sleep(self.backoff_s * 2**attempt)
+
+
+def _capped(raw, url: str, cap: int) -> CappedStream:
+    try:
+        return CappedStream(raw, url, cap)
+    except BaseException:
+        _close(raw)
+        raise
 
 
 def _recorder(failures: list):

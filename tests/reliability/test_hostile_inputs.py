@@ -18,7 +18,7 @@ import pytest
 from clipkit.data.writer import write_shard, write_sizes_file
 from tests.conftest import run_cli
 from tests.reliability.harness import RUN_ARGS, record, train
-from tests.shardsets import COLOURS, jpeg
+from tests.shardsets import COLOURS, gzip_bomb, jpeg
 
 pytestmark = pytest.mark.reliability
 QUIET = ["logging.progress=false", "logging.report=false", "eval.zeroshot.dataset=", "eval.retrieval.dataset="]
@@ -149,6 +149,19 @@ def test_hostile_inputs(trained, small_demo, tmp_path):
         url = f"http://127.0.0.1:{silent.getsockname()[1]}"
         proc = train(tmp_path / "silent", f"data.train='{url}/{{00000..00003}}.tar'", "data.stall_timeout_s=5")
     checks["a remote that never answers: one line naming it"] = one_line(proc, 1, url)
+    gz = tmp_path / "gz"
+    gz.mkdir()
+    n = gzip_bomb(gz / "00000.tar.gz", gib=2, before=8)  # sample 8's image decompresses to 2 GiB
+    write_sizes_file(gz, {"00000.tar.gz": n})
+    run = tmp_path / "gz-run"
+    proc = train(
+        run, f"data.train={gz}/00000.tar.gz", "train.steps=3", "train.global_batch_size=4", "data.max_bad_fraction=0.9"
+    )
+    summary = json.loads((run / "summary.json").read_text()) if proc.returncode == 0 else {}
+    checks["a .tar.gz member of 2 GiB: bounded, counted"] = (
+        summary.get("data_errors_by_epoch", {}).get("0") == {"missing": n - 8}
+        and "larger than data.max_member_mb=256" in proc.stderr
+    )
 
     # --- tracebacks instead of one line --------------------------------------------------------------------------
     proc = run_cli("train", "data.train=/etc/passwd", f"hydra.run.dir={tmp_path / 'p'}")

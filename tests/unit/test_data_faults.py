@@ -15,7 +15,7 @@ from PIL import Image
 
 from clipkit.data.loader import BadSample, DataError, SampleDecoder, TrainLoader, decoded, resolve_shards
 from clipkit.data.shards import ShardSpecError, expand_spec
-from clipkit.data.stream import StreamPlan, iter_slot
+from clipkit.data.stream import MemberTooLarge, Reader, ShardReadError, StreamPlan, iter_shard, iter_slot
 from clipkit.data.writer import write_shard, write_sizes_file
 
 
@@ -235,3 +235,74 @@ def test_shards_of_unknown_size_are_read_to_their_end(tmp_path):
     full = [(e, t, s["__key__"]) for e, t, s in itertools.islice(iter_slot(plan, 1, 0, 0), 60)]
     resumed = [(e, t, s["__key__"]) for e, t, s in itertools.islice(iter_slot(plan, 1, *full[20][:2]), 40)]
     assert resumed == full[20:]
+
+
+class _Zeros(io.RawIOBase):
+    """``n`` zero bytes, read in chunks (a member tarfile copies without holding it)."""
+
+    def __init__(self, n: int):
+        self.left = n
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        k = min(len(buf), self.left)
+        buf[:k] = bytes(k)
+        self.left -= k
+        return k
+
+
+def bomb_shard(path, compression: str, bomb_mb: int, before: int = 5, after: int = 5, **kw) -> list[str]:
+    """A shard whose sample ``before`` has a ``jpg`` of ``bomb_mb`` MiB of zeros (a few KB once compressed);
+    returns the keys in tar order."""
+    rng, keys = random.Random(0), []
+    with tarfile.open(path, "w:" + compression, format=tarfile.USTAR_FORMAT, **kw) as tar:
+        for i in range(before + 1 + after):
+            key = f"k{i:03d}"
+            keys.append(key)
+            size = bomb_mb << 20 if i == before else 0
+            image = _Zeros(size) if size else io.BytesIO(_jpeg(rng))
+            for name, data, n in ((f"{key}.txt", io.BytesIO(b"a caption"), 9), (f"{key}.jpg", image, size)):
+                info = tarfile.TarInfo(name)
+                info.size = n or len(data.getvalue())
+                tar.addfile(info, data)
+    return keys
+
+
+@pytest.mark.parametrize("compression", ["", "gz", "xz"])
+def test_a_member_over_the_cap_ends_the_shard_in_bounded_memory(tmp_path, compression):
+    import tracemalloc
+
+    path = tmp_path / ("00000.tar" + (f".{compression}" if compression else ""))
+    keys = bomb_shard(path, compression, bomb_mb=48)
+    # Without a bound the member is read whole, and the shard's every sample arrives (compressed or not).
+    assert [s["__key__"] for s in iter_shard(str(path), Reader(max_member_bytes=0))] == keys
+    got = []
+    tracemalloc.start()
+    try:
+        with pytest.raises(ShardReadError) as err:
+            for sample in iter_shard(str(path), Reader(max_member_bytes=4 << 20)):
+                got.append(sample["__key__"])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got == keys[:5]  # every sample before the one with the big member: whole
+    assert isinstance(err.value.cause, MemberTooLarge) and "data.max_member_mb=4" in str(err.value)
+    assert peak < 16 << 20, f"{peak >> 20} MiB held for a 48 MiB member with a 4 MiB cap"
+
+
+def test_a_member_over_the_cap_counts_the_rest_of_its_shard_missing(tmp_path):
+    bomb_shard(tmp_path / "00000.tar.gz", "gz", bomb_mb=8, before=10, after=9)
+    write_shard(
+        tmp_path / "00001.tar", [{"__key__": f"c{i}", "jpg": _jpeg(random.Random(i)), "txt": "x"} for i in range(20)]
+    )
+    write_sizes_file(tmp_path, {"00000.tar.gz": 20, "00001.tar": 20})
+    shards, weights = resolve_shards(f"{tmp_path}/{{00000.tar.gz,00001.tar}}")
+    decoder = SampleDecoder(("jpg",), "txt", 32, (0.9, 1.0), 0)
+    stream = decoded(
+        StreamPlan(shards, weights, "epoch", 0, 0, 1, 1, 0), decoder, 0, 0, 0, Reader(max_member_bytes=2 << 20)
+    )
+    items = [item for _, _, item, _ in itertools.takewhile(lambda x: x[0] == 0, stream)]
+    bad = collections.Counter(i.kind for i in items if isinstance(i, BadSample))
+    assert bad == {"missing": 10} and len(items) == 40  # the big member's sample and the 9 after it
