@@ -160,13 +160,6 @@ def _register_shipped() -> None:
         _registered = True
 
 
-def is_known_model(name: str) -> bool:
-    import open_clip
-
-    _register_shipped()
-    return name in open_clip.list_models()
-
-
 def resolve_name(cfg: ModelConfig) -> str:
     """The open_clip model name for ``cfg``, registering ``cfg.config`` (under its file stem) if given."""
     import open_clip

@@ -78,14 +78,15 @@ def forward_backward(
     return loss.detach(), out
 
 
-def _rng_state(device: torch.device) -> tuple:
-    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+def rng_state(device: torch.device) -> dict:
+    """This process's torch generators (CPU, and ``device``'s when it is a GPU): what a checkpoint keeps per rank."""
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
-def _set_rng_state(state: tuple, device: torch.device) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def cached_forward_backward(
@@ -97,13 +98,13 @@ def cached_forward_backward(
     rng_states, img_parts, txt_parts, teacher_parts = [], [], [], []
     with torch.no_grad():
         for images, text, *teacher_text in micro_batches:
-            rng_states.append(_rng_state(device))
+            rng_states.append(rng_state(device))
             out = engine.forward(images, text)
             img_parts.append(out["image_features"])
             txt_parts.append(out["text_features"])
             if teacher:  # (no randomness: the replayed RNG states stay the student's)
                 teacher_parts.append(teacher(images, text, *teacher_text))
-    after_state = _rng_state(device)
+    after_state = rng_state(device)
     extra = {}
     if teacher:
         extra["teacher"] = {
@@ -126,7 +127,7 @@ def cached_forward_backward(
     skip_image, skip_text = (image_locked, text_locked) if not caption else (False, False)
     captioned = []
     for k, (images, text, *_) in enumerate(micro_batches):
-        _set_rng_state(rng_states[k], device)
+        set_rng_state(rng_states[k], device)
         with engine.no_sync() if k < last else contextlib.nullcontext():
             out_k = engine.forward(None if skip_image else images, None if skip_text else text)
             outputs, grads = [], []
@@ -148,7 +149,7 @@ def cached_forward_backward(
                     outputs.append(out_k["logit_bias"])
                     grads.append(bias.grad.to(out_k["logit_bias"].dtype))
             engine.backward(outputs, grads)
-    _set_rng_state(after_state, device)
+    set_rng_state(after_state, device)
     if caption:
         loss = loss + sum(c.detach() for c in captioned)
     return loss.detach(), out

@@ -23,7 +23,7 @@ from clipkit import ema as ema_lib
 from clipkit import model as model_lib
 from clipkit import run_dir as run_dirs
 from clipkit.config import RootConfig, resolve_eval_sets
-from clipkit.data import ensure_demo, remote, train_spec, worker_context
+from clipkit.data import ensure_demo, remote, train_spec
 from clipkit.data.config import holdout_every
 from clipkit.data.loader import SampleDecoder, TrainLoader, resolve_shards
 from clipkit.data.stream import ShardTable
@@ -43,7 +43,7 @@ from clipkit.metrics import (
     peak_memory_gb,
 )
 from clipkit.preempt import Preemption, requeue_slurm_job
-from clipkit.step import StepResult, train_step
+from clipkit.step import StepResult, rng_state, set_rng_state, train_step
 
 log = logging.getLogger("clipkit")
 
@@ -151,9 +151,7 @@ def save_checkpoint(
     rank 0 writes the shared files. With ``train.async_checkpoint`` the engine's files are written in the
     background and a ``PendingSave`` comes back."""
     data_states = distributed.all_gather_object(loader.state_dict())
-    rng_states = distributed.all_gather_object(
-        {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if env.device.type == "cuda" else None}
-    )
+    rng_states = distributed.all_gather_object(rng_state(env.device))
 
     def write(tmp: Path):
         background = engine.save(tmp, background=cfg.train.async_checkpoint)
@@ -229,9 +227,7 @@ def resume(run_dir: Path, cfg: RootConfig, env, engine, loader: TrainLoader, sta
             log.warning(note)
     rngs = ckpt.load_torch(path / "rng.pt")
     if env.rank < len(rngs):  # (a rank the old run did not have keeps its seeded generator)
-        torch.set_rng_state(rngs[env.rank]["torch"])
-        if rngs[env.rank]["cuda"] is not None and env.device.type == "cuda":
-            torch.cuda.set_rng_state(rngs[env.rank]["cuda"])
+        set_rng_state(rngs[env.rank], env.device)
     state.step, state.samples_seen = trainer["step"], trainer["samples_seen"]
     return path
 
@@ -420,8 +416,6 @@ def _train(cfg: RootConfig, run_dir: Path, loaders: list, preemption: Preemption
         if aside:
             log.warning("train.resume=restart: the earlier run in %s moved to %s", run_dir, aside)
     distributed.barrier()
-    if cfg.data.workers() or cfg.eval.num_workers:
-        worker_context(start=True)  # the loader workers' fork server warms up while the model is built
     uses_demo = "demo" in (cfg.data.train, cfg.eval.zeroshot.dataset, cfg.eval.retrieval.dataset)
     demo = ensure_demo(cfg.data, say=lambda m: log.info(m)) if uses_demo else None
 

@@ -214,14 +214,21 @@ class WorkerGuard:
         self._check()
 
     def _check(self) -> None:
-        if self.seen < BAD_CHECK_AFTER or self.seen % 100:
-            return
-        if self.bad > self.max_bad_fraction * self.seen or self.bad == self.seen:
-            worst = ", ".join(f"{u} ({n})" for u, n in self.urls.most_common(3))
-            raise DataError(
-                f"{self.bad} of {self.seen} samples read by one loader worker were bad ({dict(self.kinds)}), above "
-                f"data.max_bad_fraction={self.max_bad_fraction}; worst shards: {worst}"
+        if self.seen % 100 == 0:
+            check_bad_fraction(
+                self.bad, self.seen, self.kinds, self.urls, self.max_bad_fraction, "read by one loader worker "
             )
+
+
+def check_bad_fraction(bad: int, seen: int, kinds, urls, limit: float, who: str = "") -> None:
+    """Raises ``DataError`` naming the worst shards when, after ``BAD_CHECK_AFTER`` samples, more than ``limit`` of
+    them (or all) were bad."""
+    if seen >= BAD_CHECK_AFTER and (bad > limit * seen or bad == seen):
+        worst = ", ".join(f"{u} ({n})" for u, n in urls.most_common(3))
+        raise DataError(
+            f"{bad} of {seen} samples {who}were bad ({dict(kinds)}), above data.max_bad_fraction={limit}; worst "
+            f"shards: {worst or 'n/a'}"
+        )
 
 
 def stop_workers(it, kill: bool = False) -> None:
@@ -527,13 +534,7 @@ class TrainLoader:
 
     def _check_bad_fraction(self) -> None:
         bad = sum(self.errors.values())
-        seen = bad + self.samples_delivered
-        if seen >= BAD_CHECK_AFTER and bad > self.max_bad_fraction * seen:
-            worst = ", ".join(f"{u} ({n})" for u, n in self.bad_urls.most_common(3))
-            raise DataError(
-                f"{bad} of {seen} samples were bad ({dict(self.errors)}), above data.max_bad_fraction="
-                f"{self.max_bad_fraction}; worst shards: {worst or 'n/a'}"
-            )
+        check_bad_fraction(bad, bad + self.samples_delivered, self.errors, self.bad_urls, self.max_bad_fraction)
 
     @property
     def epoch(self) -> float:

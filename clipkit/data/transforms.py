@@ -58,13 +58,6 @@ def random_resized_crop_box(width: int, height: int, scale: tuple[float, float],
     return left, top, left + w, top + h
 
 
-def center_crop_box(width: int, height: int) -> tuple[int, int, int, int]:
-    """The square centre crop of open_clip's eval transform (resize shortest side, then crop)."""
-    side = min(width, height)
-    left, top = (width - side) // 2, (height - side) // 2
-    return left, top, left + side, top + side
-
-
 def crop_resize_u8(img: Image.Image, box: tuple[int, int, int, int], size: int) -> torch.Tensor:
     """Crop ``box`` of an RGB image and resize it to ``size`` x ``size``: uint8 CHW.
 
@@ -86,11 +79,6 @@ def train_image(data: bytes, size: int, scale: tuple[float, float], rng: random.
     # (1.2x for open_clip's scale 0.9), where full-resolution decoding would have downsampled it.
     img = open_image(data, size)
     return crop_resize_u8(img, random_resized_crop_box(*img.size, scale, rng), size)
-
-
-def eval_image(data: bytes, size: int) -> torch.Tensor:
-    img = open_image(data, size)
-    return crop_resize_u8(img, center_crop_box(*img.size), size)
 
 
 class DeviceNormalize(torch.nn.Module):

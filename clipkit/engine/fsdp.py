@@ -44,7 +44,14 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully
 from clipkit import checkpoint as ckpt
 from clipkit import ema as ema_lib
 from clipkit.distributed import ensure_process_group
-from clipkit.engine.parts import Forward, TorchUpdate, autocast_dtype, hold_scalars_as_vectors, with_scalar_outputs
+from clipkit.engine.parts import (
+    Forward,
+    TorchUpdate,
+    as_scalars,
+    autocast_dtype,
+    hold_scalars_as_vectors,
+    with_scalar_outputs,
+)
 
 if TYPE_CHECKING:
     from clipkit.config import RootConfig
@@ -160,7 +167,7 @@ class FSDPEngine:
         full = {name: t.full_tensor().cpu() for name, t in self._ema_dtensors().items()}
         if self.rank != 0:
             return None
-        return {k: v.reshape(()) if k in self.scalar_names else v for k, v in full.items()}
+        return as_scalars(full, self.scalar_names)
 
     def consolidated_weights(self) -> dict[str, torch.Tensor] | None:
         """The full fp32 weights with open_clip's names and shapes on rank 0 (a collective); None elsewhere."""
@@ -168,7 +175,7 @@ class FSDPEngine:
         weights = get_model_state_dict(self.model, options=options)
         if self.rank != 0:
             return None
-        return {k: v.reshape(()) if k in self.scalar_names else v for k, v in weights.items()}
+        return as_scalars(weights, self.scalar_names)
 
     def save(self, path: Path, background: bool = False) -> Future | None:
         """Shards through torch DCP, the consolidated weights and the schedule. With ``background``

@@ -63,6 +63,12 @@ def hold_scalars_as_vectors(model: torch.nn.Module, hooks: bool = True) -> list[
     return names
 
 
+def as_scalars(weights: dict[str, torch.Tensor], names) -> dict[str, torch.Tensor]:
+    """``weights`` with the tensors named in ``names`` back in open_clip's 0-d shape (a consolidated state dict
+    built from the engine's [1]-shaped parameters; see ``hold_scalars_as_vectors``)."""
+    return {k: v.reshape(()) if k in names else v for k, v in weights.items()}
+
+
 def with_scalar_outputs(out: dict) -> dict:
     """The model's outputs with the temperature and bias as 0-d views again (see ``hold_scalars_as_vectors``)."""
     for key in ("logit_scale", "logit_bias"):

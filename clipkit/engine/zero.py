@@ -32,7 +32,14 @@ import torch.distributed as dist
 from clipkit import checkpoint as ckpt
 from clipkit import ema as ema_lib
 from clipkit.distributed import DistEnv, ensure_process_group
-from clipkit.engine.parts import MAX_LOGIT_SCALE, Forward, autocast_dtype, hold_scalars_as_vectors, with_scalar_outputs
+from clipkit.engine.parts import (
+    MAX_LOGIT_SCALE,
+    Forward,
+    as_scalars,
+    autocast_dtype,
+    hold_scalars_as_vectors,
+    with_scalar_outputs,
+)
 from clipkit.optim import build_optimizer, build_scheduler, scheduled_lr
 
 if TYPE_CHECKING:
@@ -250,7 +257,7 @@ class DeepSpeedEngine:
         if self.stage == 3:
             weights = self.module._zero3_consolidated_16bit_state_dict()  # collective; fp32 here (no half mode)
             if weights is not None:  # built from the parameters, not state_dict(): restore the 0-d shapes
-                weights = {k: v.reshape(()) if k in self.scalar_names else v for k, v in weights.items()}
+                weights = as_scalars(weights, self.scalar_names)
         else:
             weights = self.model.state_dict() if self.rank == 0 else None
         if self.rank == 0:
@@ -262,7 +269,7 @@ class DeepSpeedEngine:
                 ckpt.save_tensors(path / self._ema_partition_file(), self.ema.shadow)
             full = self._full_ema()  # a collective
             if self.rank == 0:
-                full = {k: v.reshape(()) if k in self.scalar_names else v for k, v in full.items()}
+                full = as_scalars(full, self.scalar_names)
                 ema_lib.save_files(path, full, self.ema.state())
 
     def load(self, path: Path) -> None:

@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from clipkit import distributed
 from clipkit.data import dir_spec
+from clipkit.engine.parts import autocast_dtype
 from clipkit.eval import prompts
 from clipkit.eval.config import EvalConfig, EvalTask, load_eval_suite
 from clipkit.eval.data import match_classnames, open_source
@@ -61,18 +62,12 @@ def eval_transform(model):
     return image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
 
 
-def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"fp32": None, "bf16": torch.bfloat16}[precision]
-
-
 def run_evals(built, cfg: EvalConfig, device: torch.device, demo_dir: Path | None, progress: bool = False) -> dict:
     """``{task name: metrics}`` on rank 0 ({} elsewhere). Every rank of a job must call it (collective)."""
     model = built.model
     was_training = model.training
     transform = eval_transform(model)
-    opts = EvalOptions(cfg.batch_size, cfg.num_workers, amp_dtype(cfg.precision, device))
+    opts = EvalOptions(cfg.batch_size, cfg.num_workers, autocast_dtype(cfg.precision, device))
     results = {}
     for task in tasks_of(cfg):
         task = _resolve_demo(task, demo_dir)
