@@ -28,7 +28,7 @@ from clipkit.caption import CaptionConfig
 from clipkit.data.config import DataConfig
 from clipkit.distill import DistillConfig, DistillKind
 from clipkit.engine import EngineName, ParallelConfig
-from clipkit.errors import PATH, Choice, ConfigError, at_most, non_negative, positive, require
+from clipkit.errors import PATH, RESUMABLE, Choice, ConfigError, at_most, non_negative, positive, require
 from clipkit.eval.config import EvalConfig
 from clipkit.loss import LossConfig, LossName
 from clipkit.metrics import LoggingConfig
@@ -137,7 +137,7 @@ class ExportFormat(Choice):
 @dataclass
 class TrainConfig:
     # Optimizer updates in the run.
-    steps: int = 800
+    steps: int = field(default=800, metadata=RESUMABLE)
     # Samples per update over all ranks (the contrastive batch: every sample is a negative for the others).
     global_batch_size: int = 128
     # Per-rank micro-batch; 0 means global_batch_size / world_size (no accumulation).
@@ -149,11 +149,11 @@ class TrainConfig:
     # ``auto`` = cuda if available else cpu.
     device: str = "auto"
     # Write a metrics.jsonl record (and the progress bar, wandb) every N steps.
-    log_every: int = 10
+    log_every: int = field(default=10, metadata=RESUMABLE)
     # Save a verified checkpoint every N steps (and at the end).
-    checkpoint_every: int = 400
+    checkpoint_every: int = field(default=400, metadata=RESUMABLE)
     # Checkpoints kept in the run dir (older ones are pruned).
-    keep_last: int = 2
+    keep_last: int = field(default=2, metadata=RESUMABLE)
     # A NaN/inf loss or gradient: ``fail`` stops before the update (naming step and rank); ``skip`` drops the
     # step on every rank (parameters and optimizer untouched) and stops after ``max_nonfinite_skips`` in a row.
     nonfinite: NonFinite = NonFinite.fail
@@ -167,12 +167,12 @@ class TrainConfig:
     channels_last: bool = False
     # On CUDA, fp32 matmuls and convolutions (an fp32 run, the loss's B x N products, the root layers kept in
     # fp32) use TF32 tensor cores: fp32 range, 10-bit mantissa inputs, fp32 accumulation. false: full fp32.
-    tf32: bool = True
+    tf32: bool = field(default=True, metadata=RESUMABLE)
     # Checkpoints written in the background (parallel=fsdp): the step loop waits only for the copy of the state.
-    async_checkpoint: bool = False
+    async_checkpoint: bool = field(default=False, metadata=RESUMABLE)
     # ``auto`` resumes from the newest complete checkpoint in the run dir; ``never`` starts fresh (refused where
     # checkpoints exist); ``restart`` moves an earlier run's files aside to RUN_DIR.old-TIMESTAMP and starts fresh.
-    resume: Resume = Resume.auto
+    resume: Resume = field(default=Resume.auto, metadata=RESUMABLE)
     # EMA weights: an fp32 exponential moving average of the trainable parameters with this decay, kept on every
     # engine (sharded like the parameters), checkpointed, evaluated beside them (eval.use_ema); 0 = off.
     ema_decay: float = 0.0
@@ -196,47 +196,58 @@ class TrainConfig:
 @dataclass
 class RootConfig:
     # Run name: the default run dir is runs/NAME.
-    name: str = "demo"
+    name: str = field(default="demo", metadata=RESUMABLE)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata=RESUMABLE)
+    logging: LoggingConfig = field(default_factory=LoggingConfig, metadata=RESUMABLE)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    bench: BenchConfig = field(default_factory=BenchConfig)
-    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig, metadata=RESUMABLE)
+    embed: EmbedConfig = field(default_factory=EmbedConfig, metadata=RESUMABLE)
     # For ``clipkit eval`` / ``export`` / ``caption``: a run dir, a checkpoint dir or an exported folder.
-    checkpoint: Optional[str] = field(default=None, metadata=PATH)
+    checkpoint: Optional[str] = field(default=None, metadata={**PATH, **RESUMABLE})
     # For ``clipkit export``: the kind of artifact to write.
-    format: ExportFormat = ExportFormat.open_clip
+    format: ExportFormat = field(default=ExportFormat.open_clip, metadata=RESUMABLE)
     # (the folder the export, or ``clipkit embed``'s output, is written to; a non-empty export folder is refused
     # unless ``overwrite``; embed resumes in the folder of its own earlier run)
-    out: Optional[str] = field(default=None, metadata=PATH)
+    out: Optional[str] = field(default=None, metadata={**PATH, **RESUMABLE})
     # For ``clipkit export``: replace a non-empty ``out`` whole (the old folder is removed once the new export has
     # been written and verified; never a run or checkpoint dir).
-    overwrite: bool = False
+    overwrite: bool = field(default=False, metadata=RESUMABLE)
     # For ``clipkit export`` and ``clipkit caption``: which weights of the checkpoint: raw, or ema (its
     # train.ema_decay average).
-    weights: Weights = Weights.raw
+    weights: Weights = field(default=Weights.raw, metadata=RESUMABLE)
     # For ``clipkit caption``: which images, how many, how long.
-    caption: CaptionConfig = field(default_factory=CaptionConfig)
+    caption: CaptionConfig = field(default_factory=CaptionConfig, metadata=RESUMABLE)
 
 
-def path_keys(schema: type = RootConfig, prefix: str = "") -> set[str]:
+def marked_keys(mark: str, schema: type = RootConfig, prefix: str = "") -> set[str]:
+    """The dotted keys of the fields whose metadata holds ``mark`` (a marked section is one key)."""
+    keys = set()
+    for f in dataclasses.fields(schema):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        if f.metadata.get(mark):
+            keys.add(f"{prefix}{f.name}")
+        elif dataclasses.is_dataclass(default):
+            keys |= marked_keys(mark, type(default), f"{prefix}{f.name}.")
+    return keys
+
+
+def path_keys() -> set[str]:
     """Overrides whose values are paths, URLs or shard specs (fields marked ``metadata=PATH``): the CLI passes them
     to Hydra as quoted strings (braces, globs, ``::`` and ``@W`` as the shell hands them over) and joins repeated
     ones (a shell-expanded brace pattern)."""
-    keys = {"hydra.run.dir"} if not prefix else set()
-    for f in dataclasses.fields(schema):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
-        if dataclasses.is_dataclass(default):
-            keys |= path_keys(type(default), f"{prefix}{f.name}.")
-        elif f.metadata.get("path"):
-            keys.add(f"{prefix}{f.name}")
-    return keys
+    return {"hydra.run.dir"} | marked_keys("path")
+
+
+def resumable_keys() -> set[str]:
+    """Fields (or whole sections) marked ``metadata=RESUMABLE``: they may differ between a checkpoint's config and
+    the run that resumes it; any other difference is refused."""
+    return marked_keys("resumable")
 
 
 def register_configs() -> None:

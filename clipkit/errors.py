@@ -30,6 +30,9 @@ class Choice(str, Enum):
 
 
 PATH = {"path": True}  # dataclass field metadata: the CLI passes this override to Hydra as a quoted string
+# dataclass field metadata: the field (a whole section, if it is one) may differ between a checkpoint's config and
+# the run that resumes it: how a run is watched, read or stopped, not what it trains on or computes
+RESUMABLE = {"resumable": True}
 
 
 def require(key: str, value: Any, ok: bool, reason: str) -> None:

@@ -22,7 +22,7 @@ from clipkit import distributed, faults, report
 from clipkit import ema as ema_lib
 from clipkit import model as model_lib
 from clipkit import run_dir as run_dirs
-from clipkit.config import RootConfig, resolve_eval_sets
+from clipkit.config import RootConfig, resolve_eval_sets, resumable_keys
 from clipkit.data import ensure_demo, remote, train_spec
 from clipkit.data.config import holdout_every
 from clipkit.data.loader import SampleDecoder, TrainLoader, resolve_shards
@@ -46,35 +46,6 @@ from clipkit.preempt import Preemption, requeue_slurm_job
 from clipkit.step import StepResult, rng_state, set_rng_state, train_step
 
 log = logging.getLogger("clipkit")
-
-# Fields that may differ between a checkpoint's config and the run that resumes it.
-RESUME_MUTABLE = (
-    "name",
-    "train.steps",
-    "train.log_every",
-    "train.checkpoint_every",
-    "train.keep_last",
-    "train.resume",
-    "eval",
-    "logging",
-    "checkpoint",
-    "format",
-    "out",
-    "parallel.timeout_s",
-    "parallel.requeue",
-    "parallel.signal_check_every",
-    "train.async_checkpoint",
-    "train.tf32",
-    "bench",
-    # How the data is read, not which samples in which order per layout (a new layout is re-planned exactly):
-    "data.num_workers",
-    "data.prefetch_factor",
-    "data.stall_timeout_s",
-    "data.remote_retries",
-    "data.retry_backoff_s",
-    "data.max_bad_fraction",
-    "data.max_member_mb",
-)
 
 
 class ResumeError(RuntimeError):
@@ -181,15 +152,15 @@ def save_checkpoint(
     )
 
 
-def _config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+def _config_differences(saved: dict, current: dict, resumable: set[str], prefix: str = "") -> list[str]:
     diffs = []
     for key in sorted(set(saved) | set(current)):
         dotted = f"{prefix}{key}"
-        if any(dotted == m or dotted.startswith(m + ".") for m in RESUME_MUTABLE):
+        if dotted in resumable:
             continue
         a, b = saved.get(key), current.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            diffs += _config_differences(a, b, dotted + ".")
+            diffs += _config_differences(a, b, resumable, dotted + ".")
         elif a != b:
             diffs.append(f"{dotted}: {a!r} -> {b!r}")
     return diffs
@@ -202,7 +173,7 @@ def resume(run_dir: Path, cfg: RootConfig, env, engine, loader: TrainLoader, sta
         return None
     path = Path(path)
     saved_cfg = OmegaConf.to_container(OmegaConf.load(path / "config.yaml"))
-    diffs = _config_differences(saved_cfg, OmegaConf.to_container(OmegaConf.structured(cfg)))
+    diffs = _config_differences(saved_cfg, OmegaConf.to_container(OmegaConf.structured(cfg)), resumable_keys())
     if diffs:
         raise ResumeError(
             f"run dir {run_dir} holds a checkpoint of a different config ({'; '.join(diffs)}); use a new "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from clipkit.errors import PATH, Choice, ConfigError, at_most, non_negative, positive, require
+from clipkit.errors import PATH, RESUMABLE, Choice, ConfigError, at_most, non_negative, positive, require
 
 
 class Mode(Choice):
@@ -47,7 +47,7 @@ class DataConfig:
     # Loader worker processes per rank (0 = decode in the training process). -1 (default): what the host offers
     # per local rank (its CPUs / local ranks, one left to the training process; at most 32), and 1 for the
     # embedded demo (its 40 px images need no more). See ``workers()``.
-    num_workers: int = -1
+    num_workers: int = field(default=-1, metadata=RESUMABLE)
     # Window of the seeded sample shuffle (samples); 0 keeps tar order.
     shuffle_window: int = 1000
     # Image members tried in order, separated by ``;``.
@@ -59,7 +59,7 @@ class DataConfig:
     # total only sets the epoch fraction shown in logs (0 = whole epochs).
     num_samples: int = 0
     # Above this fraction of bad samples (undecodable, no caption, lost to a broken tar) the run stops.
-    max_bad_fraction: float = 0.1
+    max_bad_fraction: float = field(default=0.1, metadata=RESUMABLE)
     # False refuses ``pipe:`` shard URLs (shell commands): set it when running configs you did not write.
     allow_pipe: bool = True
     # A shard of the spec that does not exist: refused up front (False), or, when True, warned about and its
@@ -69,22 +69,22 @@ class DataConfig:
     # spec) and evaluate retrieval on them (eval.retrieval.dataset=auto or holdout); 0 = train on every shard.
     holdout_fraction: float = 0.0
     # No batch for this long (seconds) stops the run, naming the slot, shard and position it was reading; 0 = off.
-    stall_timeout_s: float = 300.0
+    stall_timeout_s: float = field(default=300.0, metadata=RESUMABLE)
     # Remote shards: transient errors (connection reset, timeout, HTTP 5xx) retried per shard, with exponential
     # backoff from retry_backoff_s; a shard that keeps failing counts its remaining samples as missing.
-    remote_retries: int = 5
+    remote_retries: int = field(default=5, metadata=RESUMABLE)
     # (first backoff of those retries, doubled each time)
-    retry_backoff_s: float = 1.0
+    retry_backoff_s: float = field(default=1.0, metadata=RESUMABLE)
     # A tar member larger than this (MiB, decompressed: .tar.gz / .tar.bz2 / .tar.xz shards are decompressed as
     # they stream) ends that shard's read: the rest of the shard counts as missing, and memory stays bounded.
     # 0 = no bound.
-    max_member_mb: int = 256
+    max_member_mb: int = field(default=256, metadata=RESUMABLE)
     # Random-resized-crop area range, as fractions of the image (1, 1 = no crop).
     crop_scale_min: float = 0.9
     # (upper end of that range)
     crop_scale_max: float = 1.0
     # Batches each worker prepares ahead.
-    prefetch_factor: int = 4
+    prefetch_factor: int = field(default=4, metadata=RESUMABLE)
     # Where the demo data is generated and cached.
     cache_dir: str = field(default="${oc.env:CLIPKIT_CACHE,'~/.cache/clipkit'}", metadata=PATH)
     demo: DemoDataConfig = field(default_factory=DemoDataConfig)

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from clipkit.errors import Choice, NonFiniteError, positive
+from clipkit.errors import RESUMABLE, Choice, NonFiniteError, positive
 
 if TYPE_CHECKING:
     import torch
@@ -40,10 +40,10 @@ class ParallelConfig:
     # ddp (replicated; one process is ddp too), zero1/2/3 (DeepSpeed), fsdp (torch FSDP2); presets parallel=NAME.
     engine: EngineName = EngineName.ddp
     # Collective timeout: a rank that dies or stalls makes the others fail after this long instead of hanging.
-    timeout_s: int = 600
+    timeout_s: int = field(default=600, metadata=RESUMABLE)
     # Ranks agree on a received SIGTERM/SIGUSR1 (a collective and a host read) every N steps; a stop then comes
     # within N steps. A single process checks every step (it costs nothing there).
-    signal_check_every: int = 10
+    signal_check_every: int = field(default=10, metadata=RESUMABLE)
     # DeepSpeed (the JSON is generated from these and from train/optim; there is no second file) and FSDP: keep
     # optimizer state (zero3: and parameters; fsdp: parameters, gradients and optimizer state) in CPU memory.
     offload_optimizer: bool = False
@@ -57,7 +57,7 @@ class ParallelConfig:
     # Gradient reduce / parameter all-gather bucket size, in millions of elements.
     bucket_size_m: int = 200
     # On SIGUSR1 (SLURM's --signal) after the checkpoint: ``scontrol requeue $SLURM_JOB_ID`` from rank 0.
-    requeue: bool = True
+    requeue: bool = field(default=True, metadata=RESUMABLE)
 
     @property
     def is_deepspeed(self) -> bool:

@@ -155,3 +155,27 @@ def test_config_check_imports_neither_torch_nor_open_clip():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]", proc.stdout
+
+
+def test_a_resume_may_change_only_the_fields_marked_resumable():
+    from omegaconf import OmegaConf
+
+    from clipkit.config import RootConfig, resumable_keys
+    from clipkit.train import _config_differences
+
+    def differences(**changes) -> list[str]:
+        saved, current = (OmegaConf.to_container(OmegaConf.structured(RootConfig())) for _ in range(2))
+        for dotted, value in changes.items():
+            *path, leaf = dotted.split("__")
+            node = current
+            for part in path:
+                node = node[part]
+            node[leaf] = value
+        return _config_differences(saved, current, resumable_keys())
+
+    # How a run is read, watched and stopped: marked fields, and whole marked sections.
+    assert differences(data__num_workers=7, train__steps=5, parallel__timeout_s=9, name="x") == []
+    assert differences(eval__batch_size=3, logging__wandb=True, data__max_member_mb=1) == []
+    # What it trains on, and how: refused, named.
+    assert differences(data__shuffle_window=7) == ["data.shuffle_window: 1000 -> 7"]
+    assert differences(optim__lr=1.0, train__seed=3) == ["optim.lr: 0.001 -> 1.0", "train.seed: 0 -> 3"]
