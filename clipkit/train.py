@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import json
 import logging
@@ -362,220 +363,258 @@ def eval_sets(cfg: RootConfig, held: ShardTable | None) -> dict:
 
 
 def train(cfg: RootConfig, run_dir: Path) -> dict:
-    """Builds, resumes and runs the loop; on any error the loader's workers are stopped before it propagates."""
-    loaders: list[TrainLoader] = []
-    preemption = Preemption()  # from here a signal ends the run; once the loop starts, at a step boundary
-    failed = True
-    try:
-        out = _train(cfg, Path(run_dir), loaders, preemption)
-        failed = False
-        return out
-    finally:
-        for loader in loaders:  # on an error or interrupt the workers are killed at once (see stop_workers)
-            loader.close(kill=failed)
+    """Builds, resumes and runs one training run; returns its summary. From the first line a signal ends the run
+    (at a step boundary once the loop runs); on an error or interrupt the loader's workers are killed at once."""
+    with contextlib.ExitStack() as stack:
+        preemption = stack.enter_context(contextlib.closing(Preemption()))
+        return Trainer(cfg, Path(run_dir), stack).run(preemption)
+
+
+class Trainer:
+    """One run, built in one place (``__init__``: run dir, process group, model, engine, losses, loader, logger,
+    checkpoints; what must be closed is registered on ``stack``), and its loop (``run``)."""
+
+    def __init__(self, cfg: RootConfig, run_dir: Path, stack: contextlib.ExitStack):
+        for note in resolve_eval_sets(cfg):  # (the CLI did this already; a config built in Python may not have)
+            log.warning(note)
+        self.cfg, self.run_dir, self.state = cfg, run_dir, TrainState()
+        self.env = env = distributed.init(cfg.train.device, cfg.parallel.timeout_s, cfg.train.tf32)
+        if env.is_main:  # one run per run dir: held until this process ends, however it ends
+            run_dirs.lock(run_dir)
+            aside = run_dirs.refuse_or_move_aside(run_dir, cfg.train.resume)
+            if aside:
+                log.warning("train.resume=restart: the earlier run in %s moved to %s", run_dir, aside)
+        distributed.barrier()
+        uses_demo = "demo" in (cfg.data.train, cfg.eval.zeroshot.dataset, cfg.eval.retrieval.dataset)
+        self.demo = ensure_demo(cfg.data, say=lambda m: log.info(m)) if uses_demo else None
+
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        self.built = built = model_lib.build(cfg.model, env.device)
+        if cfg.model.init_from:  # a later resume overwrites these with the run's own checkpoint
+            model_lib.load_init(built.model, cfg.model, env.device)
+        locked = model_lib.apply_locks(built.model, cfg.model)  # (before any engine sees the parameters)
+        self.train_flops = self._count_flops()
+        self.engine = build_engine(built.model, cfg, env)
+        self.peak = peak_flops(env.device, self.engine.amp_dtype, cfg.logging.peak_tflops)
+        self.loss_fn = build_loss(cfg.loss.name, cfg.loss.impl, cfg.loss.chunk_size, cfg.loss.contrastive_weight)
+        self.caption = build_caption_loss(cfg, built.model)  # CoCa: the captioning term beside the contrastive one
+        self.teacher = None
+        if cfg.distill.teacher:  # the teacher sees the same samples; the loss adds the distillation term
+            self.teacher = Teacher(cfg.distill, built, env.device)
+            self.loss_fn = DistillLoss(
+                self.loss_fn, cfg.distill.weight, cfg.distill.kind, cfg.loss.impl, cfg.loss.chunk_size
+            )
+        self.loss_fn = faults.loss_hook(self.loss_fn, lambda: self.state.step + 1)  # (inert without CLIPKIT_FAULTS)
+        self.num_micro = cfg.train.global_batch_size // (env.world_size * cfg.train.micro_batch(env.world_size))
+        self.normalize = DeviceNormalize(built.mean, built.std).to(env.device)
+        teacher_tokenizer = self.teacher.tokenizer if self.teacher else None
+        self.loader, self.held = build_loader(cfg, built, env, self.demo, teacher_tokenizer)
+        stack.push(lambda exc_type, *_: self.loader.close(kill=exc_type is not None))  # (see stop_workers)
+        self.evaluated_on = eval_sets(cfg, self.held)
+        resumed = resume(run_dir, cfg, env, self.engine, self.loader, self.state)
+        if env.is_main:  # only now: a refused resume leaves the run dir describing the run that ran there
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+
+        self.logger = self._open_logger(locked, resumed)
+        self.checkpoints = Checkpoints(lambda: save_checkpoint(run_dir, cfg, env, self.engine, self.loader, self.state))
+        self.last_saved = self.state.step if resumed else -1
+        self.nonfinite = NonFinitePolicy(cfg.train.nonfinite, cfg.train.max_nonfinite_skips)
+        # Agreeing on a signal is a collective and a host read: every N steps (every step when alone).
+        self.check_every = cfg.parallel.signal_check_every if env.world_size > 1 else 1
+        self.spikes, self.spiked = SpikeDetector(), False
+        self.pending: list[tuple[int, StepResult]] = []  # steps not yet read on the host
+        self.key_log = KeyLog(run_dir, env.rank, self.state.step) if cfg.train.record_keys else None
+
+    def run(self, preemption: Preemption) -> dict:
+        cfg, state, global_batch = self.cfg, self.state, self.cfg.train.global_batch_size
+        self.meter, t_start, stop_signal = Throughput(), time.perf_counter(), 0
+        preemption.started()
+        self.built.model.train()
+        while state.step < cfg.train.steps:
+            t0 = time.perf_counter()
+            batches = [next(self.loader) for _ in range(self.num_micro)]
+            data_wait = time.perf_counter() - t0
+            lr = self.engine.lr
+            # No host read: a non-finite step is skipped on the device (nothing applied; its batch is not retried)
+            # and train.nonfinite is enforced when the steps are read (settle).
+            result = train_step(self.engine, self.loss_fn, self._on_device(batches), self.teacher, self.caption)
+            if self.key_log:
+                self.key_log.write(state.step + 1, batches)
+            state.step += 1
+            state.samples_seen += global_batch
+            self.meter.add(global_batch, data_wait)
+            self.pending.append((state.step, result))
+
+            if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
+                self._log_step(lr)
+            if state.step % cfg.train.checkpoint_every == 0:
+                self.settle()  # (a checkpoint never holds a step the policy has not seen)
+                self.checkpoints.save()
+                self.last_saved = state.step
+            if cfg.eval.every and state.step % cfg.eval.every == 0 and state.step < cfg.train.steps:
+                self.settle()
+                faults.at("eval", state.step)
+                self._log_eval(evaluate(cfg, self.built, self.env, self.engine, self.demo, self.held))
+            faults.at("step", state.step)
+            if state.step % self.check_every == 0 or state.step == cfg.train.steps:
+                stop_signal = preemption.agreed(self.env.device)  # any rank's SIGTERM/SIGUSR1 stops every rank
+                if stop_signal:
+                    break
+
+        self.settle()
+        if self.last_saved != state.step:
+            self.checkpoints.save()
+        self.checkpoints.wait()  # (an asynchronous save published before anything else happens)
         preemption.close()
+        return self._stopped(stop_signal) if stop_signal else self._finish(t_start)
 
-
-def _train(cfg: RootConfig, run_dir: Path, loaders: list, preemption: Preemption) -> dict:
-    for note in resolve_eval_sets(cfg):  # (the CLI did this already; a config built in Python may not have)
-        log.warning(note)
-    env = distributed.init(cfg.train.device, cfg.parallel.timeout_s, cfg.train.tf32)
-    run_dir = Path(run_dir)
-    if env.is_main:  # one run per run dir: held until this process ends, however it ends
-        run_dirs.lock(run_dir)
-        aside = run_dirs.refuse_or_move_aside(run_dir, cfg.train.resume)
-        if aside:
-            log.warning("train.resume=restart: the earlier run in %s moved to %s", run_dir, aside)
-    distributed.barrier()
-    uses_demo = "demo" in (cfg.data.train, cfg.eval.zeroshot.dataset, cfg.eval.retrieval.dataset)
-    demo = ensure_demo(cfg.data, say=lambda m: log.info(m)) if uses_demo else None
-
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    built = model_lib.build(cfg.model, env.device)
-    if cfg.model.init_from:  # a later resume overwrites these with the run's own checkpoint
-        model_lib.load_init(built.model, cfg.model, env.device)
-    locked = model_lib.apply_locks(built.model, cfg.model)  # (before any engine sees the parameters)
-    try:  # counted once on the real model, before any wrapper; MFU = achieved / peak model FLOP/s
-        train_flops = 3 * forward_flops_per_sample(built.model, built.image_size, built.context_length, env.device)
-    except Exception as err:  # an exotic model the counter cannot trace: no MFU, training goes on
-        log.warning("could not count the model's FLOPs (%s); MFU will not be reported", err)
-        train_flops = None
-    engine = build_engine(built.model, cfg, env)
-    peak = peak_flops(env.device, engine.amp_dtype, cfg.logging.peak_tflops)
-    loss_fn = build_loss(cfg.loss.name, cfg.loss.impl, cfg.loss.chunk_size, cfg.loss.contrastive_weight)
-    caption = build_caption_loss(cfg, built.model)  # CoCa: the captioning term beside the contrastive one
-    teacher = None
-    if cfg.distill.teacher:  # the teacher sees the same samples; the loss adds the distillation term
-        teacher = Teacher(cfg.distill, built, env.device)
-        loss_fn = DistillLoss(loss_fn, cfg.distill.weight, cfg.distill.kind, cfg.loss.impl, cfg.loss.chunk_size)
-    loss_fn = faults.loss_hook(loss_fn, lambda: state.step + 1)  # (inert unless CLIPKIT_FAULTS is set)
-    num_micro = cfg.train.global_batch_size // (env.world_size * cfg.train.micro_batch(env.world_size))
-    normalize = DeviceNormalize(built.mean, built.std).to(env.device)
-    loader, held = build_loader(cfg, built, env, demo, teacher.tokenizer if teacher else None)
-    loaders.append(loader)
-    evaluated_on = eval_sets(cfg, held)
-    state = TrainState()
-    resumed = resume(run_dir, cfg, env, engine, loader, state)
-    if env.is_main:  # only now: a refused resume leaves the run dir describing the run that ran there
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    global_batch = cfg.train.global_batch_size
-
-    logger = RunLogger(
-        run_dir,
-        env.is_main,
-        cfg.train.steps,
-        state.step,
-        cfg.logging.progress,
-        {"project": cfg.logging.wandb_project, "entity": cfg.logging.wandb_entity, "mode": cfg.logging.wandb_mode}
-        if cfg.logging.wandb
-        else None,
-        OmegaConf.to_container(OmegaConf.structured(cfg)),
-        tensorboard=cfg.logging.tensorboard,
-    )
-    if locked:
-        logger.write(locked)
-    if teacher:
-        logger.write(f"distilling from {cfg.distill.teacher} ({cfg.distill.kind}, weight {cfg.distill.weight:g}): "
-                     f"{teacher.describe()}")  # fmt: skip
-    if resumed:
-        logger.write(f"resumed from {resumed} (step {state.step}, {state.samples_seen} samples seen)")
-    logger.write(
-        f"model {built.name}: {sum(p.numel() for p in built.model.parameters()) / 1e6:.2f}M params; "
-        f"world size {env.world_size}, device {env.device}, global batch {global_batch}"
-        + (f"; {train_flops / 3e9:.2f} GFLOPs forward per sample" if train_flops else "")
-        + (f", peak {peak / 1e12:.0f} TFLOP/s per device" if peak else "")
-    )
-
-    meter, t_start, last_saved = Throughput(), time.perf_counter(), state.step if resumed else -1
-    checkpoints = Checkpoints(lambda: save_checkpoint(run_dir, cfg, env, engine, loader, state))
-    stop_signal = 0
-    preemption.started()
-    nonfinite = NonFinitePolicy(cfg.train.nonfinite, cfg.train.max_nonfinite_skips)
-    # Agreeing on a signal is a collective and a host read: every N steps (every step when alone).
-    check_every = cfg.parallel.signal_check_every if env.world_size > 1 else 1
-    spikes, spiked, pending = SpikeDetector(), False, []  # pending: (step, StepResult) not yet read on the host
-    key_log = KeyLog(run_dir, env.rank, state.step) if cfg.train.record_keys else None
-
-    def settle(log: bool = False) -> StepsRead | None:
-        """Reads the pending steps (one transfer) and enforces train.nonfinite on them; reports skipped steps."""
-        if not pending:
+    def _count_flops(self) -> float | None:
+        """Training FLOPs per sample, counted once on the real model before any wrapper (MFU = achieved / peak)."""
+        built = self.built
+        try:
+            return 3 * forward_flops_per_sample(built.model, built.image_size, built.context_length, self.env.device)
+        except Exception as err:  # an exotic model the counter cannot trace: no MFU, training goes on
+            log.warning("could not count the model's FLOPs (%s); MFU will not be reported", err)
             return None
-        read = read_steps(pending, env.world_size, log)
-        pending.clear()
-        for step, reason in nonfinite.check(read, env):  # (raises for fail, or too many in a row)
-            logger.log({"step": step, "samples_seen": step * global_batch, "skipped": reason})
-            logger.write(f"skipped: {reason}")
-            faults.at("skip", step)
-        return read
 
-    built.model.train()
-    while state.step < cfg.train.steps:
-        t0 = time.perf_counter()
-        batches = [next(loader) for _ in range(num_micro)]
-        data_wait = time.perf_counter() - t0
-        micro = [
+    def _open_logger(self, locked: str | None, resumed: Path | None) -> RunLogger:
+        cfg, env, built = self.cfg, self.env, self.built
+        wandb = {
+            "project": cfg.logging.wandb_project,
+            "entity": cfg.logging.wandb_entity,
+            "mode": cfg.logging.wandb_mode,
+        }
+        logger = RunLogger(
+            self.run_dir,
+            env.is_main,
+            cfg.train.steps,
+            self.state.step,
+            cfg.logging.progress,
+            wandb if cfg.logging.wandb else None,
+            OmegaConf.to_container(OmegaConf.structured(cfg)),
+            tensorboard=cfg.logging.tensorboard,
+        )
+        if locked:
+            logger.write(locked)
+        if self.teacher:
+            logger.write(f"distilling from {cfg.distill.teacher} ({cfg.distill.kind}, weight {cfg.distill.weight:g}): "
+                         f"{self.teacher.describe()}")  # fmt: skip
+        if resumed:
+            logger.write(f"resumed from {resumed} (step {self.state.step}, {self.state.samples_seen} samples seen)")
+        flops, peak = self.train_flops, self.peak
+        logger.write(
+            f"model {built.name}: {sum(p.numel() for p in built.model.parameters()) / 1e6:.2f}M params; "
+            f"world size {env.world_size}, device {env.device}, global batch {cfg.train.global_batch_size}"
+            + (f"; {flops / 3e9:.2f} GFLOPs forward per sample" if flops else "")
+            + (f", peak {peak / 1e12:.0f} TFLOP/s per device" if peak else "")
+        )
+        return logger
+
+    def _on_device(self, batches: list[dict]) -> list[tuple]:
+        device = self.env.device
+        return [
             (
-                normalize(b["image"].to(env.device, non_blocking=True)),
-                b["text"].to(env.device, non_blocking=True),
-                *([b["teacher_text"].to(env.device, non_blocking=True)] if "teacher_text" in b else []),
+                self.normalize(b["image"].to(device, non_blocking=True)),
+                b["text"].to(device, non_blocking=True),
+                *([b["teacher_text"].to(device, non_blocking=True)] if "teacher_text" in b else []),
             )
             for b in batches
         ]
-        lr = engine.lr
-        # No host read: a non-finite step is skipped on the device (nothing applied; its batch is not retried)
-        # and train.nonfinite is enforced when the steps are read (settle).
-        result = train_step(engine, loss_fn, micro, teacher, caption)
-        if key_log:
-            key_log.write(state.step + 1, batches)
-        state.step += 1
-        state.samples_seen += global_batch
-        meter.add(global_batch, data_wait)
-        pending.append((state.step, result))
 
-        if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
-            read = settle(log=True)
-            for step, value, applied in zip(read.steps, read.losses, read.applied, strict=True):
-                if applied and spikes.update(value):
-                    spiked = True
-                    logger.write(f"loss spike at step {step}: {value:.4f} (recent mean {spikes.mean:.4f})")
-            loss_value, grad_norm, logit_scale = read.shared
-            samples_per_s, wait_pct = meter.rate()
-            per_rank = samples_per_s / env.world_size
-            mfu = per_rank * train_flops / peak if train_flops and peak else None
-            record = {
-                "step": state.step,
-                "samples_seen": state.samples_seen,
-                "epoch": round(loader.epoch, 4),
-                "loss": loss_value,
-                "lr": lr,
-                "logit_scale": logit_scale,
-                "grad_norm": grad_norm,
-                "samples_per_s": samples_per_s,
-                "samples_per_s_per_rank": per_rank,
-                "mfu": mfu,
-                "data_wait_pct": wait_pct,
-                "peak_mem_gb": peak_memory_gb(env.device),
-                "data_errors": dict(loader.errors),  # this rank's (rank 0); summary.json sums all ranks
-                "data_retries": loader.retried,  # transient remote read errors retried (rank 0)
-                "loss_spike": spiked,  # (rank 0's own rows; a warning, never an action)
-                "skipped_steps": read.applied.count(False),  # non-finite steps since the last log (skip policy)
-                "checkpoint_s": checkpoints.take_blocked_s(),  # the step loop held up by saves since the last log
-            }
-            spiked = False
-            logger.log(record)
-            shown = {"loss": f"{loss_value:.3f}", "lr": f"{lr:.2e}", "samples/s": f"{samples_per_s:.0f}"}
-            shown.update({"mfu": f"{100 * mfu:.1f}%"} if mfu is not None else {}, wait=f"{wait_pct:.0f}%")
-            logger.progress(state.step, shown)
-        if state.step % cfg.train.checkpoint_every == 0:
-            settle()  # (a checkpoint never holds a step the policy has not seen)
-            checkpoints.save()
-            last_saved = state.step
-        if cfg.eval.every and state.step % cfg.eval.every == 0 and state.step < cfg.train.steps:
-            settle()
-            faults.at("eval", state.step)
-            results = evaluate(cfg, built, env, engine, demo, held)
-            logger.log({"step": state.step, "samples_seen": state.samples_seen, "eval": results})
-            logger.write(f"eval @ step {state.step}:\n{format_table(results)}")
-        faults.at("step", state.step)
-        if state.step % check_every == 0 or state.step == cfg.train.steps:
-            stop_signal = preemption.agreed(env.device)  # any rank's SIGTERM/SIGUSR1 stops every rank here
-            if stop_signal:
-                break
+    def settle(self, log: bool = False) -> StepsRead | None:
+        """Reads the pending steps (one transfer) and enforces train.nonfinite on them; reports skipped steps."""
+        if not self.pending:
+            return None
+        read = read_steps(self.pending, self.env.world_size, log)
+        self.pending.clear()
+        for step, reason in self.nonfinite.check(read, self.env):  # (raises for fail, or too many in a row)
+            self.logger.log({"step": step, "samples_seen": step * self.cfg.train.global_batch_size, "skipped": reason})
+            self.logger.write(f"skipped: {reason}")
+            faults.at("skip", step)
+        return read
 
-    settle()
-    if last_saved != state.step:
-        checkpoints.save()
-    checkpoints.wait()  # (an asynchronous save published before anything else happens)
-    preemption.close()
-    if stop_signal:
+    def _log_step(self, lr: float) -> None:
+        read = self.settle(log=True)
+        for step, value, applied in zip(read.steps, read.losses, read.applied, strict=True):
+            if applied and self.spikes.update(value):
+                self.spiked = True
+                self.logger.write(f"loss spike at step {step}: {value:.4f} (recent mean {self.spikes.mean:.4f})")
+        record = self._record(read, lr)
+        self.spiked = False
+        self.logger.log(record)
+        shown = {"loss": f"{record['loss']:.3f}", "lr": f"{lr:.2e}", "samples/s": f"{record['samples_per_s']:.0f}"}
+        if record["mfu"] is not None:
+            shown["mfu"] = f"{100 * record['mfu']:.1f}%"
+        shown["wait"] = f"{record['data_wait_pct']:.0f}%"
+        self.logger.progress(self.state.step, shown)
+
+    def _record(self, read: StepsRead, lr: float) -> dict:
+        """The metrics.jsonl row of a logged step."""
+        loss_value, grad_norm, logit_scale = read.shared
+        samples_per_s, wait_pct = self.meter.rate()
+        per_rank = samples_per_s / self.env.world_size
+        flops, peak = self.train_flops, self.peak
+        return {
+            "step": self.state.step,
+            "samples_seen": self.state.samples_seen,
+            "epoch": round(self.loader.epoch, 4),
+            "loss": loss_value,
+            "lr": lr,
+            "logit_scale": logit_scale,
+            "grad_norm": grad_norm,
+            "samples_per_s": samples_per_s,
+            "samples_per_s_per_rank": per_rank,
+            "mfu": per_rank * flops / peak if flops and peak else None,
+            "data_wait_pct": wait_pct,
+            "peak_mem_gb": peak_memory_gb(self.env.device),
+            "data_errors": dict(self.loader.errors),  # this rank's (rank 0); summary.json sums all ranks
+            "data_retries": self.loader.retried,  # transient remote read errors retried (rank 0)
+            "loss_spike": self.spiked,  # (rank 0's own rows; a warning, never an action)
+            "skipped_steps": read.applied.count(False),  # non-finite steps since the last log (skip policy)
+            "checkpoint_s": self.checkpoints.take_blocked_s(),  # the step loop held up by saves since the last log
+        }
+
+    def _log_eval(self, results: dict) -> None:
+        self.logger.log({"step": self.state.step, "samples_seen": self.state.samples_seen, "eval": results})
+        self.logger.write(f"eval @ step {self.state.step}:\n{format_table(results)}")
+
+    def _stopped(self, stop_signal: int) -> dict:
         name = signal.Signals(stop_signal).name
-        logger.write(f"{name}: stopped after step {state.step} with a complete checkpoint; the same command resumes")
-        logger.close()
-        if stop_signal == signal.SIGUSR1 and cfg.parallel.requeue and env.is_main:
+        state = self.state
+        self.logger.write(
+            f"{name}: stopped after step {state.step} with a complete checkpoint; the same command resumes"
+        )
+        self.logger.close()
+        if stop_signal == signal.SIGUSR1 and self.cfg.parallel.requeue and self.env.is_main:
             requeue_slurm_job()
         distributed.destroy()
         return {"step": state.step, "samples_seen": state.samples_seen, "stopped_by": name}
-    results = evaluate(cfg, built, env, engine, demo, held)
-    if results:  # the final eval reaches metrics.jsonl and wandb too, not only summary.json
-        logger.log({"step": state.step, "samples_seen": state.samples_seen, "eval": results})
-    logger.close()
-    summary = {
-        "step": state.step,
-        "samples_seen": state.samples_seen,
-        "train_time_s": time.perf_counter() - t_start,
-        **summed_data_errors(loader),
-        "eval": results,
-        "evaluated_on": evaluated_on,
-    }
-    if env.is_main:
-        summary["environment"] = report.environment(env.world_size, env.device)
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        print(f"\nzero-shot evaluation after {state.step} steps ({run_dir}):\n{format_table(results)}", flush=True)
-        print("evaluated on: " + "; ".join(f"{k}: {v}" for k, v in evaluated_on.items()), flush=True)
-        if cfg.logging.report:
-            try:
-                print(f"report: {report.write_report(run_dir)}", flush=True)
-            except Exception as err:  # a plot must never fail a finished run
-                log.warning("report.html not written: %s: %s", type(err).__name__, err)
-    distributed.destroy()
-    return summary
+
+    def _finish(self, t_start: float) -> dict:
+        """The final eval, summary.json (its ``train_time_s`` counts from the first step to here, the final eval
+        included), the printed results and the report."""
+        cfg, env, state, run_dir = self.cfg, self.env, self.state, self.run_dir
+        results = evaluate(cfg, self.built, env, self.engine, self.demo, self.held)
+        if results:  # the final eval reaches metrics.jsonl and wandb too, not only summary.json
+            self.logger.log({"step": state.step, "samples_seen": state.samples_seen, "eval": results})
+        self.logger.close()
+        summary = {
+            "step": state.step,
+            "samples_seen": state.samples_seen,
+            "train_time_s": time.perf_counter() - t_start,
+            **summed_data_errors(self.loader),
+            "eval": results,
+            "evaluated_on": self.evaluated_on,
+        }
+        if env.is_main:
+            summary["environment"] = report.environment(env.world_size, env.device)
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            print(f"\nzero-shot evaluation after {state.step} steps ({run_dir}):\n{format_table(results)}", flush=True)
+            print("evaluated on: " + "; ".join(f"{k}: {v}" for k, v in self.evaluated_on.items()), flush=True)
+            if cfg.logging.report:
+                try:
+                    print(f"report: {report.write_report(run_dir)}", flush=True)
+                except Exception as err:  # a plot must never fail a finished run
+                    log.warning("report.html not written: %s: %s", type(err).__name__, err)
+        distributed.destroy()
+        return summary
