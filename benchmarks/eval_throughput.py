@@ -73,7 +73,7 @@ CPU = torch.device("cpu")
 
 
 def retrieval_case(n_img: int, n_txt: int, dim: int = 512, with_reference: bool = False) -> dict:
-    from clipkit.eval.zeroshot import retrieval_metrics
+    from clipkit.eval.retrieval import retrieval_metrics
     from clipkit.metrics import peak_memory_gb, reset_peak_memory, resident_memory_gb
 
     g = torch.Generator().manual_seed(0)
@@ -125,7 +125,7 @@ def main() -> None:
     torch.manual_seed(0)
 
     from clipkit import model as model_lib
-    from clipkit.eval.runner import eval_transform
+    from clipkit.eval.embedding import eval_transform
     from clipkit.model import ModelConfig
 
     results = {"args": vars(args), "throughput": [], "retrieval": []}

@@ -15,6 +15,7 @@ built, and raises ``ConfigError`` naming the dotted field and its value.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 import re
 from dataclasses import dataclass, field
@@ -24,7 +25,6 @@ from typing import Optional
 from hydra.core.config_store import ConfigStore
 
 from clipkit import model as model_lib
-from clipkit.caption import CaptionConfig
 from clipkit.data.config import DataConfig
 from clipkit.distill import DistillConfig, DistillKind
 from clipkit.engine import EngineName, ParallelConfig
@@ -191,6 +191,35 @@ class TrainConfig:
             raise ConfigError(f"{prefix}.device", self.device, "one of auto, cpu, cuda, cuda:N, mps")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"{prefix}.ema_decay", self.ema_decay, "must be in [0, 1) (0 = no EMA weights)")
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+
+
+@dataclass
+class CaptionConfig:
+    # Images to caption: an image file, a folder (its images, by name) or a glob; None = the demo's held-out
+    # retrieval images, printed beside their reference captions.
+    images: Optional[str] = field(default=None, metadata=PATH)
+    # How many images (the first N; 0 = all).
+    num: int = 5
+    # Longest caption in tokens, start and end included (None: the model's context length).
+    max_tokens: Optional[int] = None
+
+    def validate(self, prefix: str = "caption") -> None:
+        require(f"{prefix}.num", self.num, self.num >= 0, "must be >= 0 (0 = all)")
+        if self.max_tokens is not None:
+            require(f"{prefix}.max_tokens", self.max_tokens, self.max_tokens >= 2, "must be >= 2")
+        if self.images is not None and not image_files(self.images):
+            raise ConfigError(f"{prefix}.images", self.images, f"no image ({', '.join(IMAGE_SUFFIXES)}) found there")
+
+
+def image_files(spec: str) -> list[Path]:
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return [path]
+    found = sorted(path.iterdir()) if path.is_dir() else sorted(Path(p) for p in glob.glob(str(path)))
+    return [p for p in found if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
 
 
 @dataclass

@@ -46,7 +46,7 @@ from clipkit.data import ensure_demo, train_spec, worker_context
 from clipkit.data.loader import BadSample, SampleDecoder, resolve_shards, worker_init
 from clipkit.data.stream import ShardReadError, iter_shard
 from clipkit.data.transforms import to_rgb
-from clipkit.eval.runner import eval_transform
+from clipkit.eval.embedding import eval_transform
 from clipkit.evaluate import load_trained
 
 log = logging.getLogger("clipkit")

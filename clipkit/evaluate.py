@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -19,7 +20,7 @@ from clipkit import model as model_lib
 from clipkit.config import RootConfig, saved_config
 from clipkit.data import ensure_demo
 from clipkit.data.config import DataConfig
-from clipkit.eval.runner import format_table, run_evals
+from clipkit.eval.runner import format_table, run_raw_and_ema
 
 log = logging.getLogger("clipkit")
 
@@ -78,13 +79,15 @@ def evaluate_command(cfg: RootConfig, run_dir: Path) -> dict:
     use = cfg.eval.use_ema
     if use == "ema" and ema_path is None:
         raise NoEmaWeights(f"eval.use_ema=ema: {source} has no EMA weights (a run trained with train.ema_decay > 0)")
-    results = {}
-    if use != "ema" or ema_path is None:
-        results = run_evals(built, cfg.eval, device, demo, progress=cfg.logging.progress)
-    if ema_path is not None and use != "raw":
-        use_ema_weights(built.model, ema_path, device)
-        averaged = run_evals(built, cfg.eval, device, demo, progress=cfg.logging.progress)
-        results.update({f"{name}{ema_lib.SUFFIX}": res for name, res in averaged.items()})
+    ema = None
+    if ema_path is not None:
+
+        @contextlib.contextmanager
+        def ema():  # (the last evaluation of this process: the raw weights need not come back)
+            use_ema_weights(built.model, ema_path, device)
+            yield
+
+    results = run_raw_and_ema(built, cfg.eval, device, demo, contextlib.nullcontext, ema, cfg.logging.progress)
     if env.is_main:
         record = {
             "model": source,

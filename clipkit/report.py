@@ -8,9 +8,7 @@ Retrieval thumbnails are read back from the eval set itself (the examples store 
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import logging
 import os
@@ -19,10 +17,13 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+import yaml
+
+from clipkit.eval.registry import Evaluator, evaluator
+from clipkit.figures import png
+
 log = logging.getLogger("clipkit")
 
-THUMB = 72  # px, retrieval thumbnails
-MAX_SCAN = 50_000  # eval records read at most to find the thumbnails of the examples
 CURVES = [  # (metrics.jsonl key, title)
     ("loss", "training loss"),
     ("lr", "learning rate"),
@@ -30,11 +31,6 @@ CURVES = [  # (metrics.jsonl key, title)
     ("grad_norm", "gradient norm (before clipping)"),
 ]
 PACKAGES = ("torch", "open_clip_torch", "webdataset", "deepspeed", "hydra-core", "numpy", "pillow")
-
-
-def _plain(label: str) -> str:
-    """A label matplotlib draws as typed: ``$`` would start TeX-like math text (``$x$``, or an error)."""
-    return str(label).replace("$", r"\$")
 
 
 def environment(world_size: int, device) -> dict:
@@ -76,15 +72,6 @@ def _records(run_dir: Path) -> list[dict]:
     return out
 
 
-def _png(fig) -> str:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return f'<img alt="" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
-
-
 def _curve(records: list[dict], key: str, title: str, log_y: bool = False) -> str | None:
     import matplotlib.pyplot as plt
 
@@ -99,7 +86,7 @@ def _curve(records: list[dict], key: str, title: str, log_y: bool = False) -> st
     ax.grid(alpha=0.3)
     if log_y:
         ax.set_yscale("log")
-    return _png(fig)
+    return png(fig)
 
 
 def _throughput(records: list[dict]) -> str | None:
@@ -121,7 +108,7 @@ def _throughput(records: list[dict]) -> str | None:
     for a in (ax, ax2):
         a.tick_params(labelsize=8)
     ax.grid(alpha=0.3)
-    return _png(fig)
+    return png(fig)
 
 
 def _eval_curves(records: list[dict]) -> str | None:
@@ -130,11 +117,8 @@ def _eval_curves(records: list[dict]) -> str | None:
     series: dict[str, list] = {}
     for r in records:
         for name, res in (r.get("eval") or {}).items():
-            if res.get("task") == "zeroshot":
-                series.setdefault(f"{name} top-1", []).append((r["step"], 100 * res["acc1"]))
-                series.setdefault(f"{name} top-5", []).append((r["step"], 100 * res["acc5"]))
-            elif res.get("task") == "retrieval":
-                series.setdefault(f"{name} mean R@1", []).append((r["step"], 100 * res["mean_R@1"]))
+            for label, value in _evaluator(res).curves(name, res).items():
+                series.setdefault(label, []).append((r["step"], value))
     if not series:
         return None
     fig, ax = plt.subplots(figsize=(4.6, 2.8))
@@ -147,40 +131,7 @@ def _eval_curves(records: list[dict]) -> str | None:
     ax.tick_params(labelsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    return _png(fig)
-
-
-def _confusion(res: dict) -> str:
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    names, counts = [_plain(n) for n in res["classnames"]], np.array(res["confusion"], dtype=float)
-    rows = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    size = max(5.0, 0.19 * len(names) + 2)
-    fig, ax = plt.subplots(figsize=(size, size * 0.9))
-    im = ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
-    ax.set_yticks(range(len(names)), names, fontsize=6)
-    ax.set_xlabel("predicted class", fontsize=8)
-    ax.set_ylabel("true class", fontsize=8)
-    ax.set_title("zero-shot confusion (rows: fraction of each true class)", fontsize=10)
-    fig.colorbar(im, ax=ax, fraction=0.04)
-    return _png(fig)
-
-
-def _recall_bars(res: dict, n: int = 20) -> str:
-    import matplotlib.pyplot as plt
-
-    items = sorted(res["per_class_recall"].items(), key=lambda kv: kv[1])
-    shown = items if len(items) <= 2 * n else items[:n] + items[-n:]
-    fig, ax = plt.subplots(figsize=(6, 0.18 * len(shown) + 1))
-    ax.barh(range(len(shown)), [100 * v for _, v in shown], color="#2563eb")
-    ax.set_yticks(range(len(shown)), [_plain(k) for k, _ in shown], fontsize=6)
-    ax.set_xlim(0, 100)
-    what = "per-class recall (%)" if len(items) == len(shown) else f"per-class recall (%): worst and best {n}"
-    ax.set_title(what, fontsize=10)
-    ax.tick_params(labelsize=7)
-    return _png(fig)
+    return png(fig)
 
 
 def _data_errors(summary: dict) -> str:
@@ -197,80 +148,7 @@ def _data_errors(summary: dict) -> str:
     table = "".join(
         f"<tr><td>{html.escape(str(e))}</td><td>{html.escape(json.dumps(k))}</td></tr>" for e, k in by_epoch.items()
     )
-    return _png(fig) + (f"<table><tr><th>epoch</th><th>skipped</th></tr>{table}</table>" if table else "")
-
-
-def _thumbnails(res: dict, retrieval_cfg) -> dict[int, str]:
-    """{dataset position: data URI} of every image the examples show, read back from the eval set."""
-    from dataclasses import replace
-
-    from PIL import Image
-
-    from clipkit.eval.data import open_source
-
-    wanted = {i for ex in res.get("examples", []) for i in (ex["image"], *ex["top"])}
-    wanted |= {ex["image"] for ex in res.get("caption_examples", [])}
-    if not wanted:
-        return {}
-    source = open_source("retrieval", res["dataset"], replace(retrieval_cfg, dataset=res["dataset"]))
-    out = {}
-    for index, load, _ in source.records():
-        if index >= MAX_SCAN or len(out) == len(wanted):
-            break
-        if index in wanted and load is not None:
-            try:
-                img = Image.open(io.BytesIO(load())).convert("RGB")
-            except Exception:
-                continue
-            img.thumbnail((THUMB, THUMB))
-            buf = io.BytesIO()
-            img.save(buf, format="PNG")
-            out[index] = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-    return out
-
-
-def _read_thumbnails(res: dict, retrieval_cfg) -> dict[int, str]:
-    try:
-        return _thumbnails(res, retrieval_cfg)
-    except Exception as err:  # the eval set moved or is remote and unreachable: the ranks still tell
-        log.warning("report: retrieval thumbnails unavailable (%s)", err)
-        return {}
-
-
-def _captions(res: dict, thumbs: dict[int, str]) -> str:
-    """A CoCa model's greedy captions of the first held-out images, beside their reference captions."""
-    rows = []
-    for ex in res["caption_examples"]:
-        i = ex["image"]
-        img = f'<img alt="image {i}" src="{thumbs[i]}">' if i in thumbs else f"<span>#{i}</span>"
-        refs = "<br>".join(html.escape(r) for r in ex["references"])
-        rows.append(f"<tr><td>{img}</td><th>{html.escape(ex['caption'])}</th><td><small>{refs}</small></td></tr>")
-    return (
-        f"<p>BLEU-4 {100 * res['caption_BLEU-4']:.1f}, CIDEr {100 * res['caption_CIDEr']:.1f} over "
-        f"{res['caption_num_captioned']} images. The model's greedy caption, then the image's reference captions:</p>"
-        f'<table class="examples"><tr><td></td><td>caption</td><td>references</td></tr>{"".join(rows)}</table>'
-    )
-
-
-def _examples(res: dict, thumbs: dict[int, str]) -> str:
-    rows = []
-    for ex in res.get("examples", []):
-        cells = []
-        for i in ex["top"]:
-            mark = "hit" if i == ex["image"] else ""
-            img = f'<img alt="image {i}" src="{thumbs[i]}">' if i in thumbs else f"<span>#{i}</span>"
-            cells.append(f'<td class="{mark}">{img}</td>')
-        own = ""
-        if ex["image"] not in ex["top"]:
-            i = ex["image"]
-            img = f'<img alt="image {i}" src="{thumbs[i]}">' if i in thumbs else f"<span>#{i}</span>"
-            own = f'<td class="gap">…</td><td class="own">{img}<br><small>its image</small></td>'
-        rows.append(f"<tr><th>{html.escape(ex['caption'])}</th>{''.join(cells)}{own}</tr>")
-    return (
-        "<p>Caption queries (text to image): the five best-scoring images, left to right; the caption's own "
-        'image has a <span class="hitlabel">green frame</span> (shown at the end when it is not among them).</p>'
-        f'<table class="examples">{"".join(rows)}</table>'
-    )
+    return png(fig) + (f"<table><tr><th>epoch</th><th>skipped</th></tr>{table}</table>" if table else "")
 
 
 def _kv_table(items: dict) -> str:
@@ -302,24 +180,18 @@ def write_report(run_dir: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
-    from clipkit.eval.config import RetrievalConfig
 
     run_dir = Path(run_dir)
     records = _records(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
     config_text = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").exists() else ""
-    retrieval_cfg = _retrieval_cfg(config_text) or RetrievalConfig()
+    run_config = _parsed(config_text)
     train = [r for r in records if "loss" in r]
     evals = summary.get("eval") or next((r["eval"] for r in reversed(records) if "eval" in r), {})
 
     cards = []
     for name, res in evals.items():
-        if res.get("task") == "zeroshot":
-            cards += [(f"{100 * res['acc1']:.1f}%", f"{name} top-1 ({res['num_classes']} classes)")]
-            cards += [(f"{100 * res['acc5']:.1f}%", f"{name} top-5")]
-        elif res.get("task") == "retrieval":
-            cards += [(f"{100 * res['image_to_text_R@1']:.1f}%", f"{name} image→text R@1")]
-            cards += [(f"{100 * res['text_to_image_R@1']:.1f}%", f"{name} text→image R@1")]
+        cards += _evaluator(res).cards(name, res)
     if summary:
         cards += [(f"{summary.get('step', 0)}", "steps"), (f"{summary.get('train_time_s', 0):.0f} s", "training time")]
     if train and "samples_per_s" in train[-1]:
@@ -337,18 +209,7 @@ def write_report(run_dir: Path) -> Path:
         '<div class="grid">' + "".join(p for p in plots if p) + "</div>",
     ]
     for name, res in evals.items():
-        if res.get("task") == "zeroshot":
-            parts.append(f"<h2>Zero-shot classification: {html.escape(name)}</h2>")
-            parts.append(f'<div class="sub">{html.escape(str(res.get("dataset", "")))}</div>')
-            parts.append(_confusion(res) if res.get("confusion") else _recall_bars(res))
-        elif res.get("task") == "retrieval":
-            parts.append(f"<h2>Retrieval examples: {html.escape(name)}</h2>")
-            parts.append(f'<div class="sub">{html.escape(str(res.get("dataset", "")))}</div>')
-            thumbs = _read_thumbnails(res, retrieval_cfg)
-            parts.append(_examples(res, thumbs))
-            if res.get("caption_examples"):
-                parts.append(f"<h2>Captions: {html.escape(name)}</h2>")
-                parts.append(_captions(res, thumbs))
+        parts += _evaluator(res).report(name, res, run_config)
     parts += ["<h2>Data errors</h2>", _data_errors(summary)]
     env = summary.get("environment")
     if env:
@@ -369,20 +230,20 @@ def write_report(run_dir: Path) -> Path:
     return out
 
 
-def _retrieval_cfg(config_text: str):
-    """The run's ``eval.retrieval`` settings (columns, image root), for reading the thumbnails back."""
-    if not config_text:
-        return None
+def _evaluator(res: dict) -> Evaluator:
+    """The evaluator that wrote a result (a result of an unknown kind gets no figures)."""
     try:
-        import yaml
+        return evaluator(res.get("task", ""))
+    except KeyError:
+        return Evaluator()
 
-        from clipkit.eval.config import RetrievalConfig
 
-        section = (yaml.safe_load(config_text).get("eval") or {}).get("retrieval") or {}
-        names = RetrievalConfig.__dataclass_fields__
-        return RetrievalConfig(**{k: v for k, v in section.items() if k in names})
-    except Exception:
-        return None
+def _parsed(config_text: str) -> dict:
+    try:
+        out = yaml.safe_load(config_text) if config_text else {}
+    except yaml.YAMLError:
+        return {}
+    return out if isinstance(out, dict) else {}
 
 
 def main(argv: list[str]) -> int:

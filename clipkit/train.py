@@ -20,7 +20,6 @@ from omegaconf import OmegaConf
 import clipkit
 from clipkit import checkpoint as ckpt
 from clipkit import distributed, faults, report
-from clipkit import ema as ema_lib
 from clipkit import model as model_lib
 from clipkit import run_dir as run_dirs
 from clipkit.config import RootConfig, resolve_eval_sets, resumable_keys
@@ -31,7 +30,7 @@ from clipkit.data.stream import ShardTable
 from clipkit.data.transforms import DeviceNormalize
 from clipkit.distill import Teacher
 from clipkit.engine import NonFiniteError, build_engine
-from clipkit.eval.runner import format_table, run_evals
+from clipkit.eval.runner import format_table, run_raw_and_ema
 from clipkit.loss import build_caption_loss, build_loss
 from clipkit.loss.distill import DistillLoss
 from clipkit.metrics import (
@@ -331,15 +330,8 @@ def evaluate(cfg: RootConfig, built, env, engine, demo: Path | None, held: Shard
     if eval_cfg.retrieval.dataset == "holdout" and held is not None:
         retrieval = dataclasses.replace(eval_cfg.retrieval, dataset="::".join(held.urls))
         eval_cfg = dataclasses.replace(eval_cfg, retrieval=retrieval)
-    results, use = {}, eval_cfg.use_ema  # (validated: ema only with train.ema_decay > 0)
-    if engine.ema is None or use != "ema":
-        with engine.full_params():
-            results = run_evals(built, eval_cfg, env.device, demo, progress=cfg.logging.progress)
-    if engine.ema is not None and use != "raw":
-        with engine.ema_weights():
-            averaged = run_evals(built, eval_cfg, env.device, demo, progress=cfg.logging.progress)
-        results.update({f"{name}{ema_lib.SUFFIX}": res for name, res in averaged.items()})
-    return results
+    ema = engine.ema_weights if engine.ema is not None else None  # (eval.use_ema=ema is refused without EMA)
+    return run_raw_and_ema(built, eval_cfg, env.device, demo, engine.full_params, ema, cfg.logging.progress)
 
 
 def eval_sets(cfg: RootConfig, held: ShardTable | None) -> dict:

@@ -135,15 +135,20 @@ class EvalConfig:
             task.cfg.validate(f"{prefix}.suite[{task.name}]", allow_pipe)
 
 
+# Each evaluator's config, by its kind (``eval/registry.py``): what an ``eval.suite`` entry's ``task`` may name.
+TASK_CONFIGS: dict[str, type] = {"zeroshot": ZeroShotConfig, "retrieval": RetrievalConfig}
+
+
 @dataclass
 class EvalTask:
     name: str
-    kind: str  # "zeroshot" | "retrieval"
-    cfg: Any  # ZeroShotConfig | RetrievalConfig
+    kind: str  # a key of TASK_CONFIGS
+    cfg: Any  # its config
 
 
 def load_eval_suite(path: str | Path) -> list[EvalTask]:
-    """An ``eval.suite`` YAML file: a list of {name, task: zeroshot|retrieval, dataset, ...that task's fields}.
+    """An ``eval.suite`` YAML file: a list of {name, task: KIND, dataset, ...that kind's fields} (KIND: a key of
+    ``TASK_CONFIGS``).
     Unknown fields fail with their name (merged into the typed configs)."""
     from clipkit import yaml_files
 
@@ -155,9 +160,8 @@ def load_eval_suite(path: str | Path) -> list[EvalTask]:
     for i, entry in enumerate(entries):
         entry = OmegaConf.to_container(entry)
         name, kind = entry.pop("name", None), entry.pop("task", None)
-        if kind not in ("zeroshot", "retrieval"):
-            raise ValueError(f"{path}: task {i} needs task: zeroshot or retrieval (got {kind!r})")
-        schema = ZeroShotConfig if kind == "zeroshot" else RetrievalConfig
-        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), entry))
+        if kind not in TASK_CONFIGS:
+            raise ValueError(f"{path}: task {i} needs task: {' or '.join(TASK_CONFIGS)} (got {kind!r})")
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TASK_CONFIGS[kind]), entry))
         tasks.append(EvalTask(name or f"{kind}_{i}", kind, cfg))
     return tasks

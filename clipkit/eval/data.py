@@ -1,6 +1,6 @@
 """Eval datasets: any supported source as an indexed stream, split over ranks and loader workers.
 
-Sources (``open_source`` picks one from the dataset string):
+Sources (``classification_source`` / ``retrieval_source`` pick one from the dataset string):
   classification  webdataset shards with a ``cls`` member; an image folder (one sub-folder per class, classes
                   sorted by name); a CSV / parquet table (image path, label as class index or class name)
   retrieval       webdataset shards with a caption list (``json`` ``captions``, or ``txt``); a CSV / parquet
@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from clipkit.data import dir_spec
 from clipkit.data.shards import expand_spec, is_shard_spec
 from clipkit.data.stream import ShardReadError, iter_shard
 from clipkit.data.tables import read_records
@@ -215,29 +216,40 @@ def _grouped(root: Path, items: list[tuple[str, list[str]]], description: str) -
     return Source(partial(_item_records, pairs), None, description)
 
 
-def open_source(task: str, dataset: str, cfg, classnames: list[str] | None = None) -> Source:
-    """The ``Source`` behind a dataset string for ``task`` (``zeroshot`` or ``retrieval``)."""
+def classification_source(dataset: str, cfg, classnames: list[str] | None = None) -> Source:
+    """The labelled images behind a dataset string (``eval.zeroshot``): shards with ``cls``, an image folder, a
+    table; ``classnames`` (a table's names for its labels) from ``cfg.classnames``."""
     if is_shard_spec(dataset):
-        target = _shard_label if task == "zeroshot" else _shard_captions
-        return Source(_shard_records(dataset, target), None, dataset)
+        return Source(_shard_records(dataset, _shard_label), None, dataset)
     path = Path(dataset).expanduser()
     if path.is_dir():
-        if list(path.glob("*.tar")):
-            from clipkit.data import dir_spec
+        return classification_source(dir_spec(path), cfg, classnames) if _has_tars(path) else image_folder(path)
+    if path.suffix in TABLE_EXTS:
+        if classnames is None:
+            raise EvalDataError(f"{path}: a classification table needs eval.zeroshot.classnames")
+        return table_classification(path, cfg.image_column, cfg.label_column, classnames)
+    raise EvalDataError(f"{dataset}: not a shard spec, image folder or CSV/parquet table")
 
-            return open_source(task, dir_spec(path), cfg, classnames)
-        if task == "zeroshot":
-            return image_folder(path)
+
+def retrieval_source(dataset: str, cfg) -> Source:
+    """The captioned images behind a dataset string (``eval.retrieval``): shards with captions, a table, a COCO or
+    Karpathy JSON."""
+    if is_shard_spec(dataset):
+        return Source(_shard_records(dataset, _shard_captions), None, dataset)
+    path = Path(dataset).expanduser()
+    if path.is_dir():
+        if _has_tars(path):
+            return retrieval_source(dir_spec(path), cfg)
         raise EvalDataError(f"{path}: a retrieval dataset is shards, a CSV/parquet table or a COCO/Karpathy JSON")
     if path.suffix in TABLE_EXTS:
-        if task == "zeroshot":
-            if classnames is None:
-                raise EvalDataError(f"{path}: a classification table needs eval.zeroshot.classnames")
-            return table_classification(path, cfg.image_column, cfg.label_column, classnames)
         return table_retrieval(path, cfg.image_column, cfg.caption_column)
-    if path.suffix == ".json" and task == "retrieval":
+    if path.suffix == ".json":
         return json_retrieval(path, Path(cfg.image_root) if cfg.image_root else None, cfg.split)
-    raise EvalDataError(f"{dataset}: not a shard spec, image folder, CSV/parquet table or (retrieval) JSON")
+    raise EvalDataError(f"{dataset}: not a shard spec, CSV/parquet table or COCO/Karpathy JSON")
+
+
+def _has_tars(path: Path) -> bool:
+    return bool(list(path.glob("*.tar")))
 
 
 class EvalStream(IterableDataset):

@@ -1,80 +1,74 @@
-"""Zero-shot classification and image<->text retrieval, with CLIP_benchmark's metric definitions, on any number
-of ranks.
+"""Zero-shot classification, with CLIP_benchmark's metric definitions, on any number of ranks (the ``zeroshot``
+evaluator).
 
-Classification: class embeddings are the re-normalised mean of the normalised template embeddings
-(open_clip's ``build_zero_shot_classifier``); logits are 100 x cosine; top-1, top-5, mean per-class recall
-(balanced accuracy over the classes present) and each class's recall.
-Retrieval: recall@k is the fraction of queries with at least one correct item in their top k (image->text:
-any of the image's captions; text->image: its image); also mean and median rank of the first correct item.
-Similarities are computed in query chunks, so memory is O(chunk x items), never items x items.
-
-Distributed: each rank embeds its share of the records (and of the classes' prompts); rank 0 gathers
-(index, embedding) pairs, restores the source order and computes the metrics, which therefore equal one
+Class embeddings are the re-normalised mean of the normalised template embeddings (open_clip's
+``build_zero_shot_classifier``), each rank building its share of the classes; logits are 100 x cosine; top-1,
+top-5, mean per-class recall (balanced accuracy over the classes present) and each class's recall. Each rank
+embeds its share of the images; rank 0 merges them in source order (``embedding``), so the metrics equal one
 process's. Only rank 0 returns results; the other ranks return None.
 """
 
 from __future__ import annotations
 
-import collections
-import contextlib
-import math
+import html
 
 import open_clip
 import torch
 
 from clipkit import distributed
 from clipkit.eval import data as eval_data
-from clipkit.eval.captioning import caption_scores
+from clipkit.eval import prompts
+from clipkit.eval.config import ZeroShotConfig
+from clipkit.eval.embedding import autocast, embed_share, merge
+from clipkit.eval.registry import EvalContext, Evaluator, register
+from clipkit.figures import plain, png
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+@register
+class ZeroShot(Evaluator):
+    kind = "zeroshot"
+    demo_split = "zeroshot"
 
+    def with_demo(self, cfg: ZeroShotConfig, split):
+        cfg = super().with_demo(cfg, split)
+        cfg.classnames = cfg.classnames or str(split / "classnames.txt")
+        cfg.templates = cfg.templates or str(split / "templates.txt")
+        return cfg
 
-@torch.no_grad()
-def embed_texts(model, tokenizer, texts: list[str], device, batch_size: int = 512, amp=None) -> torch.Tensor:
-    out = []
-    for i in range(0, len(texts), batch_size):
-        tokens = tokenizer(texts[i : i + batch_size]).to(device)
-        with _autocast(device, amp):
-            out.append(torch.nn.functional.normalize(model.encode_text(tokens).float(), dim=-1))
-    return torch.cat(out) if out else torch.empty(0)
+    def run(self, ctx: EvalContext, cfg: ZeroShotConfig) -> dict | None:
+        named = prompts.classnames(cfg.classnames) if cfg.classnames else None  # read once
+        source = eval_data.classification_source(cfg.dataset, cfg, named)
+        matched = eval_data.match_classnames(source.classnames, named, cfg.classnames, verbose=ctx.is_main)
+        classnames = prompts.classnames(None, matched)
+        templates = prompts.templates(cfg.templates, cfg.classnames)
+        return zeroshot_classification(ctx, source, classnames, templates)
 
+    def rows(self, label: str, res: dict) -> list[tuple[str, str]]:
+        return [
+            (f"{label}zero-shot top-1", f"{100 * res['acc1']:.1f}%"),
+            (f"{label}zero-shot top-5", f"{100 * res['acc5']:.1f}%"),
+            (f"{label}mean per-class recall", f"{100 * res['mean_per_class_recall']:.1f}%"),
+            (
+                f"{label}chance (top-1)",
+                f"{100 * res['chance']:.1f}%  ({res['num_classes']} classes, {res['num_samples']} images)",
+            ),
+        ]
 
-@torch.no_grad()
-def _embed_share(model, loader, device, amp, on_batch=None, captioner=None):
-    """This rank's (index, image embedding, target) lists and skip counts; ``on_batch`` sees each batch;
-    ``captioner`` (images -> texts), if given, captions every image and its texts are a fifth list."""
-    indices, embs, targets, skips, generated = [], [], [], collections.Counter(), []
-    for batch in loader:
-        skips.update(batch["skips"])
-        if batch["image"] is None:
-            continue
-        with _autocast(device, amp):
-            images = batch["image"].to(device, non_blocking=True)
-            emb = model.encode_image(images)
-            if captioner is not None:
-                generated += captioner(images)
-        embs.append(torch.nn.functional.normalize(emb.float(), dim=-1).cpu())
-        indices += batch["index"]
-        targets += batch["target"]
-        if on_batch:
-            on_batch(len(batch["index"]) + len(batch["skips"]))
-    if captioner is not None:
-        return indices, embs, targets, skips, generated
-    return indices, embs, targets, skips
+    def cards(self, name: str, res: dict) -> list[tuple[str, str]]:
+        return [
+            (f"{100 * res['acc1']:.1f}%", f"{name} top-1 ({res['num_classes']} classes)"),
+            (f"{100 * res['acc5']:.1f}%", f"{name} top-5"),
+        ]
 
+    def curves(self, name: str, res: dict) -> dict[str, float]:
+        return {f"{name} top-1": 100 * res["acc1"], f"{name} top-5": 100 * res["acc5"]}
 
-def _merge(shares: list) -> tuple[torch.Tensor, list, dict, list[int]]:
-    """Rank 0: every rank's share, back in source order; also the records' positions in the source."""
-    skips = sum((collections.Counter(s[3]) for s in shares), collections.Counter())
-    indices = [i for share in shares for i in share[0]]
-    if not indices:
-        return torch.empty(0), [], dict(sorted(skips.items())), []
-    embs = torch.cat([e for share in shares for e in share[1]])
-    targets = [t for share in shares for t in share[2]]
-    order = sorted(range(len(indices)), key=indices.__getitem__)
-    return embs[order], [targets[i] for i in order], dict(sorted(skips.items())), [indices[i] for i in order]
+    def report(self, name: str, res: dict, run_config: dict) -> list[str]:
+        return [
+            f"<h2>Zero-shot classification: {html.escape(name)}</h2>",
+            f'<div class="sub">{html.escape(str(res.get("dataset", "")))}</div>',
+            confusion_figure(res) if res.get("confusion") else recall_bars(res),
+        ]
 
 
 MAX_CONFUSION_CLASSES = 64  # larger class sets keep per-class recall only (a 1000 x 1000 matrix is not a plot)
@@ -92,7 +86,7 @@ def build_classifier(model, tokenizer, classnames: list[str], templates: list[st
     mine = [classnames[c] for c in range(rank, len(classnames), world)]
     part = None
     if mine:  # open_clip refuses an empty class list
-        with _autocast(device, amp):
+        with autocast(device, amp):
             part = open_clip.build_zero_shot_classifier(
                 model,
                 tokenizer,
@@ -111,17 +105,16 @@ def build_classifier(model, tokenizer, classnames: list[str], templates: list[st
     return classifier.to(device)
 
 
-def zeroshot_classification(model, tokenizer, source, transform, classnames, templates, device, cfg, progress=None):
+def zeroshot_classification(ctx: EvalContext, source, classnames: list[str], templates: list[str]) -> dict | None:
+    model, device, amp = ctx.built.model, ctx.device, ctx.amp_dtype
     model.eval()
-    amp = cfg.amp_dtype
     rank, world = distributed.rank_and_world()
-    classifier_DC = build_classifier(model, tokenizer, classnames, templates, device, amp)
-    loader = eval_data.loader(source, transform, rank, world, cfg.batch_size, cfg.num_workers)
-    share = _embed_share(model, loader, device, amp, progress)
-    shares = distributed.gather_to_main(share)
+    classifier_DC = build_classifier(model, ctx.built.tokenizer, classnames, templates, device, amp)
+    loader = eval_data.loader(source, ctx.transform, rank, world, ctx.batch_size, ctx.num_workers)
+    shares = distributed.gather_to_main(embed_share(model, loader, device, amp, ctx.progress))
     if shares is None:
         return None
-    img_emb_ND, labels, skips, _ = _merge(shares)
+    img_emb_ND, labels, skips, _ = merge(shares)
     known = [i for i, label in enumerate(labels) if 0 <= label < len(classnames)]
     if len(known) < len(labels):  # a shard's cls beyond the class list: counted, never silently scored as wrong
         skips = {**skips, "unknown_label": skips.get("unknown_label", 0) + len(labels) - len(known)}
@@ -139,60 +132,10 @@ def zeroshot_classification(model, tokenizer, source, transform, classnames, tem
     return metrics
 
 
-def zeroshot_retrieval(model, tokenizer, source, transform, device, cfg, progress=None, captioner=None):
-    """Recall@k both ways; with ``captioner`` (a CoCa model's images -> texts) also BLEU-4 and CIDEr of each
-    image's caption against the set's captions of that image, and the first five as examples."""
-    model.eval()
-    amp = cfg.amp_dtype
-    rank, world = distributed.rank_and_world()
-    loader = eval_data.loader(source, transform, rank, world, cfg.batch_size, cfg.num_workers)
-    indices, embs, captions, skips, *generated = _embed_share(model, loader, device, amp, progress, captioner)
-    # Each rank embeds its own images' captions too; they travel (with their text) with the image embeddings.
-    txt = embed_texts(model, tokenizer, [c for caps in captions for c in caps], device, amp=amp).cpu()
-    txt_per_image = list(zip(txt.split([len(caps) for caps in captions]), captions, strict=True)) if captions else []
-    shares = distributed.gather_to_main((indices, embs, txt_per_image, skips, *generated))
-    if shares is None:
-        return None
-    img_emb_ND, per_image, skips, records = _merge(shares)
-    if not per_image:
-        raise eval_data.EvalDataError(f"no usable image-caption pairs in {source.description} (skipped: {skips})")
-    txt_parts = [t for t, _ in per_image]
-    owner_M = torch.cat([torch.full((len(t),), i) for i, t in enumerate(txt_parts)])
-    img_emb_ND, txt_emb_MD, owner_M = img_emb_ND.to(device), torch.cat(txt_parts).to(device), owner_M.to(device)
-    metrics = retrieval_metrics(img_emb_ND, txt_emb_MD, owner_M)
-    metrics.update(num_images=img_emb_ND.shape[0], num_texts=int(owner_M.numel()), skipped=skips)
-    texts = [c for _, caps in per_image for c in caps]
-    metrics["examples"] = retrieval_examples(img_emb_ND, txt_emb_MD, owner_M, texts, records)
-    if captioner is not None:  # (in source order, as _merge put the images)
-        by_index = {i: g for share in shares for i, g in zip(share[0], share[4], strict=True)}
-        generated = [by_index[i] for i in records]
-        references = [list(caps) for _, caps in per_image]
-        scores = caption_scores(generated, references)
-        metrics.update({f"caption_{k}": v for k, v in scores.items()})
-        metrics["caption_examples"] = [
-            {"image": records[i], "caption": generated[i], "references": references[i]}
-            for i in range(min(5, len(generated)))
-        ]
-    return metrics
-
-
 def confusion_matrix(pred_N: torch.Tensor, labels_N: torch.Tensor, num_classes: int) -> list[list[int]]:
     """[true][predicted] counts."""
     flat = torch.bincount(labels_N * num_classes + pred_N, minlength=num_classes * num_classes)
     return flat.view(num_classes, num_classes).tolist()
-
-
-def retrieval_examples(img_emb_ND, txt_emb_MD, owner_M, texts, records, n: int = 6, k: int = 5) -> list[dict]:
-    """``n`` caption queries spread over the set, each with its top-``k`` images and its own image, as
-    positions in the dataset (``records``: the record index of each embedded image): what the run report shows
-    as thumbnails."""
-    m = txt_emb_MD.shape[0]
-    picks = sorted({int(i * m / n) for i in range(n)}) if m else []
-    out = []
-    for q in picks:
-        top = (txt_emb_MD[q] @ img_emb_ND.T).topk(min(k, img_emb_ND.shape[0])).indices.tolist()
-        out.append({"caption": texts[q], "image": records[int(owner_M[q])], "top": [records[i] for i in top]})
-    return out
 
 
 def classification_metrics(logits_NC: torch.Tensor, labels_N: torch.Tensor, num_classes: int) -> dict:
@@ -215,47 +158,34 @@ def classification_metrics(logits_NC: torch.Tensor, labels_N: torch.Tensor, num_
     }
 
 
-def retrieval_metrics(
-    img_emb_ND: torch.Tensor,
-    txt_emb_MD: torch.Tensor,
-    txt_to_img_M: torch.Tensor,
-    ks: tuple[int, ...] = (1, 5, 10),
-    chunk: int | None = None,
-    budget_bytes: int = 256 << 20,
-) -> dict:
-    """Recall@k both ways plus mean/median rank (1-based) of the first correct item.
+def confusion_figure(res: dict) -> str:
+    import matplotlib.pyplot as plt
+    import numpy as np
 
-    Queries are processed in chunks whose similarity block stays within ``budget_bytes`` (or ``chunk`` rows),
-    so 100k images x 500k captions never builds the full matrix. A rank is 1 + the number of items scoring
-    strictly higher than the best correct one. Captions must be grouped by image (``txt_to_img_M``
-    non-decreasing), so an image chunk's own captions are one contiguous column range.
-    """
-    n_img, n_txt = img_emb_ND.shape[0], txt_emb_MD.shape[0]
-    if n_txt > 1 and bool((txt_to_img_M[1:] < txt_to_img_M[:-1]).any()):
-        raise ValueError("captions must be grouped by image (txt_to_img_M non-decreasing)")
-    first_caption = torch.searchsorted(txt_to_img_M, torch.arange(n_img + 1, device=txt_to_img_M.device))
-    # image -> text: the rank of the best-ranked caption of the image.
-    rows = chunk or max(1, budget_bytes // (4 * max(n_txt, 1)))
-    i2t_ranks = []
-    for s in range(0, n_img, rows):
-        e = min(s + rows, n_img)
-        sim_CM = img_emb_ND[s:e] @ txt_emb_MD.T
-        c0, c1 = int(first_caption[s]), int(first_caption[e])
-        own_CK = txt_to_img_M[None, c0:c1] == torch.arange(s, e, device=sim_CM.device)[:, None]
-        best_own = sim_CM[:, c0:c1].masked_fill(~own_CK, -math.inf).max(dim=1, keepdim=True).values
-        i2t_ranks.append((sim_CM > best_own).sum(dim=1) + 1)
-    # text -> image: the rank of the caption's own image.
-    rows = chunk or max(1, budget_bytes // (4 * max(n_img, 1)))
-    t2i_ranks = []
-    for s in range(0, n_txt, rows):
-        sim_CN = txt_emb_MD[s : s + rows] @ img_emb_ND.T
-        own_sim = sim_CN.gather(1, txt_to_img_M[s : s + rows, None])
-        t2i_ranks.append((sim_CN > own_sim).sum(dim=1) + 1)
-    out = {}
-    for name, ranks in (("image_to_text", torch.cat(i2t_ranks)), ("text_to_image", torch.cat(t2i_ranks))):
-        for k in ks:
-            out[f"{name}_R@{k}"] = (ranks <= k).double().mean().item()
-        out[f"{name}_mean_rank"] = ranks.double().mean().item()
-        out[f"{name}_median_rank"] = ranks.double().median().item()
-    out["mean_R@1"] = (out["image_to_text_R@1"] + out["text_to_image_R@1"]) / 2
-    return out
+    names, counts = [plain(n) for n in res["classnames"]], np.array(res["confusion"], dtype=float)
+    rows = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    size = max(5.0, 0.19 * len(names) + 2)
+    fig, ax = plt.subplots(figsize=(size, size * 0.9))
+    im = ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
+    ax.set_yticks(range(len(names)), names, fontsize=6)
+    ax.set_xlabel("predicted class", fontsize=8)
+    ax.set_ylabel("true class", fontsize=8)
+    ax.set_title("zero-shot confusion (rows: fraction of each true class)", fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.04)
+    return png(fig)
+
+
+def recall_bars(res: dict, n: int = 20) -> str:
+    import matplotlib.pyplot as plt
+
+    items = sorted(res["per_class_recall"].items(), key=lambda kv: kv[1])
+    shown = items if len(items) <= 2 * n else items[:n] + items[-n:]
+    fig, ax = plt.subplots(figsize=(6, 0.18 * len(shown) + 1))
+    ax.barh(range(len(shown)), [100 * v for _, v in shown], color="#2563eb")
+    ax.set_yticks(range(len(shown)), [plain(k) for k, _ in shown], fontsize=6)
+    ax.set_xlim(0, 100)
+    what = "per-class recall (%)" if len(items) == len(shown) else f"per-class recall (%): worst and best {n}"
+    ax.set_title(what, fontsize=10)
+    ax.tick_params(labelsize=7)
+    return png(fig)

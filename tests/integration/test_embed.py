@@ -71,7 +71,7 @@ def _has_faiss() -> bool:
 
 def test_layout_keys_and_embeddings_are_the_models(embedded, demo_run, small_demo):
     from clipkit.checkpoint import resolve
-    from clipkit.eval.runner import eval_transform
+    from clipkit.eval.embedding import eval_transform
     from clipkit.evaluate import load_trained
 
     out, proc = embedded

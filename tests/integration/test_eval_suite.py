@@ -121,7 +121,7 @@ def test_metrics_equal_clip_benchmark(trained, folders, tmp_path):
     from torchvision.datasets import ImageFolder
 
     from clipkit.checkpoint import resolve
-    from clipkit.eval.runner import eval_transform
+    from clipkit.eval.embedding import eval_transform
     from clipkit.evaluate import load_trained
 
     result = clipkit_eval(

@@ -116,7 +116,7 @@ def test_the_zero_shot_pipeline_predicts_what_clipkit_eval_predicts(small_demo, 
     pipeline agrees with them on at least 99% of the held-out images."""
     from transformers import pipeline
 
-    from clipkit.eval.runner import eval_transform
+    from clipkit.eval.embedding import eval_transform
     from clipkit.eval.zeroshot import build_classifier
 
     run_dir, built, _ = trained

@@ -149,12 +149,12 @@ def test_clipkit_train_on_s3_as_a_user_types_it(s3_bucket, tmp_path):
 def test_eval_source_over_http_equals_local(shard_dir):
     """Eval datasets stream from remote storage too: the same records, captions and images as on local disk."""
     from clipkit.eval.config import RetrievalConfig
-    from clipkit.eval.data import open_source
+    from clipkit.eval.data import retrieval_source
 
     def records(spec):
         return [
             (i, load() if load else None, target)
-            for i, load, target in open_source("retrieval", spec, RetrievalConfig()).records()
+            for i, load, target in retrieval_source(spec, RetrievalConfig()).records()
         ]
 
     names = f"{{00000..{SHARDS - 1:05d}}}.tar"

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from clipkit.eval.zeroshot import classification_metrics, retrieval_metrics
+from clipkit.eval.retrieval import retrieval_metrics
+from clipkit.eval.zeroshot import classification_metrics
 
 
 def _reference_retrieval(img, txt, owner, k):
