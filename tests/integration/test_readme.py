@@ -1,6 +1,7 @@
-"""The README doc test: every ``clipkit ...`` line of the README's ``bash`` blocks runs through a real shell
-(``bash -c``), in README order, in a sandbox folder holding what the commands name (``photos/``; ``shards/`` and
-``runs/`` are made by the README's own commands). Commands that would train or benchmark for minutes get
+"""The doc test: every ``clipkit ...`` line of the ``bash`` blocks of the README and of every page in ``docs/`` runs
+through a real shell (``bash -c``), the README first, then the pages in the order the README first links
+them, in one sandbox folder holding what the commands name (``photos/``; ``shards/`` and ``runs/`` are made by the
+README's own commands). Commands that would train or benchmark for minutes get
 small-run overrides appended (the same command with fewer steps and the small demo data), so the README can
 never again document a command that fails as typed."""
 
@@ -16,7 +17,8 @@ from clipkit.data.shards import expand_spec
 from tests.conftest import SMALL_DEMO
 from tests.shardsets import COLOURS, jpeg
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+ROOT = Path(__file__).resolve().parents[2]
+README = ROOT / "README.md"
 SMALL_RUN = [*SMALL_DEMO, "train.steps=3", "train.global_batch_size=32", "logging.progress=false"]
 EXTRA = {  # verb -> overrides appended to keep the run small
     "train": SMALL_RUN,
@@ -25,10 +27,25 @@ EXTRA = {  # verb -> overrides appended to keep the run small
 }
 
 
+def pages() -> list[Path]:
+    """The README, then the docs pages in the order it first links them."""
+    linked = re.findall(r"\]\((docs/[\w-]+\.md)\)", README.read_text())
+    return [README, *(ROOT / p for p in dict.fromkeys(linked))]
+
+
 def readme_commands() -> list[str]:
-    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)
+    blocks = [b for page in pages() for b in re.findall(r"```bash\n(.*?)```", page.read_text(), flags=re.S)]
     lines = [ln.strip() for block in blocks for ln in block.splitlines()]
     return [re.sub(r"\s+#\s.*$", "", ln) for ln in lines if ln.startswith("clipkit ")]
+
+
+def test_every_docs_page_is_linked_and_every_link_resolves():
+    on_disk = sorted(p.relative_to(ROOT) for p in (ROOT / "docs").glob("*.md"))
+    assert sorted(p.relative_to(ROOT) for p in pages()[1:]) == on_disk  # no page a reader cannot reach
+    for page in pages():
+        for target in re.findall(r"\]\(([^)#:]+\.md)(?:#[^)]*)?\)", page.read_text()):
+            assert (page.parent / target).is_file(), f"{page.name} links to a missing {target}"
+    assert len(README.read_text().splitlines()) <= 250  # a manual's front page; topics live in docs/
 
 
 def test_readme_commands_run_as_typed(small_demo, tmp_path):
