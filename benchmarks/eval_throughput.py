@@ -126,7 +126,7 @@ def main() -> None:
 
     from clipkit import model as model_lib
     from clipkit.eval.embedding import eval_transform
-    from clipkit.model import ModelConfig
+    from clipkit.model_config import ModelConfig
 
     results = {"args": vars(args), "throughput": [], "retrieval": []}
     with tempfile.TemporaryDirectory() as tmp:

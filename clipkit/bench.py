@@ -33,6 +33,7 @@ from clipkit.engine import build_engine
 from clipkit.engine.parts import MAX_LOGIT_SCALE, autocast_dtype
 from clipkit.loss import build_caption_loss, build_loss
 from clipkit.metrics import forward_flops_per_sample, peak_flops, peak_memory_gb, reset_peak_memory
+from clipkit.model_config import is_coca
 from clipkit.optim import build_optimizer
 from clipkit.step import train_step
 
@@ -188,7 +189,7 @@ def bench_open_clip(cfg: RootConfig, batches: list[tuple], device: torch.device,
         False,
         False,
     )
-    if model_lib.is_coca(cfg.model):  # open_clip_train's --coca-*-loss-weight
+    if is_coca(cfg.model):  # open_clip_train's --coca-*-loss-weight
         weight = 2.0 if cfg.loss.caption_weight is None else cfg.loss.caption_weight
         loss = open_clip.CoCaLoss(caption_loss_weight=weight, clip_loss_weight=cfg.loss.contrastive_weight)
     elif cfg.loss.name == "siglip":

@@ -26,13 +26,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from clipkit.errors import UserError
+
 log = logging.getLogger("clipkit")
 
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
-class CorruptCheckpoint(RuntimeError):
+class CorruptCheckpoint(UserError, RuntimeError):
     pass
 
 

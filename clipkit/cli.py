@@ -7,25 +7,16 @@ data, model or process group is built. A config mistake prints one line naming t
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
 import sys
 from pathlib import Path
 
-# One line per verb: the verb list of `clipkit --help` and the head of `clipkit VERB --help` (clipkit/help.py).
-VERB_LINES = {
-    "train": "train (no overrides: the tiny model on the embedded demo data, a few minutes on a CPU)",
-    "eval": "zero-shot classification / retrieval of checkpoint=PATH (a run dir or a checkpoint dir)",
-    "export": (
-        "checkpoint=PATH format=open_clip|hf|onnx|towers out=DIR: encoder artifacts, verified by loading them back"
-    ),
-    "caption": "checkpoint=PATH [caption.images=FILE|DIR|GLOB]: captions from a trained CoCa model (greedy)",
-    "embed": "checkpoint=PATH data.train=SHARDS out=DIR: image/text embeddings in clip-retrieval's layout (embed.*)",
-    "shards": "write webdataset shards from local images + captions: clipkit shards INPUT OUTPUT [--help]",
-    "bench": "samples/s, MFU, data-wait, peak memory of clipkit's training step vs open_clip's (model=..., bench.*)",
-    "report": "RUN_DIR: write RUN_DIR/report.html (curves, eval, confusion, retrieval examples; also after each run)",
-}
+from clipkit.errors import Preempted, UserError
+from clipkit.help import VERB_LINES, verb_help
+
 VERBS = tuple(VERB_LINES)
 USAGE = (
     "usage: clipkit VERB [key=value ...] [--cfg] [--help]\n\nverbs:\n"
@@ -183,8 +174,6 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg, run_dir = compose(path_overrides(overrides))
         if show_help:  # the values shown are the composed ones (overrides given before --help included)
-            from clipkit.help import verb_help
-
             print(verb_help(verb, conf_dir(), cfg), end="")
             return
         notes = adjust(cfg)
@@ -206,25 +195,13 @@ def main(argv: list[str] | None = None) -> None:
         message = _user_error(err)
         if message is None or os.environ.get("CLIPKIT_DEBUG"):
             raise  # a bug, not a user's mistake: the traceback is what helps (CLIPKIT_DEBUG=1 shows it always)
-        _fail(f"error: {message}", 1)
+        where = f" on rank {os.environ.get('RANK', '0')}" if verb == "train" else ""
+        _fail(f"{getattr(err, 'kind', 'error')}{where}: {message}", 1)
 
 
 def _user_error(err: Exception) -> str | None:
-    """One line for what a user's input or machine caused (a file, a checkpoint, the data, the disk), else None.
-    The error classes are imported here, on the error path only."""
-    import errno
-
-    from clipkit.checkpoint import CorruptCheckpoint
-    from clipkit.data.loader import DataError
-    from clipkit.data.shards import ShardSpecError
-    from clipkit.embed import EmbedError
-    from clipkit.eval.data import EvalDataError
-    from clipkit.evaluate import NoEmaWeights
-    from clipkit.export_check import ExportError
-    from clipkit.run_dir import RunDirError
-    from clipkit.train import ResumeError
-    from clipkit.yaml_files import YamlFileError
-
+    """One line for what a user's input or machine caused (a file, a checkpoint, the data, the disk: a
+    ``UserError`` or an ``OSError``), else None."""
     if isinstance(err, OSError) and err.errno == errno.ENOSPC:
         return (
             f"no space left on the device writing {err.filename or 'a file'}: free some and run the same command "
@@ -232,36 +209,32 @@ def _user_error(err: Exception) -> str | None:
         )
     if isinstance(err, OSError) and err.filename is not None:
         return f"{err.strerror or type(err).__name__}: {err.filename}"
-    known = (CorruptCheckpoint, DataError, ShardSpecError, EmbedError, EvalDataError, NoEmaWeights, ExportError)
-    if isinstance(err, (*known, RunDirError, ResumeError, YamlFileError, OSError)):
+    if isinstance(err, (UserError, OSError)):
         return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return None
 
 
 def _run(verb: str, cfg, run_dir: Path) -> None:
+    """The verb's command. Each is imported here, after the config was checked: a mistake is reported before
+    torch and open_clip are imported (about 4 s)."""
     if verb == "train":
         _train(cfg, run_dir)
     elif verb == "eval":
-        from clipkit.eval.data import EvalDataError
-        from clipkit.evaluate import NoEmaWeights, evaluate_command
+        from clipkit.evaluate import evaluate_command
 
-        try:
-            evaluate_command(cfg, run_dir)
-        except (EvalDataError, NoEmaWeights) as err:
-            _fail(f"eval error: {err}", 1)
+        evaluate_command(cfg, run_dir)
     elif verb == "export":
-        _export(cfg)
+        from clipkit.export import export_command
+
+        export_command(cfg)
     elif verb == "caption":
         from clipkit.caption import caption_command
 
         caption_command(cfg)
     elif verb == "embed":
-        from clipkit.embed import EmbedError, embed_command
+        from clipkit.embed import embed_command
 
-        try:
-            embed_command(cfg)
-        except EmbedError as err:
-            _fail(f"embed error: {err}", 1)
+        embed_command(cfg)
     elif verb == "bench":
         from clipkit.bench import bench_command
 
@@ -269,44 +242,17 @@ def _run(verb: str, cfg, run_dir: Path) -> None:
         bench_command(cfg, run_dir)
 
 
-def _export(cfg) -> None:
-    import torch
-
-    from clipkit.checkpoint import resolve
-    from clipkit.evaluate import load_trained
-    from clipkit.export import ExportError, export
-
-    path = resolve(Path(cfg.checkpoint))
-    built, saved_cfg = load_trained(path, torch.device("cpu"), weights=cfg.weights)
-    try:
-        result = export(built, saved_cfg, cfg.format, Path(cfg.out), source=path, overwrite=cfg.overwrite)
-    except ExportError as err:
-        _fail(f"export error: {err}", 1)
-    print(
-        f"exported {path} ({cfg.weights} weights) as {cfg.format} to {cfg.out}; reloaded by its consumer, "
-        "max abs embedding difference "
-        f"image {result['image_max_abs_diff']:.2e}, text {result['text_max_abs_diff']:.2e}"
-    )
-
-
 def _train(cfg, run_dir: Path) -> None:
     if cfg.data.workers() or cfg.eval.num_workers:
         from clipkit.data import worker_context
 
         worker_context(start=True)  # the workers' fork server imports torch/open_clip while this process does
-    from clipkit.checkpoint import CorruptCheckpoint
-    from clipkit.data.loader import DataError
-    from clipkit.data.shards import ShardSpecError
-    from clipkit.engine import NonFiniteError
-    from clipkit.preempt import Preempted
-    from clipkit.run_dir import RunDirError
-    from clipkit.train import ResumeError, train
+    from clipkit.distributed import is_peer_failure
+    from clipkit.train import train
 
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         train(cfg, run_dir)
-    except (DataError, ResumeError, RunDirError, ShardSpecError, CorruptCheckpoint, NonFiniteError) as err:
-        _fail(f"error on rank {os.environ.get('RANK', '0')}: {err}", 1)
     except Preempted as sig:
         _fail(
             f"{sig} on rank {os.environ.get('RANK', '0')} while starting or waiting for data: stopped without a new "
@@ -316,9 +262,7 @@ def _train(cfg, run_dir: Path) -> None:
     except KeyboardInterrupt:
         _fail("interrupted (Ctrl-C); the same command resumes from the last complete checkpoint", 130)
     except RuntimeError as err:
-        from clipkit.distributed import is_peer_failure
-
-        if not is_peer_failure(err):
+        if isinstance(err, UserError) or not is_peer_failure(err):
             raise
         rank = os.environ.get("RANK", "?")
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -24,16 +24,15 @@ from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 
-from clipkit import model as model_lib
 from clipkit.data.config import DataConfig
-from clipkit.distill import DistillConfig, DistillKind
-from clipkit.engine import EngineName, ParallelConfig
+from clipkit.distill_config import DistillConfig, DistillKind
+from clipkit.engine.config import EngineName, ParallelConfig
 from clipkit.errors import PATH, RESUMABLE, Choice, ConfigError, at_most, non_negative, positive, require
 from clipkit.eval.config import EvalConfig
-from clipkit.loss import LossConfig, LossName
-from clipkit.metrics import LoggingConfig
-from clipkit.model import ModelConfig
-from clipkit.optim import OptimConfig
+from clipkit.logging_config import LoggingConfig
+from clipkit.loss_config import LossConfig, LossName
+from clipkit.model_config import ModelConfig, config_json, is_coca
+from clipkit.optim_config import OptimConfig
 
 __all__ = ["ConfigError", "RootConfig", "TrainConfig", "adjust", "path_keys", "register_configs", "validate"]
 
@@ -357,7 +356,7 @@ def validate(cfg: RootConfig, verb: str = "train", world_size: Optional[int] = N
             "loss.name=siglip needs a learnable bias: use loss=siglip "
             "(sets model.init_logit_scale=2.3026 and model.init_logit_bias=-10)",
         )
-    if not model_lib.is_coca(cfg.model):
+    if not is_coca(cfg.model):
         if cfg.loss.caption_weight is not None:
             raise ConfigError("loss.caption_weight", cfg.loss.caption_weight, "needs a CoCa model (coca_*)")
         require("loss.contrastive_weight", 0, cfg.loss.contrastive_weight > 0, "must be > 0: it is the only loss")
@@ -417,16 +416,18 @@ def _require_same_width(cfg: RootConfig) -> None:
     configs; nothing is built)."""
     import json
 
-    student = model_lib.model_config(cfg.model)["embed_dim"]
+    student = config_json(cfg.model)["embed_dim"]
     path = Path(cfg.distill.teacher).expanduser()
     if (path / "open_clip_config.json").is_file():
         teacher = json.loads((path / "open_clip_config.json").read_text())["model_cfg"]["embed_dim"]
-    elif path.exists():
+    else:
         from clipkit import checkpoint as ckpt
 
-        teacher = model_lib.model_config(saved_config(ckpt.resolve(path)).model)["embed_dim"]
-    else:
-        teacher = model_lib.model_config(model_lib.ModelConfig(name=cfg.distill.teacher))["embed_dim"]
+        named = saved_config(ckpt.resolve(path)).model if path.exists() else ModelConfig(cfg.distill.teacher)
+        found = config_json(named)
+        if found is None:
+            raise ConfigError("distill.teacher", cfg.distill.teacher, "unknown open_clip model")
+        teacher = found["embed_dim"]
     if teacher != student:
         raise ConfigError(
             "distill.kind",
@@ -445,7 +446,7 @@ def _require_coca_checkpoint(checkpoint: Optional[str]) -> None:
         saved = saved_config(ckpt.resolve(path))
     except (FileNotFoundError, ValueError, ckpt.CorruptCheckpoint) as err:
         raise ConfigError("checkpoint", checkpoint, f"not a clipkit run or checkpoint dir ({err})") from None
-    if not model_lib.is_coca(saved.model):
+    if not is_coca(saved.model):
         raise ConfigError("checkpoint", checkpoint, f"its model {saved.model.name} is not a CoCa model: no captioner")
 
 

@@ -1,4 +1,4 @@
-"""Distillation from a teacher model (``distill.*``): its config and the teacher itself.
+"""Distillation from a teacher model (``distill.*``, configured in ``distill_config.py``): the teacher itself.
 
 The teacher is any CLIP-style model clipkit can load: a clipkit run or checkpoint dir, an exported open_clip
 folder, or an open_clip model name with local weights (``distill.pretrained``). It runs without autograd, in eval
@@ -10,95 +10,23 @@ is ``clipkit.loss.distill.DistillLoss``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
 
-from clipkit.errors import PATH, Choice, ConfigError, require
+import torch
+import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    import torch
-
-    from clipkit.model import Built
+from clipkit import checkpoint as ckpt
+from clipkit import model as model_lib
+from clipkit.distill_config import DistillConfig
+from clipkit.model import Built
+from clipkit.model_config import ModelConfig
 
 PROBES = ["a photo of a red circle", "x " * 100]  # captions whose tokens tell two tokenizers apart (the long one:
 # the context length)
 
 
-class DistillKind(Choice):
-    logits = "logits"  # the teacher's image-text softmax over the global batch (open_clip's DistillClipLoss)
-    features = "features"  # the teacher's embeddings, per sample (cosine distance; same embedding width)
-
-
-class TeacherPrecision(Choice):
-    auto = "auto"  # bf16 on GPU, fp32 on CPU
-    fp32 = "fp32"
-    bf16 = "bf16"
-
-
-@dataclass
-class DistillConfig:
-    # The teacher to distil from: a clipkit run or checkpoint dir, an exported open_clip folder, or an open_clip
-    # model name (with distill.pretrained); null = no distillation.
-    teacher: Optional[str] = field(default=None, metadata=PATH)
-    # Local weights file for a teacher given by model name (clipkit never downloads).
-    pretrained: Optional[str] = field(default=None, metadata=PATH)
-    # The loss is the contrastive loss + weight x the distillation term.
-    weight: float = 1.0
-    # logits: pull the student's image-text softmax toward the teacher's over the global batch; features: pull
-    # each embedding toward the teacher's (cosine distance; the widths must match).
-    kind: DistillKind = DistillKind.logits
-    # The teacher's compute precision (its weights are cast: no fp32 copy is kept in bf16).
-    precision: TeacherPrecision = TeacherPrecision.auto
-
-    def validate(self, prefix: str = "distill") -> None:
-        if self.teacher is None:
-            for key in ("pretrained",):
-                if getattr(self, key) is not None:
-                    raise ConfigError(f"{prefix}.{key}", getattr(self, key), f"needs {prefix}.teacher")
-            return
-        require(f"{prefix}.weight", self.weight, self.weight > 0, "must be > 0")
-        path = Path(self.teacher).expanduser()
-        if path.exists():
-            ok = (
-                (path / "open_clip_config.json").is_file()
-                or (path / "manifest.json").is_file()
-                or (path / "checkpoints").is_dir()
-            )
-            require(
-                f"{prefix}.teacher",
-                self.teacher,
-                ok,
-                "not a clipkit run or checkpoint dir, nor an exported open_clip folder",
-            )
-            require(f"{prefix}.pretrained", self.pretrained, self.pretrained is None, "only for a model-name teacher")
-        elif "/" in self.teacher or self.teacher.startswith("."):
-            raise ConfigError(
-                f"{prefix}.teacher",
-                self.teacher,
-                "path not found (a run or checkpoint dir, or an exported open_clip folder; experiment=distill_demo "
-                "needs `clipkit train experiment=teacher_demo` first)",
-            )
-        else:
-            require(
-                f"{prefix}.pretrained",
-                self.pretrained,
-                self.pretrained is not None,
-                f"a teacher given by model name ({self.teacher}) needs its local weights file",
-            )
-            require(
-                f"{prefix}.pretrained",
-                self.pretrained,
-                Path(self.pretrained).expanduser().is_file(),
-                "file not found",
-            )
-
-
 def load_teacher(cfg: DistillConfig, device: torch.device | str = "cpu") -> Built:
     """The teacher's model, tokenizer and preprocessing (its EMA weights are not used: the raw ones)."""
-    from clipkit import checkpoint as ckpt
-    from clipkit import model as model_lib
-
     path = Path(cfg.teacher).expanduser()
     if (path / "open_clip_config.json").is_file():
         return model_lib.from_open_clip_folder(path, device)
@@ -106,12 +34,10 @@ def load_teacher(cfg: DistillConfig, device: torch.device | str = "cpu") -> Buil
         from clipkit.evaluate import load_trained
 
         return load_trained(ckpt.resolve(path), device)[0]
-    return model_lib.build(model_lib.ModelConfig(name=cfg.teacher, pretrained=cfg.pretrained), device)
+    return model_lib.build(ModelConfig(name=cfg.teacher, pretrained=cfg.pretrained), device)
 
 
 def _same_tokens(a, b) -> bool:
-    import torch
-
     try:
         return all(torch.equal(a([p]), b([p])) for p in PROBES)
     except Exception:  # (different shapes: another context length)
@@ -123,8 +49,6 @@ class Teacher:
     ``image_features``, ``text_features`` and ``logit_scale`` (fp32, no autograd)."""
 
     def __init__(self, cfg: DistillConfig, student: Built, device: torch.device):
-        import torch
-
         built = load_teacher(cfg, device)
         self.built, self.device = built, device
         bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
@@ -152,8 +76,6 @@ class Teacher:
     def images(self, images: torch.Tensor) -> torch.Tensor:
         """The teacher's pixels from the student's normalised crop: the same crop at the teacher's size (bicubic,
         antialiased), normalised with the teacher's mean and std."""
-        import torch.nn.functional as F
-
         x = images.float()
         if not self.renormalize:
             return x
@@ -164,8 +86,6 @@ class Teacher:
         return (x - self.mean) / self.std
 
     def __call__(self, images: torch.Tensor, text: torch.Tensor, teacher_text: torch.Tensor | None = None) -> dict:
-        import torch
-
         with torch.no_grad():
             tokens = teacher_text if self.own_tokens else text
             out = self.model(self.images(images).to(self.dtype), tokens.to(self.device))

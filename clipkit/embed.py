@@ -46,6 +46,7 @@ from clipkit.data import ensure_demo, train_spec, worker_context
 from clipkit.data.loader import BadSample, SampleDecoder, resolve_shards, worker_init
 from clipkit.data.stream import ShardReadError, iter_shard
 from clipkit.data.transforms import to_rgb
+from clipkit.errors import UserError
 from clipkit.eval.embedding import eval_transform
 from clipkit.evaluate import load_trained
 
@@ -53,13 +54,15 @@ log = logging.getLogger("clipkit")
 MODALITIES = {"image": ("img_emb", "img_emb"), "text": ("text_emb", "text_emb")}
 
 
-class EmbedError(RuntimeError):
+class EmbedError(UserError, RuntimeError):
     pass
 
 
 class PartStream(IterableDataset):
     """Decoded batches of the parts this rank embeds; each DataLoader worker takes every W-th of them and yields
     a part's batches in order, the last one flagged (a part with no good sample still yields one, empty)."""
+
+    kind = "embed error"
 
     def __init__(self, parts: dict[int, list[tuple[str, str]]], decoder: SampleDecoder, transform, tokenizer, cfg):
         self.parts, self.decoder, self.transform, self.tokenizer = parts, decoder, transform, tokenizer

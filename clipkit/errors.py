@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import signal
 from enum import Enum
 from typing import Any
 
@@ -16,7 +17,24 @@ class ConfigError(ValueError):
         super().__init__(f"{key}={shown!r}: {reason}")
 
 
-class NonFiniteError(FloatingPointError):
+class UserError(Exception):
+    """What the user's input, data, checkpoint or machine caused, not a bug: the CLI prints one line headed by
+    ``kind`` (exit code 1, no traceback; ``CLIPKIT_DEBUG=1`` shows it). Every such error class derives from it."""
+
+    kind = "error"
+
+
+class Preempted(BaseException):
+    """SIGTERM / SIGUSR1 arrived while the run was starting, or waiting for data with no batch within
+    ``preempt.GRACE_S``: the run stops without writing a checkpoint (the last complete one resumes). A
+    BaseException, so that no ``except Exception`` on the way swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class NonFiniteError(UserError, FloatingPointError):
     """A NaN/inf gradient norm (from a NaN/inf loss or gradient); raised on every rank, before any update."""
 
 

@@ -20,13 +20,16 @@ from clipkit import model as model_lib
 from clipkit.config import RootConfig, saved_config
 from clipkit.data import ensure_demo
 from clipkit.data.config import DataConfig
+from clipkit.errors import UserError
 from clipkit.eval.runner import format_table, run_raw_and_ema
 
 log = logging.getLogger("clipkit")
 
 
-class NoEmaWeights(ValueError):
+class NoEmaWeights(UserError, ValueError):
     """EMA weights were asked for (``weights=ema``, ``eval.use_ema=ema``) and the checkpoint has none."""
+
+    kind = "eval error"
 
 
 def load_trained(path: Path, device: torch.device, weights: str = "raw") -> tuple[model_lib.Built, RootConfig]:

@@ -26,7 +26,9 @@ import open_clip
 import torch
 from safetensors.torch import save_file
 
+from clipkit.checkpoint import resolve
 from clipkit.config import RootConfig
+from clipkit.evaluate import load_trained
 from clipkit.export_check import PROBE_CAPTIONS, ExportError, check, open_clip_model_cfg, probe_inputs, reference
 from clipkit.export_hf import export_hf
 from clipkit.model import Built, quiet_root_logger
@@ -209,3 +211,16 @@ def export(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return result
+
+
+def export_command(cfg: RootConfig) -> None:
+    """``clipkit export``: the newest complete checkpoint of ``checkpoint`` (or that checkpoint) as ``format`` in
+    ``out``, loaded back by its consumer; prints what it wrote and how closely the consumer agrees."""
+    path = resolve(Path(cfg.checkpoint))
+    built, saved_cfg = load_trained(path, torch.device("cpu"), weights=cfg.weights)
+    result = export(built, saved_cfg, cfg.format, Path(cfg.out), source=path, overwrite=cfg.overwrite)
+    print(
+        f"exported {path} ({cfg.weights} weights) as {cfg.format} to {cfg.out}; reloaded by its consumer, "
+        "max abs embedding difference "
+        f"image {result['image_max_abs_diff']:.2e}, text {result['text_max_abs_diff']:.2e}"
+    )

@@ -6,11 +6,14 @@ from __future__ import annotations
 import torch
 
 from clipkit.config import RootConfig
+from clipkit.errors import UserError
 from clipkit.model import Built, model_config
 
 
-class ExportError(ValueError):
-    pass
+class ExportError(UserError, ValueError):
+    """An export that cannot be written, or that its consumer does not load as the checkpoint computes."""
+
+    kind = "export error"
 
 
 MAX_ABS_DIFF = 1e-4  # fp32 embeddings, before normalisation

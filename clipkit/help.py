@@ -18,6 +18,20 @@ import textwrap
 from functools import cache
 from pathlib import Path
 
+# One line per verb: the verb list of `clipkit --help` and the head of `clipkit VERB --help`.
+VERB_LINES = {
+    "train": "train (no overrides: the tiny model on the embedded demo data, a few minutes on a CPU)",
+    "eval": "zero-shot classification / retrieval of checkpoint=PATH (a run dir or a checkpoint dir)",
+    "export": (
+        "checkpoint=PATH format=open_clip|hf|onnx|towers out=DIR: encoder artifacts, verified by loading them back"
+    ),
+    "caption": "checkpoint=PATH [caption.images=FILE|DIR|GLOB]: captions from a trained CoCa model (greedy)",
+    "embed": "checkpoint=PATH data.train=SHARDS out=DIR: image/text embeddings in clip-retrieval's layout (embed.*)",
+    "shards": "write webdataset shards from local images + captions: clipkit shards INPUT OUTPUT [--help]",
+    "bench": "samples/s, MFU, data-wait, peak memory of clipkit's training step vs open_clip's (model=..., bench.*)",
+    "report": "RUN_DIR: write RUN_DIR/report.html (curves, eval, confusion, retrieval examples; also after each run)",
+}
+
 # Which parts of the root config each verb reads (the rest is accepted but has no effect on it).
 VERB_SECTIONS = {
     "train": ["name", "model", "data", "loss", "distill", "optim", "train", "eval", "logging", "parallel"],
@@ -111,8 +125,6 @@ def verb_help(verb: str, conf: Path, config) -> str:
     wanted = VERB_SECTIONS[verb]
     rows = [r for r in options(config) if any(r[0] == w or r[0].startswith(w + ".") for w in wanted)]
     width = min(max(len(f"{k}={v}") for k, v, _ in rows), 46)
-    from clipkit.cli import VERB_LINES
-
     out = [f"usage: clipkit {verb} [key=value ...] [--cfg] [--help]", "", VERB_LINES[verb], ""]
     groups = presets(conf)
     shown = [g for g in groups if g in {w.split(".")[0] for w in wanted}]

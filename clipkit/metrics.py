@@ -8,48 +8,11 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
 
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
-
-from clipkit.errors import Choice, require
-
-if TYPE_CHECKING:
-    import torch
-
-
-class WandbMode(Choice):
-    offline = "offline"  # needs no account
-    online = "online"  # needs credentials and network
-    disabled = "disabled"
-
-
-@dataclass
-class LoggingConfig:
-    # A progress bar on the main rank's terminal.
-    progress: bool = True
-    # Log to Weights & Biases (offline by default: no network needed).
-    wandb: bool = False
-    # (the wandb project)
-    wandb_project: str = "clipkit"
-    # (the wandb entity / team)
-    wandb_entity: Optional[str] = None
-    # (offline writes runs to sync later with `wandb sync`)
-    wandb_mode: WandbMode = WandbMode.offline
-    # TensorBoard event files in RUN_DIR/tensorboard (`tensorboard --logdir runs`): the same scalars as
-    # metrics.jsonl, eval metrics included; a resumed run drops the events past its checkpoint.
-    tensorboard: bool = False
-    # RUN_DIR/report.html at the end of training: curves, eval, confusion matrix, retrieval examples, data
-    # errors, config, environment (also on demand: `clipkit report RUN_DIR`).
-    report: bool = True
-    # Peak dense TFLOP/s of one device at the precision in use, for MFU; 0 = known GPUs from a table, none on CPU.
-    peak_tflops: float = 0.0
-
-    def validate(self, prefix: str = "logging") -> None:
-        require(f"{prefix}.peak_tflops", self.peak_tflops, self.peak_tflops >= 0, "must be >= 0")
-
 
 log = logging.getLogger("clipkit")
 
@@ -68,9 +31,6 @@ PEAK_TFLOPS = {
 def forward_flops_per_sample(model: torch.nn.Module, image_size: int, context_length: int, device) -> float:
     """FLOPs of one (image, caption) forward, counted by torch's FlopCounterMode on the real model (train mode,
     so patch dropout counts as configured; autograd on, so attention takes the path training takes)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
     was_training = model.training
     model.train()
     image = torch.zeros(1, 3, image_size, image_size, device=device)
@@ -87,7 +47,6 @@ def peak_flops(device: torch.device, amp_dtype: torch.dtype | None, override_tfl
         return override_tflops * 1e12
     if device.type != "cuda":
         return None
-    import torch
 
     name = torch.cuda.get_device_name(device)
     for key, peaks in PEAK_TFLOPS.items():
@@ -109,8 +68,6 @@ def _proc_status_gb(field: str) -> float:
 
 def peak_memory_gb(device: torch.device) -> float:
     """Peak memory of this process: allocated on a GPU, resident (VmHWM) on a CPU."""
-    import torch
-
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1024**3
     return _proc_status_gb("VmHWM")
@@ -123,8 +80,6 @@ def resident_memory_gb() -> float:
 
 def reset_peak_memory(device: torch.device) -> None:
     """Starts a new peak for ``peak_memory_gb`` (CPU: resets VmHWM through /proc/self/clear_refs)."""
-    import torch
-
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return

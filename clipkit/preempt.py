@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from clipkit.distributed import rank_and_world
+from clipkit.errors import Preempted
 
 log = logging.getLogger("clipkit")
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -31,16 +32,6 @@ SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # that may never come: it gets GRACE_S seconds for the batch to arrive, then ends the run.
 GRACE_S = 5.0
 _state = {"waiting": False, "pending": 0}
-
-
-class Preempted(BaseException):
-    """SIGTERM / SIGUSR1 arrived while the run was starting, or waiting for data with no batch within
-    ``GRACE_S``: the run stops without writing a checkpoint (the last complete one resumes). A BaseException, so that no
-    ``except Exception`` on the way swallows it."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
 
 
 class DataStall(BaseException):

@@ -18,12 +18,14 @@ import os
 import socket
 from pathlib import Path
 
+from clipkit.errors import UserError
+
 log = logging.getLogger("clipkit")
 LOCK = ".clipkit.lock"
 _HELD: list = []  # the open lock files of this process (the lock lives as long as its file object)
 
 
-class RunDirError(RuntimeError):
+class RunDirError(UserError, RuntimeError):
     pass
 
 

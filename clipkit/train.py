@@ -30,6 +30,7 @@ from clipkit.data.stream import ShardTable
 from clipkit.data.transforms import DeviceNormalize
 from clipkit.distill import Teacher
 from clipkit.engine import NonFiniteError, build_engine
+from clipkit.errors import UserError
 from clipkit.eval.runner import format_table, run_raw_and_ema
 from clipkit.loss import build_caption_loss, build_loss
 from clipkit.loss.distill import DistillLoss
@@ -48,7 +49,7 @@ from clipkit.step import StepResult, rng_state, set_rng_state, train_step
 log = logging.getLogger("clipkit")
 
 
-class ResumeError(RuntimeError):
+class ResumeError(UserError, RuntimeError):
     """The run dir's checkpoint cannot be resumed by this run (other config or world size)."""
 
 

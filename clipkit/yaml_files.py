@@ -12,10 +12,12 @@ from pathlib import Path
 
 import yaml
 
+from clipkit.errors import UserError
+
 MAX_BYTES = 4 << 20  # a suite or a class-name list is kilobytes; 4 MiB leaves room for ImageNet-21k names
 
 
-class YamlFileError(ValueError):
+class YamlFileError(UserError, ValueError):
     pass
 
 

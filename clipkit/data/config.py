@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from clipkit.data import remote
 from clipkit.errors import PATH, RESUMABLE, Choice, ConfigError, at_most, non_negative, positive, require
 
 
@@ -183,13 +184,10 @@ def _probe_first_shard(key: str, spec: str, sources: list) -> None:
     not deep in the loader; the others are checked as they are read)."""
     import tarfile
 
-    from clipkit.data import remote
-    from clipkit.data.shards import local_path
-
     first = next((u for src in sources for u in src.urls), None)
     if first is None or remote.is_remote(first) or remote.is_pipe(first):
         return
-    path = local_path(first)
+    path = remote.local_path(first)
     if path.is_dir():
         raise ConfigError(key, spec, f"{path} is a folder: name its shards, e.g. {path}/*.tar")
     if path.is_file() and path.stat().st_size > 0 and not tarfile.is_tarfile(path):

@@ -22,8 +22,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clipkit import preempt
 from clipkit.data import transforms, worker_context
-from clipkit.data.shards import expand_spec, local_path, remote, shard_sizes
+from clipkit.data.shards import expand_spec, remote, shard_sizes
 from clipkit.data.stream import MISSING, UNANNOUNCED, UNKNOWN, Reader, ShardTable, StreamPlan, iter_slot
+from clipkit.errors import UserError
 
 log = logging.getLogger("clipkit")
 STATE_VERSION = 1
@@ -40,7 +41,7 @@ class BadSample(Exception):
         self.kind, self.members = kind, members
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """Unusable training data (too many bad samples, unknown sizes, resume with another layout)."""
 
 
@@ -345,7 +346,7 @@ def resolve_shards(spec: str, allow_pipe: bool = True, allow_missing: bool = Fal
     sizes = shard_sizes(urls)
     if allow_missing:
         for i, u in enumerate(urls):
-            if not remote.is_pipe(u) and not remote.is_remote(u) and not local_path(u).is_file():
+            if not remote.is_pipe(u) and not remote.is_remote(u) and not remote.local_path(u).is_file():
                 sizes[i] = sizes[i] or 0
                 log.warning("shard missing: %s (its %d announced samples will count as missing)", u, sizes[i])
     unknown = [u for u, n in zip(urls, sizes, strict=True) if n is None]

@@ -13,6 +13,7 @@ import importlib.util
 import io
 import os
 import tarfile
+from pathlib import Path
 
 REMOTE_SCHEMES = ("http://", "https://", "s3://", "gs://", "gcs://")
 _BACKEND = {"s3": ("s3fs", "clipkit[s3]"), "gs": ("gcsfs", "clipkit[gcs]"), "gcs": ("gcsfs", "clipkit[gcs]")}
@@ -34,6 +35,11 @@ def configure(stall_timeout_s: float) -> None:
 
 
 BLOCK_SIZE = 8 << 20  # bytes per ranged read (s3/gs) and read-ahead buffer
+
+
+def local_path(url: str) -> Path:
+    """The file of a local shard URL (a path, or ``file://``)."""
+    return Path(url[len("file://") :] if url.startswith("file://") else url).expanduser()
 
 
 def is_remote(url: str) -> bool:
@@ -83,8 +89,6 @@ def open_stream(url: str):
         gopen = importlib.import_module("webdataset.gopen").gopen  # (the package re-exports the function as gopen)
         return gopen(url)
     if not is_remote(url):
-        from clipkit.data.shards import local_path
-
         return open(local_path(url), "rb")
     fs = _filesystem(url)
     if scheme(url) in ("http", "https"):

@@ -27,6 +27,7 @@ from pathlib import Path
 import braceexpand
 
 from clipkit.data import remote
+from clipkit.errors import UserError
 
 # The size file beside the shards: shard name -> sample count (written by ``writer.write_sizes_file``).
 SIZES_FILE = "sizes.json"
@@ -35,7 +36,7 @@ _WEIGHT = re.compile(r"^(?P<url>.+)@(?P<weight>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+
 _PATTERN_CHARS = re.compile(r"[{*?\[]")
 
 
-class ShardSpecError(ValueError):
+class ShardSpecError(UserError, ValueError):
     pass
 
 
@@ -75,7 +76,7 @@ def expand_spec(spec: str, check_exists: bool = False, allow_pipe: bool = True) 
         has_glob = not remote.is_pipe(url) and not remote.is_remote(url) and globlib.has_magic(url)
         for u in expand_braces(url):
             if has_glob and globlib.has_magic(u):
-                found = sorted(globlib.glob(str(local_path(u))))
+                found = sorted(globlib.glob(str(remote.local_path(u))))
                 if not found:
                     raise ShardSpecError(f"pattern {u!r} matches no file")
                 urls += found
@@ -134,10 +135,6 @@ def is_shard_spec(spec: str) -> bool:
     return ".tar" in spec or "::" in spec or spec.startswith(("pipe:", "file:")) or remote.is_remote(spec)
 
 
-def local_path(url: str) -> Path:
-    return Path(url[len("file://") :] if url.startswith("file://") else url).expanduser()
-
-
 def _split(url: str) -> tuple[str, str]:
     folder, _, name = url.rpartition("/")
     return folder, name
@@ -152,7 +149,7 @@ def _sizes_file(folder: str) -> dict[str, int]:
         except remote.RemoteReadError as err:
             raise ShardSpecError(f"cannot read the shard sizes: {err}") from None
     else:
-        path = local_path(folder) / SIZES_FILE
+        path = remote.local_path(folder) / SIZES_FILE
         text = path.read_text() if path.is_file() else None
     if text is None:
         return {}
@@ -182,7 +179,7 @@ def _stats_successes(url: str) -> int | None:
         except remote.RemoteReadError as err:
             raise ShardSpecError(f"cannot read the shard sizes: {err}") from None
     else:
-        path = local_path(_stats_url(url))
+        path = remote.local_path(_stats_url(url))
         text = path.read_text() if path.is_file() else None
     return None if text is None else int(json.loads(text)["successes"])
 
@@ -233,6 +230,6 @@ def shard_sizes(urls: list[str], max_parallel: int = 16) -> list[int | None]:
             continue
         for i in idx:
             n = _stats_successes(urls[i])
-            path = local_path(urls[i])
+            path = remote.local_path(urls[i])
             out[i] = n if n is not None else (count_tar_samples(path) if path.is_file() else None)
     return out

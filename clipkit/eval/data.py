@@ -35,6 +35,7 @@ from clipkit.data.shards import expand_spec, is_shard_spec
 from clipkit.data.stream import ShardReadError, iter_shard
 from clipkit.data.tables import read_records
 from clipkit.data.transforms import to_rgb
+from clipkit.errors import UserError
 
 log = logging.getLogger("clipkit")
 SHARD_IMAGE_KEYS = ("jpg", "png", "webp", "jpeg")
@@ -42,8 +43,10 @@ IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 TABLE_EXTS = {".csv", ".tsv", ".parquet"}
 
 
-class EvalDataError(ValueError):
+class EvalDataError(UserError, ValueError):
     """A dataset that cannot be evaluated at all (as opposed to single records, which are skipped)."""
+
+    kind = "eval error"
 
 
 # A record: (index, image loader, target) or (index, None, skip kind).

@@ -1,54 +1,17 @@
-"""The loss component: its config (``loss.*``) and ``build_loss``; the losses themselves are in ``contrastive.py``
-and, for CoCa models, ``caption.py`` (imported on first use, so that validating a config does not import torch)."""
+"""The loss component: ``build_loss`` and ``build_caption_loss`` (configured in ``loss_config.py``, ``loss.*``); the
+losses themselves are in ``contrastive.py`` and, for CoCa models, ``caption.py``."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from clipkit.loss.caption import CaptionLoss
+from clipkit.loss.contrastive import InfoNCELoss, SigLIPLoss, Weighted
+from clipkit.model_config import is_coca
 
-from clipkit.errors import Choice, ConfigError, require
-
-__all__ = ["InfoNCEImpl", "InfoNCELoss", "LossConfig", "LossName", "SigLIPLoss", "build_loss"]
-
-
-class LossName(Choice):
-    infonce = "infonce"  # softmax, CLIP
-    siglip = "siglip"  # sigmoid; needs model.init_logit_bias (see conf/loss/siglip.yaml)
-
-
-class InfoNCEImpl(Choice):
-    gathered = "gathered"  # B x N logits
-    tiled = "tiled"  # blockwise, memory O(B x chunk)
-
-
-@dataclass
-class LossConfig:
-    # The contrastive objective: CLIP's InfoNCE or SigLIP's pairwise sigmoid (use loss=siglip).
-    name: LossName = LossName.infonce
-    # InfoNCE only: how the logits are computed.
-    impl: InfoNCEImpl = InfoNCEImpl.gathered
-    # Columns per block for tiled InfoNCE and SigLIP: ``auto`` or a positive integer.
-    chunk_size: str = "auto"
-    # CoCa models (coca_*, clipkit-coca-tiny) only: the captioning term's weight; None = open_clip's default, 2.
-    caption_weight: Optional[float] = None
-    # The contrastive term's weight (with CoCa, 0 trains the captioner alone).
-    contrastive_weight: float = 1.0
-
-    def validate(self, prefix: str = "loss") -> None:
-        if self.caption_weight is not None:
-            require(f"{prefix}.caption_weight", self.caption_weight, self.caption_weight >= 0, "must be >= 0")
-        require(f"{prefix}.contrastive_weight", self.contrastive_weight, self.contrastive_weight >= 0, "must be >= 0")
-        chunk = self.chunk_size
-        if chunk != "auto" and not (chunk.isdigit() and int(chunk) > 0):
-            raise ConfigError(f"{prefix}.chunk_size", chunk, "must be 'auto' or a positive integer")
-        if self.name == LossName.siglip and self.impl != InfoNCEImpl.gathered:
-            raise ConfigError(f"{prefix}.impl", self.impl.value, "applies to InfoNCE only; SigLIP is always blockwise")
+__all__ = ["InfoNCELoss", "SigLIPLoss", "build_caption_loss", "build_loss"]
 
 
 def build_loss(name: str, impl: str = "gathered", chunk_size: int | str = "auto", weight: float = 1.0):
     """The contrastive loss, times ``weight`` unless it is 1."""
-    from clipkit.loss.contrastive import InfoNCELoss, SigLIPLoss, Weighted
-
     if name == "infonce":
         loss = InfoNCELoss(impl, chunk_size)
     elif name == "siglip":
@@ -60,19 +23,7 @@ def build_loss(name: str, impl: str = "gathered", chunk_size: int | str = "auto"
 
 def build_caption_loss(cfg, model):
     """CoCa's captioning term for ``cfg`` (a ``RootConfig``) when its model is a CoCa, else None."""
-    from clipkit import model as model_lib
-
-    if not model_lib.is_coca(cfg.model):
+    if not is_coca(cfg.model):
         return None
-    from clipkit.loss.caption import CaptionLoss
-
     weight = 2.0 if cfg.loss.caption_weight is None else cfg.loss.caption_weight
     return CaptionLoss(weight, getattr(model, "pad_id", 0))
-
-
-def __getattr__(name: str):
-    if name in ("InfoNCELoss", "SigLIPLoss"):
-        from clipkit.loss import contrastive
-
-        return getattr(contrastive, name)
-    raise AttributeError(f"module 'clipkit.loss' has no attribute {name!r}")

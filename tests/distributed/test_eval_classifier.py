@@ -15,7 +15,7 @@ CLASSES = ["red circle", "blue star"]
 def _classifier():
     from clipkit import model as model_lib
     from clipkit.eval.zeroshot import build_classifier
-    from clipkit.model import ModelConfig
+    from clipkit.model_config import ModelConfig
 
     torch.manual_seed(0)
     built = model_lib.build(ModelConfig())

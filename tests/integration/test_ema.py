@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from clipkit.config import saved_config
-from clipkit.model import ModelConfig, build
+from clipkit.model import build
+from clipkit.model_config import ModelConfig
 from tests.conftest import run_cli
 from tests.integration.test_engines import ATOL, COMMON, STEPS, torchrun
 from tests.unit.test_ema import _reference

@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from clipkit.model import ModelConfig, build
+from clipkit.model import build
+from clipkit.model_config import ModelConfig
 from tests.conftest import run_cli
 from tests.integration.test_engines import ATOL, COMMON, final_weights, logged, torchrun
 

@@ -130,7 +130,7 @@ def test_zero_obeys_the_nonfinite_policy_through_the_cli(small_demo, tmp_path, e
     assert "non-finite gradient (norm inf) at step 4" in next(r["skipped"] for r in records if r.get("skipped"))
     # 8 steps (7 updates applied), each with the learning rate of its own step number, on every engine alike.
     cfg_lr, warmup, steps = 1e-3, 4, 8
-    from clipkit.optim import OptimConfig
+    from clipkit.optim_config import OptimConfig
 
     optim = OptimConfig(lr=cfg_lr, warmup_steps=warmup)
     expected = [cfg_lr * lr_factor(step - 1, optim, steps) for step in range(1, steps + 1)]

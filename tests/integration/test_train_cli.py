@@ -201,7 +201,8 @@ def test_towers_export_of_a_quickgelu_model(tmp_path):
     OpenAI's weights) must come back with quick GELU, or its embeddings differ."""
     from clipkit.config import RootConfig
     from clipkit.export import export
-    from clipkit.model import SHIPPED_CONFIGS, build
+    from clipkit.model import build
+    from clipkit.model_config import SHIPPED_CONFIGS
 
     cfg_json = json.loads((SHIPPED_CONFIGS / "clipkit-tiny.json").read_text())
     cfg_json["quick_gelu"] = True

@@ -10,9 +10,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from clipkit.distill import DistillConfig, Teacher
+from clipkit.distill import Teacher
+from clipkit.distill_config import DistillConfig
 from clipkit.distributed import DistEnv
-from clipkit.model import ModelConfig, build
+from clipkit.model import build
+from clipkit.model_config import ModelConfig
 from tests.integration.test_distill import TEACHER_CFG
 
 

@@ -10,7 +10,8 @@ from clipkit.config import RootConfig
 from clipkit.ema import EMA, with_ema
 from clipkit.engine.parts import TorchUpdate
 from clipkit.errors import ConfigError
-from clipkit.model import ModelConfig, apply_locks, build
+from clipkit.model import apply_locks, build
+from clipkit.model_config import ModelConfig
 
 
 def _reference(history: list[dict[str, torch.Tensor]], decay: float, warmup: bool) -> dict[str, torch.Tensor]:

@@ -16,7 +16,8 @@ from clipkit.eval import data as eval_data
 from clipkit.eval.config import EvalConfig
 from clipkit.eval.registry import EvalContext, Evaluator, evaluator, register
 from clipkit.eval.runner import format_table, run_evals
-from clipkit.model import ModelConfig, build
+from clipkit.model import build
+from clipkit.model_config import ModelConfig
 from tests.shardsets import COLOURS, jpeg
 
 

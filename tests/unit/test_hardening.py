@@ -32,14 +32,14 @@ def test_class_names_with_dollar_signs_draw_as_typed(tmp_path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from clipkit import report
+    from clipkit.figures import plain
 
     names = ["$x^{2$", "a $5 bill"]
     f, ax = plt.subplots()
     ax.set_yticks([0, 1], names)
     with pytest.raises(ValueError):  # what the report hit before
         f.savefig(tmp_path / "raw.png")
-    ax.set_yticks([0, 1], [report._plain(n) for n in names])
+    ax.set_yticks([0, 1], [plain(n) for n in names])
     f.savefig(tmp_path / "labels.png")
     plt.close(f)
     assert [t.get_text() for t in ax.get_yticklabels()] == [r"\$x^{2\$", r"a \$5 bill"]

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from clipkit.errors import ConfigError
-from clipkit.model import ModelConfig, Towers, apply_locks, build
-from clipkit.optim import OptimConfig, build_optimizer, tower_of
+from clipkit.model import apply_locks, build
+from clipkit.model_config import ModelConfig, Towers
+from clipkit.optim import build_optimizer, tower_of
+from clipkit.optim_config import OptimConfig
 
 
 def _built(**locks):

@@ -7,8 +7,10 @@ import copy
 import pytest
 import torch
 
-from clipkit.model import ModelConfig, build
-from clipkit.optim import OptimConfig, build_optimizer, param_groups
+from clipkit.model import build
+from clipkit.model_config import ModelConfig
+from clipkit.optim import build_optimizer, param_groups
+from clipkit.optim_config import OptimConfig
 
 
 def _no_decay_names(model, optimizer) -> set[str]:
@@ -41,7 +43,8 @@ def test_layer_decay_and_tower_settings_for_vit_b32():
     """optim.image.layer_decay / optim.text.lr / optim.text.weight_decay, read back from the optimizer's groups
     of a ViT-B/32 (12 blocks per tower): every parameter in exactly one group, at the lr its layer and tower
     give, written out independently of clipkit's grouping code."""
-    from clipkit.optim import OptimConfig, TowerOptimConfig, build_scheduler, scheduled_lr
+    from clipkit.optim import build_scheduler, scheduled_lr
+    from clipkit.optim_config import OptimConfig, TowerOptimConfig
 
     model = build(ModelConfig(name="ViT-B-32")).model
     cfg = OptimConfig(
@@ -85,7 +88,7 @@ def test_layer_decay_and_tower_settings_for_vit_b32():
 
 
 def test_layer_decay_on_a_tower_without_numbered_blocks_is_refused():
-    from clipkit.optim import OptimConfig, TowerOptimConfig
+    from clipkit.optim_config import OptimConfig, TowerOptimConfig
 
     model = build(ModelConfig(name="RN50")).model  # ModifiedResNet image tower
     with pytest.raises(ValueError, match=r"optim.image.layer_decay=0.8 needs an open_clip transformer tower"):
