@@ -24,9 +24,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import open_clip
 import torch
 
 from clipkit import model as model_lib
+from clipkit.data import ensure_demo
 from clipkit.data.transforms import DeviceNormalize
 from clipkit.distributed import DistEnv, set_fp32_math
 from clipkit.engine import build_engine
@@ -36,6 +38,7 @@ from clipkit.metrics import forward_flops_per_sample, peak_flops, peak_memory_gb
 from clipkit.model_config import is_coca
 from clipkit.optim import build_optimizer
 from clipkit.step import train_step
+from clipkit.train import build_loader
 
 if TYPE_CHECKING:
     from clipkit.config import RootConfig
@@ -98,9 +101,6 @@ def synthetic_batches(num: int, batch: int, image_size: int, context_length: int
 
 def train_batches(cfg: RootConfig, built, num: int) -> list[tuple]:
     """``num`` global batches of the configured training data, decoded by clipkit's loader."""
-    from clipkit.data import ensure_demo
-    from clipkit.train import build_loader
-
     demo = ensure_demo(cfg.data, say=lambda m: log.info(m)) if cfg.data.train == "demo" else None
     loader, _ = build_loader(cfg, built, DistEnv(), demo)
     micro = cfg.train.micro_batch(1)
@@ -169,7 +169,6 @@ class _Loader:
 
 
 def bench_open_clip(cfg: RootConfig, batches: list[tuple], device: torch.device, warmup: int) -> dict:
-    import open_clip
     from open_clip_train.params import parse_args
     from open_clip_train.train import train_one_epoch
 

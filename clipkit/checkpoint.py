@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import threading
@@ -268,8 +269,6 @@ def save_torch(path: Path, obj) -> None:
 
 def load_torch(path: Path):
     """A ``torch.save`` file of tensors and plain containers; anything that would run code is refused."""
-    import pickle
-
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:

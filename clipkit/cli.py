@@ -14,6 +14,14 @@ import re
 import sys
 from pathlib import Path
 
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
+
+from clipkit.config import ConfigError, adjust, path_keys, register_configs, validate
+from clipkit.data import worker_context
 from clipkit.errors import Preempted, UserError
 from clipkit.help import VERB_LINES, verb_help
 
@@ -42,8 +50,6 @@ def conf_dir() -> Path:
 
 def _omegaconf_error_line(err: Exception) -> str | None:
     """One line for an OmegaConf error anywhere in the cause chain: ``field=value: reason``."""
-    from omegaconf.errors import OmegaConfBaseException
-
     seen = err
     while seen is not None:
         if isinstance(seen, OmegaConfBaseException) and getattr(seen, "full_key", None):
@@ -58,14 +64,6 @@ def _omegaconf_error_line(err: Exception) -> str | None:
 
 def compose(overrides: list[str]):
     """Hydra-composed, typed ``RootConfig`` plus the run dir; raises ``ConfigError`` on any config mistake."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf import OmegaConf, open_dict
-    from omegaconf.errors import OmegaConfBaseException
-
-    from clipkit.config import ConfigError, register_configs
-
     register_configs()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="clipkit"):
@@ -107,8 +105,6 @@ def path_overrides(args: list[str]) -> list[str]:
       data.train=/d/1.tar ...``); Hydra would keep only the last. Adjacent repeats of a path key are joined back
       into one brace list; a key given again later keeps Hydra's rule (the last wins).
     """
-    from clipkit.config import ConfigError, path_keys
-
     keys = path_keys()
     out: list[str] = []
     merged: dict[str, int] = {}  # path key -> its index in out
@@ -169,8 +165,6 @@ def main(argv: list[str] | None = None) -> None:
         level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
     )
     logging.getLogger("clipkit").setLevel(logging.INFO)
-    from clipkit.config import ConfigError, adjust, validate
-
     try:
         cfg, run_dir = compose(path_overrides(overrides))
         if show_help:  # the values shown are the composed ones (overrides given before --help included)
@@ -183,8 +177,6 @@ def main(argv: list[str] | None = None) -> None:
     for note in notes:
         logging.getLogger("clipkit").warning(note)
     if print_cfg:
-        from omegaconf import OmegaConf
-
         print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         return
     try:
@@ -244,8 +236,6 @@ def _run(verb: str, cfg, run_dir: Path) -> None:
 
 def _train(cfg, run_dir: Path) -> None:
     if cfg.data.workers() or cfg.eval.num_workers:
-        from clipkit.data import worker_context
-
         worker_context(start=True)  # the workers' fork server imports torch/open_clip while this process does
     from clipkit.distributed import is_peer_failure
     from clipkit.train import train

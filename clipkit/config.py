@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 from clipkit.data.config import DataConfig
 from clipkit.distill_config import DistillConfig, DistillKind
@@ -405,8 +407,6 @@ def _require_export_destination(out: str, overwrite: bool) -> None:
 
 def saved_config(path: Path) -> RootConfig:
     """The typed config a run or checkpoint dir carries (its ``config.yaml`` over the schema's defaults)."""
-    from omegaconf import OmegaConf
-
     saved = OmegaConf.merge(OmegaConf.structured(RootConfig), OmegaConf.load(Path(path) / "config.yaml"))
     return OmegaConf.to_object(saved)
 
@@ -414,8 +414,6 @@ def saved_config(path: Path) -> RootConfig:
 def _require_same_width(cfg: RootConfig) -> None:
     """``distill.kind=features`` compares embeddings: the teacher's width must be the student's (read from the
     configs; nothing is built)."""
-    import json
-
     student = config_json(cfg.model)["embed_dim"]
     path = Path(cfg.distill.teacher).expanduser()
     if (path / "open_clip_config.json").is_file():

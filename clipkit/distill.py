@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from clipkit import checkpoint as ckpt
 from clipkit import model as model_lib
 from clipkit.distill_config import DistillConfig
+from clipkit.evaluate import load_trained
 from clipkit.model import Built
 from clipkit.model_config import ModelConfig
 
@@ -31,8 +32,6 @@ def load_teacher(cfg: DistillConfig, device: torch.device | str = "cpu") -> Buil
     if (path / "open_clip_config.json").is_file():
         return model_lib.from_open_clip_folder(path, device)
     if path.exists():
-        from clipkit.evaluate import load_trained
-
         return load_trained(ckpt.resolve(path), device)[0]
     return model_lib.build(ModelConfig(name=cfg.teacher, pretrained=cfg.pretrained), device)
 

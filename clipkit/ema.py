@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from clipkit import checkpoint as ckpt
 from clipkit.checkpoint import listed
 
 EMA_FILE = "ema.safetensors"
@@ -123,8 +124,6 @@ def ema_weights(path: Path) -> Path | None:
 
 def save_files(path: Path, weights: dict[str, torch.Tensor], state: dict) -> None:
     """Main rank: the consolidated EMA weights and ``EMA.state()`` (the update count)."""
-    from clipkit import checkpoint as ckpt
-
     ckpt.save_tensors(Path(path) / EMA_FILE, weights)
     ckpt.save_json(Path(path) / STATE_FILE, state)
 
@@ -134,8 +133,6 @@ def load_files(
 ) -> tuple[dict, dict[str, torch.Tensor]]:
     """(state, weights) of a checkpoint dir written with EMA on: the consolidated weights, or another file of
     them (ZeRO-3: a rank's own partitions)."""
-    from clipkit import checkpoint as ckpt
-
     return ckpt.load_json(Path(path) / STATE_FILE), ckpt.load_tensors(Path(path) / weights, device)
 
 

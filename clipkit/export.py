@@ -20,11 +20,13 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import open_clip
 import torch
-from safetensors.torch import save_file
+from open_clip.model import _build_text_tower, _build_vision_tower
+from safetensors.torch import load_file, save_file
 
 from clipkit.checkpoint import resolve
 from clipkit.config import RootConfig
@@ -82,8 +84,6 @@ def export_onnx(built: Built, cfg: RootConfig, out: Path) -> dict:
     """``image_encoder.onnx`` (pixel_values: float N x 3 x S x S, normalised) and ``text_encoder.onnx``
     (input_ids: int64 N x context_length), dynamic batch, plus the open_clip config for preprocessing and the
     tokenizer. Checked with onnxruntime at a batch size other than the one exported."""
-    import warnings
-
     try:
         import onnxruntime as ort
     except ImportError:
@@ -131,9 +131,6 @@ def _tower_state(sd: dict[str, torch.Tensor], which: str) -> dict[str, torch.Ten
 def load_tower(path: str | Path) -> torch.nn.Module:
     """An exported tower as a standalone open_clip module: ``tower(images)`` or ``tower(token_ids)`` gives the
     un-normalised embeddings (what ``encode_image`` / ``encode_text`` return)."""
-    from open_clip.model import _build_text_tower, _build_vision_tower
-    from safetensors.torch import load_file
-
     path = Path(path)
     cfg = json.loads((path / "tower_config.json").read_text())
     build = _build_vision_tower if cfg["tower"] == "image" else _build_text_tower

@@ -25,7 +25,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
+from open_clip.model import CLIP
+from open_clip.tokenizer import SimpleTokenizer
+from open_clip.transformer import VisionTransformer
+from PIL import Image
 from safetensors.torch import save_file
 
 from clipkit.config import RootConfig
@@ -52,9 +57,6 @@ ST_MODULES = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers
 
 def _hf_mappable(model: torch.nn.Module, model_cfg: dict) -> None:
     """Raises ExportError unless the model is a ViT + standard text transformer that CLIPModel expresses."""
-    from open_clip.model import CLIP
-    from open_clip.transformer import VisionTransformer
-
     v, t = model_cfg["vision_cfg"], model_cfg["text_cfg"]
     problems = []
     if type(model) is not CLIP:
@@ -153,7 +155,6 @@ def hf_state_dict(sd: dict[str, torch.Tensor], num_text_layers: int, num_vision_
 def write_tokenizer(out: Path, context_length: int):
     """open_clip's CLIP BPE as a transformers tokenizer (``tokenizer.json`` and its config, plus the
     ``vocab.json`` / ``merges.txt`` pair older loaders read). Returns the tokenizer."""
-    from open_clip.tokenizer import SimpleTokenizer
     from transformers import CLIPTokenizer
 
     simple = SimpleTokenizer()
@@ -276,9 +277,6 @@ def check_sentence_transformers(built: Built, out: Path) -> dict:
         from sentence_transformers import SentenceTransformer
     except ImportError:
         return {"sentence_transformers": "not installed: not checked"}
-    import numpy as np
-    from PIL import Image
-
     model = SentenceTransformer(str(out), device="cpu")
     rng = np.random.default_rng(0)
     size = built.image_size

@@ -17,6 +17,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+import torch
 import yaml
 
 from clipkit.eval.registry import Evaluator, evaluator
@@ -35,8 +36,6 @@ PACKAGES = ("torch", "open_clip_torch", "webdataset", "deepspeed", "hydra-core",
 
 def environment(world_size: int, device) -> dict:
     """What the run ran on (stored in summary.json, so a report made elsewhere still shows it)."""
-    import torch
-
     versions = {}
     for name in ("clipkit", *PACKAGES):
         try:

@@ -38,6 +38,8 @@ from dataclasses import dataclass
 
 import torch
 
+from clipkit.optim import IMAGE, TEXT, tower_of
+
 # (normalised images, token ids[, the teacher's token ids when it has its own tokenizer])
 Batch = tuple[torch.Tensor, ...]
 # (image_features, text_features, logit_scale, logit_bias[, teacher=outputs]) -> scalar
@@ -157,7 +159,5 @@ def cached_forward_backward(
 
 def locked_towers(model: torch.nn.Module) -> tuple[bool, bool]:
     """(image tower fully locked, text tower fully locked): no parameter of it requires a gradient."""
-    from clipkit.optim import IMAGE, TEXT, tower_of
-
     trainable = {tower_of(name) for name, p in model.named_parameters() if p.requires_grad}
     return IMAGE not in trainable, TEXT not in trainable

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import fcntl
+import multiprocessing as mp
 import os
+from multiprocessing import forkserver
 from pathlib import Path
 
 from clipkit.data.config import DataConfig
@@ -51,14 +53,10 @@ def worker_context(start: bool = False):
     the server now: it imports torch and open_clip once, in the background, while the caller does the same (the
     CLI starts it before its own heavy imports, so both run at once on two cores). Light: no torch imported
     here."""
-    import multiprocessing as mp
-
     if "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "open_clip", "clipkit.data.loader", "clipkit.eval.data"])
     if start:
-        from multiprocessing import forkserver
-
         forkserver.ensure_running()
     return ctx

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tarfile
 from dataclasses import dataclass, field
 
 from clipkit.data import remote
@@ -182,8 +183,6 @@ def check_shard_spec(
 def _probe_first_shard(key: str, spec: str, sources: list) -> None:
     """The first local shard of the spec is a tar (one header read: ``/etc/passwd`` or a folder is named here,
     not deep in the loader; the others are checked as they are read)."""
-    import tarfile
-
     first = next((u for src in sources for u in src.urls), None)
     if first is None or remote.is_remote(first) or remote.is_pipe(first):
         return

@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import multiprocessing as mp
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from PIL import Image, ImageDraw
 
 # What to generate is part of the data config (data.demo.*); every field changes the cache key.
 from clipkit.data.config import DemoDataConfig as DemoSpec
+from clipkit.data.writer import write_shard, write_sizes_file
 
 # Bumped whenever the generator's output changes, so stale caches are never reused.
 DEMO_VERSION = 2
@@ -233,7 +235,6 @@ def cache_name(spec: DemoSpec) -> str:
 
 
 def _write_split(args: tuple) -> tuple[str, int, int]:
-    from clipkit.data.writer import write_shard
 
     out_dir, split, shard_idx, start, stop, spec = args
     samples = (make_sample(split, i, spec.seed, spec.image_size, spec.num_captions) for i in range(start, stop))
@@ -244,7 +245,6 @@ def _write_split(args: tuple) -> tuple[str, int, int]:
 
 def generate(spec: DemoSpec, out_dir: Path, num_procs: int = 1) -> Path:
     """Writes all splits under ``out_dir`` (tar shards + ``sizes.json`` per split, class names, templates)."""
-    from clipkit.data.writer import write_sizes_file
 
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = []
@@ -252,8 +252,6 @@ def generate(spec: DemoSpec, out_dir: Path, num_procs: int = 1) -> Path:
         for shard_idx, start in enumerate(range(0, n, spec.shard_size)):
             jobs.append((str(out_dir), split, shard_idx, start, min(n, start + spec.shard_size), spec))
     if num_procs > 1:
-        import multiprocessing as mp
-
         with mp.get_context("spawn").Pool(num_procs) as pool:
             results = pool.map(_write_split, jobs)
     else:

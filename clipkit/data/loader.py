@@ -14,11 +14,14 @@ import json
 import logging
 import os
 import random
+import select
+import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, _utils, get_worker_info
 
 from clipkit import preempt
 from clipkit.data import transforms, worker_context
@@ -144,10 +147,6 @@ def watch_parent(pid: int) -> None:
     process is blocked: a daemon thread waits on a pidfd (Linux), else polls once a second. A fork-server
     worker's parent is the fork server, which lives as long as any of its workers does, so neither
     PR_SET_PDEATHSIG nor torch's own watchdog (both watch the parent) would notice an OOM-killed trainer."""
-    import select
-    import threading
-    import time
-
     try:
         fd = os.pidfd_open(pid)  # readable once the process has exited
     except (AttributeError, OSError):  # not Linux >= 5.3, or the process is already gone
@@ -240,8 +239,6 @@ def stop_workers(it, kill: bool = False) -> None:
         return
     workers = list(getattr(it, "_workers", []))
     if kill and workers:
-        from torch.utils.data import _utils
-
         if getattr(it, "_worker_pids_set", False):  # out of torch's SIGCHLD watch before they die
             _utils.signal_handling._remove_worker_pids(id(it))
             it._worker_pids_set = False

@@ -13,6 +13,7 @@ import importlib.util
 import io
 import os
 import tarfile
+import time
 from pathlib import Path
 
 REMOTE_SCHEMES = ("http://", "https://", "s3://", "gs://", "gcs://")
@@ -101,8 +102,6 @@ def read_small(url: str, attempts: int = 3) -> str | None:
     """The text of a small remote file (sizes.json, _stats.json); None if it does not exist. Transient errors
     are retried while the whole read stays within ``READ_TIMEOUT_S`` (a server that accepts the connection and
     never answers costs that long, not attempts x timeouts); then ``RemoteReadError`` names the URL."""
-    import time
-
     deadline = time.monotonic() + READ_TIMEOUT_S
     for attempt in range(attempts):
         try:

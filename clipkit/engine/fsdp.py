@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from open_clip.transformer import CustomResidualAttentionBlock, ResidualAttentionBlock
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -40,6 +41,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
 from clipkit import checkpoint as ckpt
 from clipkit import ema as ema_lib
@@ -62,7 +64,6 @@ DCP_DIR = "dcp"
 
 def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The transformer blocks of both towers, the units FSDP shards one by one."""
-    from open_clip.transformer import CustomResidualAttentionBlock, ResidualAttentionBlock
 
     return [m for m in model.modules() if isinstance(m, (ResidualAttentionBlock, CustomResidualAttentionBlock))]
 
@@ -147,8 +148,6 @@ class FSDPEngine:
 
     def _ema_dtensors(self) -> dict:
         """The EMA shards as DTensors laid out like their parameters (sharing the shards' storage)."""
-        from torch.distributed.tensor import DTensor
-
         params = ema_lib.trainable(self.model)
         return {
             name: DTensor.from_local(

@@ -8,7 +8,10 @@ from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
+from clipkit import yaml_files
+from clipkit.data.config import check_shard_spec
 from clipkit.errors import PATH, Choice, ConfigError, non_negative, positive
+from clipkit.eval import prompts
 
 
 class UseEma(Choice):
@@ -40,8 +43,6 @@ class ZeroShotConfig:
     label_column: str = "label"
 
     def validate(self, prefix: str, allow_pipe: bool) -> None:
-        from clipkit.eval import prompts
-
         _check_dataset(prefix, self.dataset, allow_pipe)
         for key in ("classnames", "templates"):
             value = getattr(self, key)
@@ -86,7 +87,6 @@ class RetrievalConfig:
 def _check_dataset(prefix: str, dataset: str, allow_pipe: bool) -> None:
     if dataset in ("", "demo", "auto", "holdout"):  # ("auto" is resolved by config.adjust, "holdout" checked there)
         return
-    from clipkit.data.config import check_shard_spec
     from clipkit.data.shards import is_shard_spec  # (imports webdataset, hence torch)
 
     if is_shard_spec(dataset):
@@ -150,8 +150,6 @@ def load_eval_suite(path: str | Path) -> list[EvalTask]:
     """An ``eval.suite`` YAML file: a list of {name, task: KIND, dataset, ...that kind's fields} (KIND: a key of
     ``TASK_CONFIGS``).
     Unknown fields fail with their name (merged into the typed configs)."""
-    from clipkit import yaml_files
-
     data = yaml_files.load(path)  # (no aliases: a nested-anchor file would expand without bound)
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a list of tasks")

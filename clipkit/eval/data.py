@@ -30,7 +30,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from clipkit.data import dir_spec
+from clipkit.data import dir_spec, worker_context
+from clipkit.data.loader import worker_init
 from clipkit.data.shards import expand_spec, is_shard_spec
 from clipkit.data.stream import ShardReadError, iter_shard
 from clipkit.data.tables import read_records
@@ -293,9 +294,6 @@ def collate(items: list[dict]) -> dict:
 
 def loader(source: Source, transform, rank: int, world_size: int, batch_size: int, num_workers: int) -> DataLoader:
     """Workers from the fork server and dying with their parent, as the training loader's (see worker_context)."""
-    from clipkit.data import worker_context
-    from clipkit.data.loader import worker_init
-
     extra = dict(multiprocessing_context=worker_context(), worker_init_fn=worker_init) if num_workers else {}
     return DataLoader(
         EvalStream(source, transform, rank, world_size),

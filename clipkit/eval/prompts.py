@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from clipkit import yaml_files
+
 CIFAR10 = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR100 = tuple(
     name.replace("_", " ")
@@ -82,8 +84,6 @@ def read_list(path: str | Path) -> list[str]:
     if path.suffix == ".json":
         items = json.loads(text)
     elif path.suffix in (".yaml", ".yml"):
-        from clipkit import yaml_files
-
         items = yaml_files.load(path)
     else:
         return [line.strip() for line in text.splitlines() if line.strip()]

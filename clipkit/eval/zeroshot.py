@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import html
 
+import numpy as np
 import open_clip
 import torch
 
@@ -160,7 +161,6 @@ def classification_metrics(logits_NC: torch.Tensor, labels_N: torch.Tensor, num_
 
 def confusion_figure(res: dict) -> str:
     import matplotlib.pyplot as plt
-    import numpy as np
 
     names, counts = [plain(n) for n in res["classnames"]], np.array(res["confusion"], dtype=float)
     rows = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
