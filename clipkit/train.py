@@ -90,6 +90,7 @@ def build_loader(
         built.image_size,
         (cfg.data.crop_scale_min, cfg.data.crop_scale_max),
         cfg.train.seed,
+        cfg.data.caption_mix(),
     )
     loader = TrainLoader(
         shards,
@@ -205,13 +206,17 @@ def resume(run_dir: Path, cfg: RootConfig, env, engine, loader: TrainLoader, sta
 
 
 def summed_data_errors(loader: TrainLoader) -> dict:
-    """Skipped-sample counts over all ranks: in total and per epoch (collective)."""
-    total, by_epoch = collections.Counter(), {}
-    for errors, epochs in distributed.all_gather_object((dict(loader.errors), loader.errors_by_epoch())):
+    """Skipped-sample counts over all ranks, in total and per epoch, and (``data.captions``) the samples trained
+    with each caption source (collective)."""
+    total, by_epoch, sources = collections.Counter(), {}, collections.Counter()
+    mine = (dict(loader.errors), loader.errors_by_epoch(), dict(loader.caption_sources))
+    for errors, epochs, used in distributed.all_gather_object(mine):
         total.update(errors)
+        sources.update(used)
         for epoch, kinds in epochs.items():
             by_epoch.setdefault(epoch, collections.Counter()).update(kinds)
     return {
+        **({"caption_sources": dict(sorted(sources.items()))} if sources else {}),
         "data_errors": dict(sorted(total.items())),
         "data_errors_by_epoch": {
             e: dict(sorted(c.items())) for e, c in sorted(by_epoch.items(), key=lambda x: int(x[0]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import tarfile
 from dataclasses import dataclass, field
@@ -57,6 +58,10 @@ class DataConfig:
     # ``auto``: a ``txt`` member, else the ``json`` member's ``caption`` (img2dataset), else its ``captions``;
     # or a member (``txt``), or ``json:FIELD`` (a list gives one seeded pick per use).
     caption_key: str = "auto"
+    # Several caption sources mixed (instead of caption_key): ``[txt@0.3,json:recaption@0.7]``, each a member or
+    # json:FIELD with an optional @probability (default 1, normalised). One is drawn per sample and epoch from the
+    # seed among those the sample has; summary.json counts the samples trained with each (caption_sources).
+    captions: list[str] = field(default_factory=list)
     # Shards whose size nothing announces (pipe:, no sizes.json / _stats.json) are read to their end; this
     # total only sets the epoch fraction shown in logs (0 = whole epochs).
     num_samples: int = 0
@@ -105,6 +110,15 @@ class DataConfig:
             cpus //= max(1, int(local.split("(")[0].split(",")[0] or 1))
         return max(1, min(MAX_AUTO_WORKERS, cpus - 1))
 
+    def caption_mix(self) -> tuple[tuple[str, float], ...]:
+        """``captions`` as ((source, probability), ...), the probabilities summing to 1 (() when not set)."""
+        pairs = []
+        for entry in self.captions:
+            source, _, weight = str(entry).rpartition("@") if "@" in str(entry) else (str(entry), "", "1")
+            pairs.append((source, float(weight)))
+        total = sum(w for _, w in pairs)
+        return tuple((s, w / total) for s, w in pairs)
+
     def validate(self, check_shards: bool, prefix: str = "data") -> None:
         """Own fields; with ``check_shards`` (training reads ``train``) the shard spec is expanded and probed."""
         positive(prefix, self, "prefetch_factor")
@@ -129,6 +143,7 @@ class DataConfig:
         require(
             f"{prefix}.holdout_fraction", self.holdout_fraction, 0 <= self.holdout_fraction < 1, "must be in [0, 1)"
         )
+        self._validate_captions(f"{prefix}.captions")
         self.demo.validate(f"{prefix}.demo")
         if not check_shards:
             return
@@ -157,6 +172,27 @@ class DataConfig:
                 self.train,
                 "source weights (@W) need data.mode=resampled; an epoch visits every sample exactly once",
             )
+
+    def _validate_captions(self, key: str) -> None:
+        if not self.captions:
+            return
+        if self.caption_key != "auto":
+            raise ConfigError(
+                key, list(self.captions), f"replaces data.caption_key={self.caption_key}: set one of them"
+            )
+        seen = set()
+        for entry in self.captions:
+            source, _, weight = str(entry).rpartition("@") if "@" in str(entry) else (str(entry), "", "1")
+            member, _, field = source.partition(":")
+            if not member or (":" in source and not field) or any(c in source for c in " ;,"):
+                raise ConfigError(key, entry, "a caption source is a member (txt) or json:FIELD, then @probability")
+            try:
+                ok = math.isfinite(float(weight)) and float(weight) > 0
+            except ValueError:
+                ok = False
+            require(key, entry, ok, "the probability after @ must be a positive number")
+            require(key, entry, source not in seen, "names a caption source twice")
+            seen.add(source)
 
 
 def holdout_every(fraction: float) -> int:

@@ -68,17 +68,27 @@ class SampleDecoder:
     name, key): the shard's name is its path relative to its source pattern, so moving the data changes nothing.
 
     ``caption_key``: ``auto`` (a ``txt`` member, else the ``json`` member's ``caption``, else its ``captions``:
-    img2dataset and clipkit's own shards), ``txt`` (or any member), or ``json:FIELD``."""
+    img2dataset and clipkit's own shards), ``txt`` (or any member), or ``json:FIELD``. ``captions`` (``data.captions``)
+    mixes several sources instead: ((source, probability), ...), one drawn per sample and epoch among the sources
+    the sample has (their probabilities renormalised), from its own seeded stream (crops do not change with it);
+    ``source`` then names the one a call used."""
 
     image_keys: tuple[str, ...]
     caption_key: str
     image_size: int
     crop_scale: tuple[float, float]
     seed: int
+    captions: tuple[tuple[str, float], ...] = ()
+    source: str | None = None
 
     def __call__(self, sample: dict, epoch: int) -> tuple[torch.Tensor, str]:
-        rng = random.Random(f"{self.seed}/{epoch}/{sample.get('__shard__', '')}/{sample['__key__']}")
-        caption = self.caption(sample, rng)
+        where = f"{self.seed}/{epoch}/{sample.get('__shard__', '')}/{sample['__key__']}"
+        rng = random.Random(where)
+        caption = (
+            self.mixed_caption(sample, random.Random(where + "/caption"))
+            if self.captions
+            else self.caption(sample, rng)
+        )
         data = next((sample[k] for k in self.image_keys if k in sample), None)
         if data is None:
             raise BadSample("no_image")
@@ -87,6 +97,26 @@ class SampleDecoder:
         except Exception:
             raise BadSample("bad_image") from None
         return image, caption
+
+    def mixed_caption(self, sample: dict, rng: random.Random) -> str:
+        """``data.captions``: one of the sources the sample has, drawn with their renormalised probabilities."""
+        present = [(key, p) for key, p in self.captions if self._source_value(sample, key) is not None]
+        if not present:
+            raise BadSample("no_caption", _members(sample))
+        u, key = rng.random() * sum(p for _, p in present), present[-1][0]
+        for k, p in present:
+            if u < p:
+                key = k
+                break
+            u -= p
+        self.source = key
+        return self._check(self._source_value(sample, key), sample, rng)
+
+    def _source_value(self, sample: dict, key: str):
+        member, _, field = key.partition(":")
+        if member not in sample:
+            return None
+        return self._json_field(sample, field, member) if field else sample[member]
 
     def caption(self, sample: dict, rng: random.Random) -> str:
         if self.caption_key == AUTO_CAPTION:
@@ -128,7 +158,8 @@ class SampleDecoder:
 
 def decoded(plan: StreamPlan, decoder: SampleDecoder, worker: int, epoch: int, t: int, reader: Reader | None = None):
     """A slot's stream from (epoch, t), decoded: yields ``(epoch, t, item, url)`` where item is
-    ``(image, caption, key)`` or a ``BadSample`` (counted by the caller, never raised)."""
+    ``(image, caption, key, caption source)`` (the source: with ``data.captions``, else None) or a ``BadSample``
+    (counted by the caller, never raised)."""
     for e, pos, sample in iter_slot(plan, worker, epoch, t, reader):
         url = sample.get("__url__", "?")
         try:
@@ -137,7 +168,7 @@ def decoded(plan: StreamPlan, decoder: SampleDecoder, worker: int, epoch: int, t
             if sample.get("__unannounced__"):
                 raise BadSample(UNANNOUNCED)
             image, caption = decoder(sample, e)
-            yield e, pos, (image, caption, sample["__key__"]), url
+            yield e, pos, (image, caption, sample["__key__"], decoder.source), url
         except BadSample as bad:
             yield e, pos, bad, url
 
@@ -298,6 +329,7 @@ class BatchStream(IterableDataset):
         errors: collections.Counter = collections.Counter()
         bad_urls: collections.Counter = collections.Counter()
         epoch_errors: collections.Counter = collections.Counter()  # "epoch/kind" -> count
+        sources: collections.Counter = collections.Counter()  # data.captions: samples per caption source
         guard = WorkerGuard(self.decoder.caption_key, self.max_bad_fraction)
         images, captions, keys, epochs = [], [], [], []
         p = 4 * worker
@@ -310,6 +342,8 @@ class BatchStream(IterableDataset):
                 guard.failed(item, url)
                 continue
             guard.good()
+            if item[3] is not None:
+                sources[item[3]] += 1
             images.append(item[0])
             captions.append(item[1])
             keys.append(item[2])
@@ -326,10 +360,12 @@ class BatchStream(IterableDataset):
                     "errors": dict(errors),
                     "epoch_errors": dict(epoch_errors),
                     "bad_urls": dict(bad_urls),
+                    "caption_sources": dict(sources),
                     "retries": self.reader.num_retries,
                 }
                 images, captions, keys, epochs = [], [], [], []
                 errors, bad_urls, epoch_errors = collections.Counter(), collections.Counter(), collections.Counter()
+                sources = collections.Counter()
                 self.reader.num_retries = 0
 
 
@@ -431,6 +467,7 @@ class TrainLoader:
         self.errors: collections.Counter = collections.Counter()
         self.epoch_errors: collections.Counter = collections.Counter()  # "epoch/kind" -> count
         self.bad_urls: collections.Counter = collections.Counter()
+        self.caption_sources: collections.Counter = collections.Counter()  # data.captions: samples per source
         self.samples_delivered = 0
         self.retried = 0  # transient remote read errors retried (not part of the data position)
         self._iter = None
@@ -513,6 +550,7 @@ class TrainLoader:
         self.errors.update(batch["errors"])
         self.epoch_errors.update(batch["epoch_errors"])
         self.bad_urls.update(batch["bad_urls"])
+        self.caption_sources.update(batch["caption_sources"])
         self.retried += batch["retries"]
         self.samples_delivered += len(batch["keys"])
         self._check_bad_fraction()
@@ -555,6 +593,7 @@ class TrainLoader:
             "errors": dict(self.errors),
             "epoch_errors": dict(self.epoch_errors),
             "bad_urls": dict(self.bad_urls.most_common(100)),
+            "caption_sources": dict(self.caption_sources),
             "samples_delivered": self.samples_delivered,
             "elastic": self.plan.elastic,
         }
@@ -586,6 +625,7 @@ class TrainLoader:
         self.errors = collections.Counter(state["errors"])
         self.epoch_errors = collections.Counter(state.get("epoch_errors", {}))
         self.bad_urls = collections.Counter(state["bad_urls"])
+        self.caption_sources = collections.Counter(state.get("caption_sources", {}))
         self.samples_delivered = state["samples_delivered"]
         self.plan.elastic = state.get("elastic")
         self._iter = None
@@ -640,6 +680,7 @@ class TrainLoader:
                 self.errors.update(st["errors"])
                 self.epoch_errors.update(st.get("epoch_errors", {}))
                 self.bad_urls.update(st["bad_urls"])
+                self.caption_sources.update(st.get("caption_sources", {}))
                 self.samples_delivered += st["samples_delivered"]
         self._iter = None
         return note

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 
 import pytest
 
@@ -75,3 +76,14 @@ def test_wandb_offline_needs_no_account(small_demo, tmp_path):
     )
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def test_caption_sources_mixed_as_typed(small_demo, tmp_path):
+    """``data.captions`` as a user quotes it: the demo's first caption (txt) and its caption list (json:captions), a
+    quarter and three quarters; summary.json counts the samples trained with each."""
+    line = " ".join([f"hydra.run.dir={tmp_path}", *SHORT, "'data.captions=[txt@0.25,json:captions@0.75]'"])
+    proc = run_cli("train", *shlex.split(line), check=True)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    sources = summary["caption_sources"]
+    assert set(sources) == {"txt", "json:captions"} and sum(sources.values()) == 8 * 64, (sources, proc.stderr)
+    assert 0.15 < sources["txt"] / 512 < 0.35, sources  # 3 sigma of 512 draws at 0.25: 0.057
