@@ -168,7 +168,7 @@ def decoded(plan: StreamPlan, decoder: SampleDecoder, worker: int, epoch: int, t
             if sample.get("__unannounced__"):
                 raise BadSample(UNANNOUNCED)
             image, caption = decoder(sample, e)
-            yield e, pos, (image, caption, sample["__key__"], decoder.source), url
+            yield e, pos, (image, caption, sample["__key__"], getattr(decoder, "source", None)), url
         except BadSample as bad:
             yield e, pos, bad, url
 
