@@ -112,10 +112,7 @@ class DataConfig:
 
     def caption_mix(self) -> tuple[tuple[str, float], ...]:
         """``captions`` as ((source, probability), ...), the probabilities summing to 1 (() when not set)."""
-        pairs = []
-        for entry in self.captions:
-            source, _, weight = str(entry).rpartition("@") if "@" in str(entry) else (str(entry), "", "1")
-            pairs.append((source, float(weight)))
+        pairs = [(source, float(weight)) for source, weight in map(caption_source, self.captions)]
         total = sum(w for _, w in pairs)
         return tuple((s, w / total) for s, w in pairs)
 
@@ -182,7 +179,7 @@ class DataConfig:
             )
         seen = set()
         for entry in self.captions:
-            source, _, weight = str(entry).rpartition("@") if "@" in str(entry) else (str(entry), "", "1")
+            source, weight = caption_source(entry)
             member, _, field = source.partition(":")
             if not member or (":" in source and not field) or any(c in source for c in " ;,"):
                 raise ConfigError(key, entry, "a caption source is a member (txt) or json:FIELD, then @probability")
@@ -193,6 +190,12 @@ class DataConfig:
             require(key, entry, ok, "the probability after @ must be a positive number")
             require(key, entry, source not in seen, "names a caption source twice")
             seen.add(source)
+
+
+def caption_source(entry) -> tuple[str, str]:
+    """A ``data.captions`` entry ``SOURCE@P`` as (source, probability as written; "1" without ``@``)."""
+    source, at, weight = str(entry).rpartition("@")
+    return (source, weight) if at else (weight, "1")
 
 
 def holdout_every(fraction: float) -> int:

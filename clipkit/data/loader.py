@@ -113,6 +113,7 @@ class SampleDecoder:
         return self._check(self._source_value(sample, key), sample, rng)
 
     def _source_value(self, sample: dict, key: str):
+        """The value of a caption source (a member, or ``json:FIELD``) in ``sample``; None if it has none."""
         member, _, field = key.partition(":")
         if member not in sample:
             return None
@@ -127,10 +128,9 @@ class SampleDecoder:
                 if value is not None:
                     return self._check(value, sample, rng)
             raise BadSample("no_caption", _members(sample))
-        member, _, field = self.caption_key.partition(":")
-        if member not in sample:
+        value = self._source_value(sample, self.caption_key)
+        if value is None:
             raise BadSample("no_caption", _members(sample))
-        value = self._json_field(sample, field, member) if field else sample[member]
         return self._check(value, sample, rng)
 
     @staticmethod
@@ -213,8 +213,9 @@ class WorkerGuard:
     """A worker's own checks while it reads: the caption probe and the bad fraction. Raises ``DataError`` with
     the message for the run."""
 
-    def __init__(self, caption_key: str, max_bad_fraction: float):
+    def __init__(self, caption_key: str, max_bad_fraction: float, captions: tuple[tuple[str, float], ...] = ()):
         self.caption_key, self.max_bad_fraction = caption_key, max_bad_fraction
+        self.sources = [source for source, _ in captions]  # data.captions, when it replaces caption_key
         self.seen = self.bad = 0
         self.kinds: collections.Counter = collections.Counter()
         self.urls: collections.Counter = collections.Counter()
@@ -232,15 +233,16 @@ class WorkerGuard:
         if bad.kind in ("no_caption", "bad_caption") and self.seen == self.caption_failures + 1:
             self.caption_failures += 1
             if self.caption_failures == CAPTION_PROBE:
-                looked = (
-                    "a txt member, the json member's caption or captions"
-                    if self.caption_key == AUTO_CAPTION
-                    else repr(self.caption_key)
-                )
+                if self.sources:
+                    setting, looked = f"data.captions=[{','.join(self.sources)}]", ", ".join(map(repr, self.sources))
+                else:
+                    setting = f"data.caption_key={self.caption_key}"
+                    auto = self.caption_key == AUTO_CAPTION
+                    looked = "a txt member, the json member's caption or captions" if auto else repr(self.caption_key)
                 raise DataError(
-                    f"none of the first {CAPTION_PROBE} samples has a caption (data.caption_key={self.caption_key}: "
-                    f"looked for {looked}); the samples hold: {bad.members} (e.g. in {url}). Set data.caption_key "
-                    "to the member (txt, or json:FIELD) that holds the caption"
+                    f"none of the first {CAPTION_PROBE} samples has a caption ({setting}: looked for {looked}); the "
+                    f"samples hold: {bad.members} (e.g. in {url}). Set {setting.split('=')[0]} to the member (txt, or "
+                    "json:FIELD) that holds the caption"
                 )
         self._check()
 
@@ -330,7 +332,7 @@ class BatchStream(IterableDataset):
         bad_urls: collections.Counter = collections.Counter()
         epoch_errors: collections.Counter = collections.Counter()  # "epoch/kind" -> count
         sources: collections.Counter = collections.Counter()  # data.captions: samples per caption source
-        guard = WorkerGuard(self.decoder.caption_key, self.max_bad_fraction)
+        guard = WorkerGuard(self.decoder.caption_key, self.max_bad_fraction, self.decoder.captions)
         images, captions, keys, epochs = [], [], [], []
         p = 4 * worker
         for epoch, t, item, url in decoded(self.plan, self.decoder, worker, *self.positions[worker], self.reader):

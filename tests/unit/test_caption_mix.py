@@ -10,9 +10,10 @@ import json
 import random
 
 import open_clip
+import pytest
 import torch
 
-from clipkit.data.loader import BadSample, SampleDecoder, TrainLoader, decoded, resolve_shards
+from clipkit.data.loader import BadSample, DataError, SampleDecoder, TrainLoader, decoded, resolve_shards
 from clipkit.data.stream import StreamPlan
 from clipkit.data.writer import write_shard, write_sizes_file
 from tests.unit.test_data_faults import _jpeg
@@ -105,3 +106,25 @@ def test_a_resumed_stream_replays_the_captions_and_their_counts(tmp_path):
         assert dict(resumed.caption_sources) == counts and sum(counts.values()) == 12 * 16
     finally:
         resumed.close()
+
+
+def test_sources_no_sample_has_are_named_as_set(tmp_path):
+    """When none of the first samples has any of ``data.captions``' sources, the message names that setting, not
+    ``data.caption_key`` (which it replaces)."""
+    two_caption_shards(tmp_path, shards=1, per=40)
+    shards, weights = resolve_shards(str(tmp_path / "00000.tar"))
+    loader = TrainLoader(
+        shards,
+        weights,
+        SampleDecoder(("jpg",), "auto", 32, (0.5, 1.0), 0, (("json:nope", 0.5), ("caption", 0.5))),
+        open_clip.get_tokenizer("ViT-B-32"),
+        mode="epoch",
+        seed=0,
+        rank=0,
+        world_size=1,
+        num_workers=0,
+        batch_size=8,
+        window=0,
+    )
+    with pytest.raises(DataError, match=r"data\.captions=\[json:nope,caption\]: looked for 'json:nope', 'caption'"):
+        next(loader)
