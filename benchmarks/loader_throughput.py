@@ -74,9 +74,14 @@ def make_shards(root: Path, side: int, n: int, dirty: bool = False) -> str:
     return str(root / "{00000..00001}.tar")
 
 
-def run_clipkit(spec: str, n: int, batch: int = 64, max_bad_fraction: float = 0.1) -> float:
+def run_clipkit(
+    spec: str, n: int, batch: int = 64, max_bad_fraction: float = 0.1, workers: int = 0, streams: int = 0
+) -> float:
+    """clipkit's loader with ``workers`` DataLoader workers (0: in this process) reading ``streams`` canonical
+    streams (0: what ``data.streams=0`` picks for a global batch of ``batch``, as `clipkit train` does)."""
     import open_clip
 
+    from clipkit.data.config import DataConfig
     from clipkit.data.loader import SampleDecoder, TrainLoader, resolve_shards
 
     shards, weights = resolve_shards(spec)
@@ -90,15 +95,19 @@ def run_clipkit(spec: str, n: int, batch: int = 64, max_bad_fraction: float = 0.
         seed=0,
         rank=0,
         world_size=1,
-        num_workers=0,
+        num_workers=workers,
         batch_size=batch,
         window=256,
+        streams=streams or DataConfig().stream_count(batch),
         max_bad_fraction=max_bad_fraction,
     )
+    if workers:
+        next(loader)  # (workers started: their start-up is not throughput)
     t0 = time.perf_counter()
     seen = 0
     while seen < n:
         seen += next(loader)["image"].shape[0]
+    loader.close()
     return seen / (time.perf_counter() - t0)
 
 

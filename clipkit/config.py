@@ -26,7 +26,7 @@ from typing import Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from clipkit.data.config import DataConfig
+from clipkit.data.config import DataConfig, layout_problem
 from clipkit.distill_config import DistillConfig, DistillKind
 from clipkit.engine.config import EngineName, ParallelConfig
 from clipkit.errors import PATH, RESUMABLE, Choice, ConfigError, at_most, non_negative, positive, require
@@ -351,6 +351,13 @@ def validate(cfg: RootConfig, verb: str = "train", world_size: Optional[int] = N
         raise ConfigError(
             "train.global_batch_size", gbs, f"must be divisible by world_size x micro_batch_size = {world_size} x {mbs}"
         )
+    if verb == "train" or (verb == "bench" and reads_train):
+        streams = cfg.data.stream_count(gbs)
+        workers = cfg.data.workers(streams // world_size if streams % world_size == 0 else 0)
+        problem = layout_problem(streams, gbs, world_size, workers)
+        if problem:
+            key = problem[0]
+            raise ConfigError(key, cfg.data.num_workers if key == "data.num_workers" else cfg.data.streams, problem[1])
     if cfg.loss.name == LossName.siglip and cfg.model.init_logit_bias is None:
         raise ConfigError(
             "model.init_logit_bias",

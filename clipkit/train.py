@@ -92,6 +92,12 @@ def build_loader(
         cfg.train.seed,
         cfg.data.caption_mix(),
     )
+    streams = cfg.data.stream_count(cfg.train.global_batch_size)
+    if not cfg.data.streams and cfg.data.mode == "epoch" and (shards.sizes < 0).any() and len(shards) < streams:
+        # Shards of unknown size are read whole, one stream each: fewer of them than streams take fewer streams
+        # (still a divisor of the global batch, and still a function of the data, not of the layout).
+        streams = max(d for d in range(1, len(shards) + 1) if streams % d == 0)
+        log.info("%d shards of unknown size: read as %d streams (data.streams=0)", len(shards), streams)
     loader = TrainLoader(
         shards,
         weights,
@@ -101,9 +107,11 @@ def build_loader(
         seed=cfg.train.seed,
         rank=env.rank,
         world_size=env.world_size,
-        num_workers=cfg.data.workers(),
+        num_workers=cfg.data.workers(streams // env.world_size),
         batch_size=cfg.train.micro_batch(env.world_size),
         window=cfg.data.shuffle_window,
+        streams=streams,
+        global_batch=cfg.train.global_batch_size,
         prefetch_factor=cfg.data.prefetch_factor,
         pin_memory=env.device.type == "cuda",
         max_bad_fraction=cfg.data.max_bad_fraction,
@@ -182,9 +190,6 @@ def resume(run_dir: Path, cfg: RootConfig, env, engine, loader: TrainLoader, sta
             "hydra.run.dir / name=..., or train.resume=restart to move that run aside and start over there"
         )
     trainer = ckpt.load_json(path / "trainer.json")
-    same_layout = trainer["world_size"] == env.world_size and trainer["data"][0]["num_workers"] == max(
-        1, cfg.data.workers()
-    )
     if trainer["world_size"] != env.world_size and cfg.parallel.is_deepspeed:
         raise ResumeError(
             f"checkpoint {path} was written by {trainer['world_size']} ranks, this run has {env.world_size}: "
@@ -192,12 +197,9 @@ def resume(run_dir: Path, cfg: RootConfig, env, engine, loader: TrainLoader, sta
             "(parallel=ddp and parallel=fsdp reshard)"
         )
     engine.load(path)
-    if same_layout:
-        loader.load_state_dict(trainer["data"][env.rank])
-    else:
-        note = loader.load_elastic(trainer["data"])
-        if env.is_main:
-            log.warning(note)
+    note = loader.load_state_dict(trainer["data"])
+    if note and env.is_main:
+        log.warning(note)
     rngs = ckpt.load_torch(path / "rng.pt")
     if env.rank < len(rngs):  # (a rank the old run did not have keeps its seeded generator)
         set_rng_state(rngs[env.rank], env.device)

@@ -39,6 +39,36 @@ class DemoDataConfig:
 
 
 MAX_AUTO_WORKERS = 32  # (num_workers=-1 never asks for more loader processes per rank)
+AUTO_STREAMS = 64  # (data.streams=0 never picks more canonical streams: a slot reads up to this many shards at once)
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def layout_problem(streams: int, global_batch: int, world_size: int, workers: int) -> tuple[str, str] | None:
+    """(field, message) when ``world_size`` ranks x ``workers`` loader workers cannot read ``streams`` canonical
+    streams into global batches of ``global_batch`` (each rank and worker must read as many streams, and every
+    stream gives as many samples to each batch); None when the layout is admitted."""
+    if global_batch % streams:
+        fits = [d for d in divisors(global_batch) if d % world_size == 0 and d <= 4 * AUTO_STREAMS * world_size]
+        return "data.streams", (
+            f"must divide train.global_batch_size={global_batch} (every stream gives as many samples to each "
+            f"batch); with {world_size} rank(s): one of {fits[:12]}"
+        )
+    if streams % world_size:
+        return "data.streams", (
+            f"data.streams={streams} cannot be shared by {world_size} ranks: world sizes it admits are "
+            f"{divisors(streams)}; set data.streams to a multiple of {world_size} that divides "
+            f"train.global_batch_size={global_batch} (and keep it: it fixes the order of samples)"
+        )
+    per_rank = streams // world_size
+    if per_rank % max(1, workers):
+        return "data.num_workers", (
+            f"{workers} loader workers per rank cannot share this rank's {per_rank} of data.streams={streams} "
+            f"streams: use one of {divisors(per_rank)} (or -1 to pick the largest the host allows)"
+        )
+    return None
 
 
 @dataclass
@@ -51,8 +81,13 @@ class DataConfig:
     # per local rank (its CPUs / local ranks, one left to the training process; at most 32), and 1 for the
     # embedded demo (its 40 px images need no more). See ``workers()``.
     num_workers: int = field(default=-1, metadata=RESUMABLE)
-    # Window of the seeded sample shuffle (samples); 0 keeps tar order.
+    # Window of the seeded sample shuffle (samples, shared by the streams a worker reads); 0 keeps tar order.
     shuffle_window: int = 1000
+    # Canonical streams the data is read as (see docs/data.md): the order of samples, and so every global batch,
+    # depends on this number, never on the world size or data.num_workers. A layout (ranks x workers) is admitted
+    # when ranks x workers divides it; it must divide train.global_batch_size. 0 (default): the divisor of
+    # train.global_batch_size up to 64 that admits the most layouts. Keep it to resume on another layout.
+    streams: int = 0
     # Image members tried in order, separated by ``;``.
     image_key: str = "jpg;png;webp;jpeg"
     # ``auto``: a ``txt`` member, else the ``json`` member's ``caption`` (img2dataset), else its ``captions``;
@@ -96,14 +131,27 @@ class DataConfig:
     cache_dir: str = field(default="${oc.env:CLIPKIT_CACHE,'~/.cache/clipkit'}", metadata=PATH)
     demo: DemoDataConfig = field(default_factory=DemoDataConfig)
 
-    def workers(self) -> int:
+    def workers(self, rank_streams: int = 0) -> int:
         """``num_workers`` with -1 resolved for this process: the CPUs it may use (its affinity), shared by the
         ranks of this node when that is the whole machine (torchrun's ``LOCAL_WORLD_SIZE``, SLURM's tasks per
-        node), less one for the training process itself."""
+        node), less one for the training process itself; with ``rank_streams`` (the canonical streams of one
+        rank), the largest count up to that which divides it (each worker reads as many streams)."""
         if self.num_workers >= 0:
             return self.num_workers
         if self.train == "demo":
             return 1
+        cpus = self._host_workers()
+        return max(d for d in range(1, cpus + 1) if rank_streams % d == 0) if rank_streams else cpus
+
+    def stream_count(self, global_batch: int) -> int:
+        """``streams``, or (0) the divisor of ``global_batch`` up to ``AUTO_STREAMS`` with the most divisors (the
+        most layouts it admits), the larger on a tie: 64 for 128, 48 for 96, 40 for 1000."""
+        if self.streams:
+            return self.streams
+        fits = [d for d in range(1, AUTO_STREAMS + 1) if global_batch % d == 0]
+        return max(fits, key=lambda d: (len(divisors(d)), d))
+
+    def _host_workers(self) -> int:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         if cpus == (os.cpu_count() or cpus):  # not bound to a share of the node: split it between the local ranks
             local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE", "1")
@@ -122,7 +170,8 @@ class DataConfig:
         if self.num_workers < -1:
             raise ConfigError(f"{prefix}.num_workers", self.num_workers, "must be >= 0, or -1 for the host's CPUs")
         non_negative(prefix, self, "shuffle_window", "num_samples", "stall_timeout_s", "remote_retries")
-        non_negative(prefix, self, "max_member_mb")
+        non_negative(prefix, self, "max_member_mb", "streams")
+        at_most(prefix, self, "streams", 65536, "canonical streams (as many as the loader slots of the largest run)")
         at_most(prefix, self, "prefetch_factor", 64, "batches each loader worker keeps ready (shared memory)")
         at_most(prefix, self, "shuffle_window", 1_000_000, "samples the reader holds in memory to shuffle")
         at_most(prefix, self, "remote_retries", 100, "attempts per shard before it counts as missing")

@@ -1,17 +1,20 @@
-"""The training loader: slot streams -> decode/augment/tokenize in DataLoader workers -> micro-batches.
+"""The training loader: canonical streams -> decode/augment/tokenize in DataLoader workers -> micro-batches.
 
-Each DataLoader worker runs one slot (see ``stream.py``) and yields whole micro-batches; torch's DataLoader
-takes batches from its workers round-robin, strictly in order, so the batch sequence is deterministic.
-Each batch carries the position its slot reached, so ``state_dict()`` is exact: after a restart the workers
-are re-labelled so that the one due next comes first, and every slot continues where its last *consumed*
-batch ended (batches prefetched but never consumed are produced again).
+Rank r reads its share of the canonical streams (see ``stream.py`` for the contract), each DataLoader worker
+an equal part of it. Per global batch every stream gives B/C good samples; a worker hands over its streams'
+samples in *chunks*, and torch's DataLoader takes chunks from its workers round-robin, strictly in order, so
+every step's rows are the same samples on any admitted layout. Each chunk carries its streams' positions, so
+``state_dict()`` (taken between steps) is exact: every stream continues where its last *consumed* sample
+ended (chunks prefetched but never consumed are produced again), on this layout or another.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import logging
+import math
 import os
 import random
 import select
@@ -25,12 +28,13 @@ from torch.utils.data import DataLoader, IterableDataset, _utils, get_worker_inf
 
 from clipkit import preempt
 from clipkit.data import transforms, worker_context
+from clipkit.data.config import layout_problem
 from clipkit.data.shards import expand_spec, remote, shard_sizes
-from clipkit.data.stream import MISSING, UNANNOUNCED, UNKNOWN, Reader, ShardTable, StreamPlan, iter_slot
+from clipkit.data.stream import MISSING, UNANNOUNCED, UNKNOWN, Reader, ShardTable, StreamPlan, iter_stream
 from clipkit.errors import UserError
 
 log = logging.getLogger("clipkit")
-STATE_VERSION = 1
+STATE_VERSION = 2  # (2: positions of canonical streams; 1 was per (rank, worker) slot)
 # A worker stops the run when none of its first CAPTION_PROBE samples has a caption (a wrong caption key), and
 # when, after BAD_CHECK_AFTER samples, the bad fraction exceeds data.max_bad_fraction (or nothing was usable).
 CAPTION_PROBE = 16
@@ -156,11 +160,11 @@ class SampleDecoder:
         return value
 
 
-def decoded(plan: StreamPlan, decoder: SampleDecoder, worker: int, epoch: int, t: int, reader: Reader | None = None):
-    """A slot's stream from (epoch, t), decoded: yields ``(epoch, t, item, url)`` where item is
+def decoded(plan: StreamPlan, decoder: SampleDecoder, stream: int, epoch: int, t: int, reader: Reader | None = None):
+    """A canonical stream from (epoch, t), decoded: yields ``(epoch, t, item, url)`` where item is
     ``(image, caption, key, caption source)`` (the source: with ``data.captions``, else None) or a ``BadSample``
     (counted by the caller, never raised)."""
-    for e, pos, sample in iter_slot(plan, worker, epoch, t, reader):
+    for e, pos, sample in iter_stream(plan, stream, epoch, t, reader):
         url = sample.get("__url__", "?")
         try:
             if sample.get("__missing__"):
@@ -289,27 +293,57 @@ def stop_workers(it, kill: bool = False) -> None:
             w.join(timeout=5)
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Who reads which canonical stream: rank ``rank`` of ``world_size``, ``workers`` DataLoader workers (0: in
+    the training process, as one). Each step takes ``per_stream`` samples from every stream."""
+
+    streams: int
+    per_stream: int
+    rank: int
+    world_size: int
+    workers: int
+
+    @property
+    def slots(self) -> int:
+        return max(1, self.workers)
+
+    @property
+    def rank_streams(self) -> list[int]:
+        n = self.streams // self.world_size
+        return list(range(self.rank * n, (self.rank + 1) * n))
+
+    def streams_of(self, worker: int) -> list[int]:
+        n = self.streams // (self.world_size * self.slots)
+        return self.rank_streams[worker * n : (worker + 1) * n]
+
+    @property
+    def step_rows(self) -> int:
+        """This rank's samples per step."""
+        return self.per_stream * len(self.rank_streams)
+
+
 class BatchStream(IterableDataset):
-    """Yields micro-batches of one slot per DataLoader worker (or of slot 0 in-process). A fatal data problem
-    found by the worker travels as a ``{"fatal": message}`` item; ``progress`` (shared memory) holds each
-    worker's (epoch, t, segment, sample-in-shard) for the stall watchdog."""
+    """Yields chunks of the streams of one worker (or of the whole rank in-process). A fatal data problem found
+    by the worker travels as a ``{"fatal": message}`` item; ``progress`` (shared memory) holds each stream's
+    (epoch, t, segment, sample-in-shard) and, at its end, the stream each worker is reading (stall watchdog)."""
 
     def __init__(
         self,
         plan: StreamPlan,
+        layout: Layout,
         decoder: SampleDecoder,
         tokenizer,
-        batch_size: int,
-        positions: list[tuple[int, int]],
-        worker_offset: int,
+        chunk: int,
+        positions: dict[int, tuple[int, int]],
         reader: Reader,
         max_bad_fraction: float,
         progress,
         teacher_tokenizer=None,
     ):
-        self.plan, self.decoder, self.tokenizer, self.batch_size = plan, decoder, tokenizer, batch_size
+        self.plan, self.layout, self.decoder, self.tokenizer, self.chunk = plan, layout, decoder, tokenizer, chunk
         self.teacher_tokenizer = teacher_tokenizer  # (distillation from a teacher with its own tokenizer)
-        self.positions, self.worker_offset, self.reader = positions, worker_offset, reader
+        self.positions, self.reader = positions, reader
         self.max_bad_fraction, self.progress = max_bad_fraction, progress
         # A fork-server worker inherits the fork server's environment, frozen when it started: carry this
         # process's (storage credentials and endpoints set since then) and apply it in the worker.
@@ -320,55 +354,88 @@ class BatchStream(IterableDataset):
         info = get_worker_info()
         if info is not None:
             os.environ.update(self.environ)
-        worker = ((info.id if info else 0) + self.worker_offset) % self.plan.num_workers
+        worker = info.id if info else 0
         try:
             yield from self._batches(worker)
         except DataError as err:
             yield {"fatal": str(err), "worker": worker}
 
     def _batches(self, worker: int):
-        self.reader.progress, self.reader.base = self.progress, 4 * worker
-        errors: collections.Counter = collections.Counter()
-        bad_urls: collections.Counter = collections.Counter()
-        epoch_errors: collections.Counter = collections.Counter()  # "epoch/kind" -> count
-        sources: collections.Counter = collections.Counter()  # data.captions: samples per caption source
+        streams = self.layout.streams_of(worker)
+        local = self.layout.rank_streams.index(streams[0])  # this worker's first stream, within the rank's
+        readers = [dataclasses.replace(self.reader) for _ in streams]
+        for k, reader in enumerate(readers):
+            reader.progress, reader.base = self.progress, 4 * (local + k)
+        current = 4 * len(self.layout.rank_streams) + worker  # where the stream being read is noted
+        sources = [
+            decoded(self.plan, self.decoder, c, *self.positions[c], reader)
+            for c, reader in zip(streams, readers, strict=True)
+        ]
+        positions = {c: self.positions[c] for c in streams}
         guard = WorkerGuard(self.decoder.caption_key, self.max_bad_fraction, self.decoder.captions)
-        images, captions, keys, epochs = [], [], [], []
-        p = 4 * worker
-        for epoch, t, item, url in decoded(self.plan, self.decoder, worker, *self.positions[worker], self.reader):
-            self.progress[p], self.progress[p + 1] = epoch, t + 1
-            if isinstance(item, BadSample):
-                errors[item.kind] += 1
-                epoch_errors[f"{epoch}/{item.kind}"] += 1
-                bad_urls[url] += 1
-                guard.failed(item, url)
-                continue
-            guard.good()
-            if item[3] is not None:
-                sources[item[3]] += 1
-            images.append(item[0])
-            captions.append(item[1])
-            keys.append(item[2])
-            epochs.append(epoch)
-            if len(images) == self.batch_size:
-                yield {
-                    "image": torch.stack(images),
-                    "text": self.tokenizer(captions),
-                    **({"teacher_text": self.teacher_tokenizer(captions)} if self.teacher_tokenizer else {}),
-                    "keys": keys,
-                    "epochs": epochs,
-                    "worker": worker,
-                    "position": (epoch, t + 1),
-                    "errors": dict(errors),
-                    "epoch_errors": dict(epoch_errors),
-                    "bad_urls": dict(bad_urls),
-                    "caption_sources": dict(sources),
-                    "retries": self.reader.num_retries,
-                }
-                images, captions, keys, epochs = [], [], [], []
-                errors, bad_urls, epoch_errors = collections.Counter(), collections.Counter(), collections.Counter()
-                sources = collections.Counter()
-                self.reader.num_retries = 0
+        chunk = Chunk()
+        while True:  # one step: per_stream good samples from each stream, in turn
+            for k, (c, source) in enumerate(zip(streams, sources, strict=True)):
+                self.progress[current] = local + k
+                p, taken = 4 * (local + k), 0
+                while taken < self.layout.per_stream:
+                    epoch, t, item, url = next(source)
+                    self.progress[p], self.progress[p + 1] = epoch, t + 1
+                    positions[c] = (epoch, t + 1)
+                    if isinstance(item, BadSample):
+                        chunk.failed(item, epoch, url)
+                        guard.failed(item, url)
+                        continue
+                    guard.good()
+                    taken += 1
+                    chunk.add(item, epoch)
+                    if len(chunk.keys) == self.chunk:
+                        yield chunk.handed(self, worker, positions, sum(r.num_retries for r in readers))
+                        chunk = Chunk()
+                        for r in readers:
+                            r.num_retries = 0
+
+
+class Chunk:
+    """The samples (and skip counts) a worker collects until it hands them over."""
+
+    def __init__(self):
+        self.images, self.captions, self.keys, self.epochs = [], [], [], []
+        self.errors: collections.Counter = collections.Counter()
+        self.bad_urls: collections.Counter = collections.Counter()
+        self.epoch_errors: collections.Counter = collections.Counter()  # "epoch/kind" -> count
+        self.sources: collections.Counter = collections.Counter()  # data.captions: samples per caption source
+
+    def add(self, item: tuple, epoch: int) -> None:
+        image, caption, key, source = item
+        if source is not None:
+            self.sources[source] += 1
+        self.images.append(image)
+        self.captions.append(caption)
+        self.keys.append(key)
+        self.epochs.append(epoch)
+
+    def failed(self, bad: BadSample, epoch: int, url: str) -> None:
+        self.errors[bad.kind] += 1
+        self.epoch_errors[f"{epoch}/{bad.kind}"] += 1
+        self.bad_urls[url] += 1
+
+    def handed(self, stream: BatchStream, worker: int, positions: dict, retries: int) -> dict:
+        teacher = stream.teacher_tokenizer
+        return {
+            "image": torch.stack(self.images),
+            "text": stream.tokenizer(self.captions),
+            **({"teacher_text": teacher(self.captions)} if teacher else {}),
+            "keys": self.keys,
+            "epochs": self.epochs,
+            "worker": worker,
+            "positions": dict(positions),
+            "errors": dict(self.errors),
+            "epoch_errors": dict(self.epoch_errors),
+            "bad_urls": dict(self.bad_urls),
+            "caption_sources": dict(self.sources),
+            "retries": retries,
+        }
 
 
 def resolve_shards(spec: str, allow_pipe: bool = True, allow_missing: bool = False) -> tuple[ShardTable, list[float]]:
@@ -412,7 +479,10 @@ def chunk_size(batch_size: int) -> int:
 class TrainLoader:
     """Iterator of training micro-batches for this rank, with exact ``state_dict`` / ``load_state_dict``.
 
-    Waiting for a batch is guarded: no batch for ``stall_timeout_s`` raises ``DataError`` naming the slot, the
+    ``streams`` canonical streams (``data.streams``), ``global_batch`` samples per step over all ranks (0: one
+    micro-batch per rank); the layout (world size x workers) must be admitted (``config.layout_problem``).
+
+    Waiting for a batch is guarded: no batch for ``stall_timeout_s`` raises ``DataError`` naming the stream, the
     shard and the position it was reading; SIGTERM / SIGUSR1 during the wait end it at once (``preempt``).
     Workers are started by a fork server (no fork of a process whose threads may hold locks), die with the
     training process, and are killed if they do not stop when the loader closes.
@@ -435,6 +505,8 @@ class TrainLoader:
         num_workers: int,
         batch_size: int,
         window: int,
+        streams: int = 0,
+        global_batch: int = 0,
         prefetch_factor: int = 4,
         pin_memory: bool = False,
         max_bad_fraction: float = 0.1,
@@ -445,27 +517,32 @@ class TrainLoader:
         num_samples: int = 0,
         teacher_tokenizer=None,
     ):
+        global_batch = global_batch or batch_size * world_size
+        streams = streams or world_size * max(1, num_workers)
+        problem = layout_problem(streams, global_batch, world_size, num_workers)
+        if problem is None and (global_batch // world_size) % batch_size:
+            problem = ("train.micro_batch_size", f"{batch_size} does not divide a rank's {global_batch // world_size}")
+        if problem:
+            raise DataError(f"{problem[0]}: {problem[1]}")
         try:
-            self.plan = StreamPlan(
-                shards, source_weights, mode, seed, rank, world_size, num_workers, window, num_samples
-            )
+            self.plan = StreamPlan(shards, source_weights, mode, seed, streams, window, num_samples)
         except ValueError as err:
             raise DataError(str(err)) from None
-        if self.plan.sized and self.plan.total < self.plan.num_slots:
-            raise DataError(f"{self.plan.total} samples cannot feed {self.plan.num_slots} (ranks x workers) streams")
-        if self.plan.sized and mode == "epoch" and batch_size * world_size > self.plan.total:
+        if self.plan.sized and mode == "epoch" and global_batch > self.plan.total:
             raise DataError(
-                f"a batch of {batch_size} per rank x {world_size} rank(s) is more than the {self.plan.total} samples "
-                "of data.train: lower train.global_batch_size (or train.micro_batch_size)"
+                f"a global batch of {global_batch} is more than the {self.plan.total} samples of data.train: lower "
+                "train.global_batch_size"
             )
+        self.layout = Layout(streams, global_batch // streams, rank, world_size, num_workers)
         self.decoder, self.tokenizer, self.batch_size = decoder, tokenizer, batch_size
-        self.chunk = chunk_size(batch_size)
+        self.chunk = chunk_size(math.gcd(batch_size, self.layout.step_rows // self.layout.slots))
         self.teacher_tokenizer = teacher_tokenizer  # batches then carry "teacher_text" too
         self.num_workers, self.prefetch_factor, self.pin_memory = num_workers, prefetch_factor, pin_memory
         self.max_bad_fraction, self.stall_timeout_s = max_bad_fraction, stall_timeout_s
         self.retries, self.retry_backoff_s, self.max_member_mb = retries, retry_backoff_s, max_member_mb
-        self.positions = [(0, 0)] * self.plan.num_workers
+        self.positions = {c: (0, 0) for c in self.layout.rank_streams}  # canonical stream -> (epoch, t)
         self.next_worker = 0
+        self.rows = 0  # samples handed out since the last step boundary
         self.errors: collections.Counter = collections.Counter()
         self.epoch_errors: collections.Counter = collections.Counter()  # "epoch/kind" -> count
         self.bad_urls: collections.Counter = collections.Counter()
@@ -476,19 +553,21 @@ class TrainLoader:
         self._progress = None
 
     def _make_iter(self):
-        # Each worker's (epoch, t, ...) for the stall message: shared memory, passed to workers by torch's pickler.
-        self._progress = torch.zeros(4 * self.plan.num_workers, dtype=torch.float64)
-        for w, (epoch, t) in enumerate(self.positions):
-            self._progress[4 * w], self._progress[4 * w + 1] = epoch, t  # (segment, sample: set by the reader)
+        # Each stream's (epoch, t, segment, sample) and each worker's current stream, for the stall message:
+        # shared memory, passed to workers by torch's pickler.
+        rank_streams = self.layout.rank_streams
+        self._progress = torch.zeros(4 * len(rank_streams) + self.layout.slots, dtype=torch.float64)
+        for k, c in enumerate(rank_streams):
+            self._progress[4 * k], self._progress[4 * k + 1] = self.positions[c]  # (segment, sample: the reader's)
         if self.num_workers:
             self._progress.share_memory_()
         dataset = BatchStream(
             self.plan,
+            self.layout,
             self.decoder,
             self.tokenizer,
             self.chunk,
-            list(self.positions),
-            self.next_worker,
+            dict(self.positions),
             Reader(self.retries, self.retry_backoff_s, self.max_member_mb << 20),
             self.max_bad_fraction,
             self._progress,
@@ -547,8 +626,9 @@ class TrainLoader:
             raise DataError(batch["fatal"])
         worker = batch["worker"]
         assert worker == self.next_worker, "DataLoader delivered batches out of order"
-        self.positions[worker] = tuple(batch["position"])
-        self.next_worker = (worker + 1) % self.plan.num_workers
+        self.positions.update(batch["positions"])
+        self.next_worker = (worker + 1) % self.layout.slots
+        self.rows = (self.rows + len(batch["keys"])) % self.layout.step_rows
         self.errors.update(batch["errors"])
         self.epoch_errors.update(batch["epoch_errors"])
         self.bad_urls.update(batch["bad_urls"])
@@ -560,13 +640,15 @@ class TrainLoader:
 
     def _stall_message(self) -> str:
         worker = self.next_worker
-        slot = self.plan.rank * self.plan.num_workers + worker
-        epoch, t, k, j = (int(x) for x in self._progress[4 * worker : 4 * worker + 4].tolist())
-        segments = self.plan.span(worker, epoch)[0] if self.plan.sized else self.plan.segments(worker, epoch)
-        where = f"reading {segments[k].url} at its sample {j}" if k < len(segments) else "at its span's end"
+        rank_streams = self.layout.rank_streams
+        k = int(self._progress[4 * len(rank_streams) + worker])
+        stream = rank_streams[k]
+        epoch, t, seg, j = (int(x) for x in self._progress[4 * k : 4 * k + 4].tolist())
+        segments = self.plan.span(stream, epoch)[0] if self.plan.sized else self.plan.segments(stream, epoch)
+        where = f"reading {segments[seg].url} at its sample {j}" if seg < len(segments) else "at its span's end"
         return (
-            f"no batch for data.stall_timeout_s={self.stall_timeout_s:g} s: loader slot {slot} (rank "
-            f"{self.plan.rank}, worker {worker}) is at epoch {epoch}, position {t}, {where}; the storage may be "
+            f"no batch for data.stall_timeout_s={self.stall_timeout_s:g} s: loader stream {stream} (rank "
+            f"{self.layout.rank}, worker {worker}) is at epoch {epoch}, position {t}, {where}; the storage may be "
             "unreachable or too slow (raise data.stall_timeout_s for slow storage)"
         )
 
@@ -576,28 +658,31 @@ class TrainLoader:
 
     @property
     def epoch(self) -> float:
-        """Fractional epochs this rank has consumed (mean over its slots); whole epochs when sizes are unknown
+        """Fractional epochs this rank's streams have consumed (their mean); whole epochs when sizes are unknown
         and data.num_samples is not set."""
-        span = self.plan.total / self.plan.num_slots if self.plan.total > 0 else float("inf")
-        return sum(e + t / span for e, t in self.positions) / len(self.positions)
+        span = self.plan.total / self.plan.streams if self.plan.total > 0 else float("inf")
+        return sum(e + t / span for e, t in self.positions.values()) / len(self.positions)
 
     def state_dict(self) -> dict:
+        """This rank's part of the data state; taken between steps (where every stream has given the same count)."""
+        if self.rows:
+            raise RuntimeError(f"loader state taken {self.rows} samples into a step (only between steps)")
         return {
             "version": STATE_VERSION,
             "mode": self.plan.mode,
             "seed": self.plan.seed,
-            "world_size": self.plan.world_size,
-            "num_workers": self.plan.num_workers,
+            "streams": self.plan.streams,
+            "per_stream": self.layout.per_stream,
             "num_shards": len(self.plan.shards),
             "total_samples": self.plan.total,
-            "positions": [list(p) for p in self.positions],
-            "next_worker": self.next_worker,
+            "world_size": self.layout.world_size,
+            "num_workers": self.num_workers,
+            "positions": {str(c): list(p) for c, p in self.positions.items()},
             "errors": dict(self.errors),
             "epoch_errors": dict(self.epoch_errors),
             "bad_urls": dict(self.bad_urls.most_common(100)),
             "caption_sources": dict(self.caption_sources),
             "samples_delivered": self.samples_delivered,
-            "elastic": self.plan.elastic,
         }
 
     def errors_by_epoch(self) -> dict[str, dict[str, int]]:
@@ -613,76 +698,50 @@ class TrainLoader:
         it, self._iter = self._iter, None
         stop_workers(it, kill)
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, states: dict | list[dict]) -> str | None:
+        """Resumes from the data states of every rank of a checkpoint (a single dict: a one-rank run's), on this
+        layout or any other the streams admit: each stream continues at its position, so the batches are those
+        of an uninterrupted run. Returns a line for the log when the layout changed (None otherwise); the skip
+        counts so far then go to rank 0."""
+        states = [states] if isinstance(states, dict) else list(states)
         mine = self.state_dict()
-        for key in ("version", "mode", "seed", "world_size", "num_workers", "num_shards", "total_samples"):
-            if state.get(key) != mine[key]:
-                raise DataError(
-                    f"cannot resume the data stream exactly: the checkpoint has {key}={state.get(key)!r}, this run "
-                    f"{mine[key]!r}. Resume with the same data, seed, world size and data.num_workers, or start a "
-                    f"new run directory"
-                )
-        self.positions = [tuple(p) for p in state["positions"]]
-        self.next_worker = state["next_worker"]
-        self.errors = collections.Counter(state["errors"])
-        self.epoch_errors = collections.Counter(state.get("epoch_errors", {}))
-        self.bad_urls = collections.Counter(state["bad_urls"])
-        self.caption_sources = collections.Counter(state.get("caption_sources", {}))
-        self.samples_delivered = state["samples_delivered"]
-        self.plan.elastic = state.get("elastic")
-        self._iter = None
-
-    def load_elastic(self, states: list[dict]) -> str:
-        """Resumes from the data states of every rank of a run with another layout (world size or workers).
-
-        epoch mode: the epochs the old slots were in are re-planned from what they had not consumed
-        (``StreamPlan.elastic_span``): every remaining sample once, none twice, in another order. resampled:
-        new slots start a fresh draw (there is no exactly-once to keep). The skip counts so far go to rank 0.
-        Returns a line for the log."""
-        mine = self.state_dict()
-        for key in ("version", "mode", "seed", "num_shards", "total_samples"):
+        if any(st.get("version") != STATE_VERSION for st in states):
+            raise DataError(
+                f"the checkpoint's data state has version {states[0].get('version')!r} (this clipkit reads "
+                f"{STATE_VERSION}: canonical streams): resume it with the clipkit that wrote it, or start a new run"
+            )
+        for key in ("mode", "seed", "streams", "per_stream", "num_shards", "total_samples"):
             if any(st.get(key) != mine[key] for st in states):
+                field = {"streams": "data.streams", "per_stream": "train.global_batch_size"}.get(key, key)
                 raise DataError(
-                    f"cannot resume the data stream: the checkpoint has {key}={states[0].get(key)!r}, this run "
-                    f"{mine[key]!r}. Resume with the same data and seed, or start a new run directory"
+                    f"cannot resume the data stream exactly: the checkpoint has {key}={states[0].get(key)!r}, this "
+                    f"run {mine[key]!r} ({field}). Resume with the same data, seed, data.streams and global batch, "
+                    "or start a new run directory"
                 )
-        if not self.plan.sized:
-            raise DataError(
-                "shards of unknown size cannot be re-planned for another world size or data.num_workers: resume "
-                "with the same layout, or add sizes.json beside the shards"
-            )
-        old = [tuple(p) for st in states for p in st["positions"]]  # slot = rank * workers + worker
-        epochs = [e for e, _ in old]
+        saved = {int(c): tuple(p) for st in states for c, p in st["positions"].items()}
+        lost = sorted(set(self.positions) - set(saved))
+        if lost:
+            raise DataError(f"the checkpoint's data state has no position for stream(s) {lost[:8]}: it is incomplete")
+        self.positions = {c: saved[c] for c in self.positions}
+        same = len(states) == self.layout.world_size and all(
+            st["world_size"] == self.layout.world_size and st["num_workers"] == self.num_workers for st in states
+        )
+        counted = [states[self.layout.rank]] if same else states if self.layout.rank == 0 else []
+        self.errors, self.epoch_errors = collections.Counter(), collections.Counter()
+        self.bad_urls, self.caption_sources = collections.Counter(), collections.Counter()
+        self.samples_delivered = 0
+        for st in counted:
+            self.errors.update(st["errors"])
+            self.epoch_errors.update(st.get("epoch_errors", {}))
+            self.bad_urls.update(st["bad_urls"])
+            self.caption_sources.update(st.get("caption_sources", {}))
+            self.samples_delivered += st["samples_delivered"]
+        self.next_worker, self.rows, self._iter = 0, 0, None
+        if same:
+            return None
         before = f"{states[0]['world_size']} rank(s) x {states[0]['num_workers']} worker(s)"
-        after = f"{self.plan.world_size} x {self.plan.num_workers}"
-        pending = states[0].get("elastic")
-        if pending is not None and min(epochs) <= pending["last_epoch"]:
-            raise DataError(
-                f"the checkpoint is itself a re-planned resume still inside epoch {min(epochs)}: resume with its "
-                f"layout ({before}) until that epoch ends, then change it"
-            )
-        if self.plan.mode == "resampled":
-            self.positions = [(max(epochs) + 1, 0)] * self.plan.num_workers
-            note = f"resampled stream: new draws for {after} slots (was {before})"
-        else:
-            self.plan.elastic = {
-                "positions": [list(p) for p in old],
-                "first_epoch": min(epochs),
-                "last_epoch": max(epochs),
-            }
-            self.positions = [(min(epochs), 0)] * self.plan.num_workers
-            note = (
-                f"data stream re-planned from {before} to {after}: the samples not yet consumed in epoch(s) "
-                f"{min(epochs)}-{max(epochs)} are shared out anew, each seen once; their order differs from an "
-                "uninterrupted run"
-            )
-        self.next_worker = 0
-        if self.plan.rank == 0:
-            for st in states:
-                self.errors.update(st["errors"])
-                self.epoch_errors.update(st.get("epoch_errors", {}))
-                self.bad_urls.update(st["bad_urls"])
-                self.caption_sources.update(st.get("caption_sources", {}))
-                self.samples_delivered += st["samples_delivered"]
-        self._iter = None
-        return note
+        return (
+            f"data streams resumed on another layout ({before} -> {self.layout.world_size} x {self.num_workers}): "
+            f"each of the {self.plan.streams} streams continues at its position, the batches are an uninterrupted "
+            "run's"
+        )

@@ -1,19 +1,31 @@
-"""The deterministic, position-addressable sample stream behind the training loader.
+"""The deterministic, position-addressable sample streams behind the training loader: one order for every layout.
 
-Every (rank, worker) pair is a *slot*. For each epoch of a slot we compute a plan: which shard ranges it
-reads (``segments``) and in which order it emits the span's samples (``order``). A slot's position is
-``(epoch, t)``: the next sample it emits is ``order[t]`` of that epoch's plan. Everything is a pure function of
-(seed, epoch, shards, world size, workers), so a position is a complete checkpoint of a slot.
+The data is read as ``C`` *canonical streams* (``data.streams``), a number that belongs to the run, not to the
+machines. For each epoch of a stream we compute a plan: which shard ranges it reads (``segments``) and in which
+order it emits its samples (``order``). A stream's position is ``(epoch, t)``: the next sample it emits is
+``order[t]`` of that epoch's plan. Each is a pure function of (seed, epoch, shards, C) and a stream's samples
+are decoded from (seed, epoch, shard name, key), so a stream's sequence of samples, crops and captions is the
+same whoever reads it, and a position is a complete checkpoint of a stream.
 
-epoch mode      the shard list is permuted per epoch; the concatenated sample space is cut into equal
-                contiguous spans, one per slot: every sample exactly once per epoch, every slot busy even
-                with fewer shards than slots (neighbouring slots read disjoint ranges of one shard).
-resampled mode  each slot draws whole shards with replacement, weighted per source, forever.
+The contract (``loader.py`` builds the batches): global batch ``s`` holds, from each stream c in turn, its
+good samples ``s*B/C .. (s+1)*B/C - 1`` (B = train.global_batch_size; bad samples are skipped within the
+stream, where they are, so that too is layout-free). Rank r of W, with K loader workers, reads the streams
+``r*C/W .. (r+1)*C/W - 1``, C/(W*K) per worker. A layout is admitted when W*K divides C and C divides B: every
+admitted layout trains on the same global batches (rows in another order, which only float summation sees),
+and a checkpoint (every stream's position) resumes on any admitted layout.
+
+epoch mode      the shard list is permuted per epoch; the concatenated sample space is cut into C equal
+                contiguous spans, one per stream: every sample exactly once per epoch, every stream busy even
+                with fewer shards than streams (neighbouring streams read disjoint ranges of one shard).
+resampled mode  each stream draws whole shards with replacement, weighted per source, forever.
 
 Within a span, the order is a seeded *windowed shuffle*: sample i is emitted at rank of ``i + U_i * window``
-(U_i uniform in [0, 1)); every sample moves at most ``window`` places, so the reader holds at most about
-``window`` samples. Because the order is computed on indices, resuming at ``t`` skips the shards before the
-earliest sample still due without opening them, and reads (never decodes) the rest of that shard.
+(U_i uniform in [0, 1)), with window = data.shuffle_window / C, so the streams of one reader together hold
+about data.shuffle_window samples whatever C is. Because the order is computed on indices, resuming at ``t``
+skips the shards before the earliest sample still due without opening them, and reads (never decodes) the rest
+of that shard. Shards of unknown size are dealt whole to the streams and read to their end: the same order on
+any layout, but a resume re-reads (without decoding) a stream's shards up to its position, and epochs are only
+as even as the shards.
 """
 
 from __future__ import annotations
@@ -97,10 +109,11 @@ UNKNOWN = UNKNOWN_SIZE  # a shard size nothing announces (pipe:, a remote folder
 
 
 class StreamPlan:
-    """Plans of every slot of one rank; picklable, shipped to DataLoader workers. Linear in the shard count.
+    """The plans of the ``streams`` canonical streams; picklable, shipped to DataLoader workers. Linear in the
+    shard count. Nothing here knows the ranks or workers that will read the streams.
 
     With any shard size unknown the plan is *unsized*: each epoch the permuted shards are dealt whole to the
-    slots (round robin) and read to their end, the windowed shuffle runs as a stream (``read_stream``), and
+    streams (round robin) and read to their end, the windowed shuffle runs as a stream (``read_stream``), and
     ``total`` is ``num_samples`` (only for the epoch fraction shown in logs)."""
 
     def __init__(
@@ -109,33 +122,31 @@ class StreamPlan:
         source_weights: list[float],
         mode: str,
         seed: int,
-        rank: int,
-        world_size: int,
-        num_workers: int,
+        streams: int,
         window: int,
         num_samples: int = 0,
     ):
         if not len(shards):
             raise ValueError("no shards")
         self.shards = shards if isinstance(shards, ShardTable) else ShardTable.of(shards)
-        self.mode, self.seed = mode, seed
-        self.rank, self.world_size, self.num_workers, self.window = rank, world_size, max(1, num_workers), window
-        self.num_slots = self.world_size * self.num_workers
+        self.mode, self.seed, self.streams = mode, seed, streams
+        # data.shuffle_window is the reader's memory, shared by the streams (a worker reads several at once).
+        self.window = -(-window // streams) if window > 1 else window
         self.sized = bool((self.shards.sizes >= 0).all())
         self.total = int(self.shards.sizes.sum()) if self.sized else num_samples
-        if not self.sized and mode == "epoch" and len(self.shards) < self.num_slots:
+        if not self.sized and mode == "epoch" and len(self.shards) < streams:
             raise ValueError(
-                f"{len(self.shards)} shards of unknown size cannot feed {self.num_slots} (ranks x workers) streams: "
-                "add sizes.json (or _stats.json) beside the shards, or use fewer loader workers"
+                f"{len(self.shards)} shards of unknown size cannot feed data.streams={streams} streams (each reads "
+                "whole shards): add sizes.json (or _stats.json) beside the shards, or set data.streams to at most "
+                f"{len(self.shards)}"
             )
+        if self.sized and self.total < streams:
+            raise ValueError(f"{self.total} samples cannot feed data.streams={streams} streams")
         per_source = np.bincount(self.shards.sources, minlength=len(source_weights))
         per_shard = np.asarray(source_weights, dtype=np.float64)[self.shards.sources] / per_source[self.shards.sources]
         self.shard_probs = per_shard / per_shard.sum()
-        # After a resume with another layout (ranks x workers): the old slots' positions; the epochs they were in
-        # are re-planned from what they had not yet consumed (see elastic_span).
-        self.elastic: dict | None = None
-        # Resampled "epochs" are chunks of this many shards per slot (only sets the reshuffle granularity).
-        self.resampled_shards = max(1, math.ceil(len(self.shards) / self.num_slots))
+        # Resampled "epochs" are chunks of this many shards per stream (only sets the reshuffle granularity).
+        self.resampled_shards = max(1, math.ceil(len(self.shards) / streams))
 
     def _rng(self, *words: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, *words])
@@ -143,20 +154,23 @@ class StreamPlan:
     def _segment(self, i: int, start: int, stop: int) -> Segment:
         return Segment(self.shards.urls[i], start, stop, self.shards.names[i], int(self.shards.sizes[i]))
 
-    def segments(self, worker: int, epoch: int) -> list[Segment]:
-        slot = self.rank * self.num_workers + worker
+    def segments(self, stream: int, epoch: int) -> list[Segment]:
         if self.mode == "resampled":
-            picks = self._rng(1, epoch, slot).choice(len(self.shards), self.resampled_shards, p=self.shard_probs)
+            picks = self._rng(1, epoch, stream).choice(len(self.shards), self.resampled_shards, p=self.shard_probs)
             return [self._segment(int(i), 0, int(self.shards.sizes[i])) for i in picks]
         if not self.sized:  # whole shards, read to their end
             perm = self._rng(0, epoch).permutation(len(self.shards))
-            return [self._segment(int(i), 0, UNKNOWN) for i in perm[slot :: self.num_slots]]
-        lo, hi = slot * self.total // self.num_slots, (slot + 1) * self.total // self.num_slots
+            return [self._segment(int(i), 0, UNKNOWN) for i in perm[stream :: self.streams]]
+        lo, hi = self.bounds(stream)
         return self.range_segments(epoch, lo, hi)
+
+    def bounds(self, stream: int) -> tuple[int, int]:
+        """The stream's span [lo, hi) of a sized epoch's sample space."""
+        return stream * self.total // self.streams, (stream + 1) * self.total // self.streams
 
     def range_segments(self, epoch: int, lo: int, hi: int) -> list[Segment]:
         """Shard ranges holding samples [lo, hi) of epoch ``epoch``'s sample space (the permuted shards, end to
-        end); the same for every layout, since the permutation depends on (seed, epoch) only."""
+        end); the permutation depends on (seed, epoch) only."""
         perm = self._rng(0, epoch).permutation(len(self.shards))
         ends = np.cumsum(self.shards.sizes[perm])
         first, last = int(np.searchsorted(ends, lo, side="right")), int(np.searchsorted(ends, hi, side="left"))
@@ -168,53 +182,16 @@ class StreamPlan:
                 segments.append(self._segment(i, a - offset, b - offset))
         return segments
 
-    def span(self, worker: int, epoch: int) -> tuple[list[Segment], np.ndarray]:
-        """A sized plan's (segments, order) of one slot and epoch: what ``read_span`` reads."""
-        if self.elastic is not None and self.elastic["first_epoch"] <= epoch <= self.elastic["last_epoch"]:
-            return self.elastic_span(self.rank * self.num_workers + worker, epoch)
-        segments = self.segments(worker, epoch)
-        return segments, self.order(worker, epoch, sum(s.stop - s.start for s in segments))
+    def span(self, stream: int, epoch: int) -> tuple[list[Segment], np.ndarray]:
+        """A sized plan's (segments, order) of one stream and epoch: what ``read_span`` reads."""
+        segments = self.segments(stream, epoch)
+        return segments, self.order(stream, epoch, sum(s.stop - s.start for s in segments))
 
-    def _slot_order(self, slot: int, epoch: int, n: int, salt: int = 2) -> np.ndarray:
+    def order(self, stream: int, epoch: int, n: int) -> np.ndarray:
         if self.window <= 1:
             return np.arange(n)
-        keys = np.arange(n) + self._rng(salt, epoch, slot).random(n) * self.window
+        keys = np.arange(n) + self._rng(2, epoch, stream).random(n) * self.window
         return np.argsort(keys, kind="stable")
-
-    def elastic_span(self, slot: int, epoch: int) -> tuple[list[Segment], np.ndarray]:
-        """Epoch ``epoch`` re-planned after a layout change: the samples the old slots had not consumed, in global
-        order, cut into equal contiguous chunks, one per new slot, each in its own windowed shuffle. Every sample
-        the old run had not consumed is read exactly once; the order differs from an uninterrupted run."""
-        old = self.elastic["positions"]
-        num_old = len(old)
-        counts, spans = [], []
-        for s, (e, t) in enumerate(old):
-            lo, hi = s * self.total // num_old, (s + 1) * self.total // num_old
-            spans.append((lo, hi))
-            counts.append(0 if e > epoch else (hi - lo) - (t if e == epoch else 0))
-        starts = np.concatenate([[0], np.cumsum(counts)])
-        remaining = int(starts[-1])
-        a, b = slot * remaining // self.num_slots, (slot + 1) * remaining // self.num_slots
-        parts = []
-        for s, (e, t) in enumerate(old):
-            lo_r, hi_r = max(a, int(starts[s])), min(b, int(starts[s + 1]))
-            if lo_r >= hi_r:
-                continue
-            lo, hi = spans[s]
-            if e == epoch:  # what old slot s had left: its order from position t on
-                left = lo + np.sort(self._slot_order(s, epoch, hi - lo)[t:])
-            else:
-                left = np.arange(lo, hi)
-            parts.append(left[lo_r - int(starts[s]) : hi_r - int(starts[s])])
-        if not parts:
-            return [], np.zeros(0, dtype=np.int64)
-        chunk = np.concatenate(parts)  # ascending global indices
-        g0 = int(chunk[0])
-        segments = self.range_segments(epoch, g0, int(chunk[-1]) + 1)
-        return segments, (chunk - g0)[self._slot_order(slot, epoch, len(chunk), salt=4)]
-
-    def order(self, worker: int, epoch: int, n: int) -> np.ndarray:
-        return self._slot_order(self.rank * self.num_workers + worker, epoch, n)
 
 
 class MemberTooLarge(ValueError):
@@ -314,7 +291,7 @@ class Reader:
     max_member_bytes: int = 256 << 20  # data.max_member_mb (0: no bound)
     num_retries: int = 0
     unannounced: dict | None = None  # url -> samples found past its announced size (counted, not trained)
-    # Where it reads, for a stall message: the caller sets ``segment`` (its index in the slot's segment list);
+    # Where it reads, for a stall message: the caller sets ``segment`` (its index in the stream's segment list);
     # ``progress[base + 2 : base + 4]`` (shared memory) get (segment, sample index in the shard).
     progress: object = None
     base: int = 0
@@ -485,19 +462,18 @@ def read_stream(
         t += 1
 
 
-def iter_slot(
-    plan: StreamPlan, worker: int, epoch: int, t: int, reader: Reader | None = None
+def iter_stream(
+    plan: StreamPlan, stream: int, epoch: int, t: int, reader: Reader | None = None
 ) -> Iterator[tuple[int, int, dict]]:
-    """The slot's endless stream from position (epoch, t): yields ``(epoch, t, sample)``."""
+    """A canonical stream's endless sequence from position (epoch, t): yields ``(epoch, t, sample)``."""
     reader = reader or Reader()
     while True:
         if plan.sized:
-            segments, order = plan.span(worker, epoch)
+            segments, order = plan.span(stream, epoch)
             samples = read_span(segments, order, t, reader)
         else:
-            segments = plan.segments(worker, epoch)
-            rng = plan._rng(2, epoch, plan.rank * plan.num_workers + worker)
-            samples = read_stream(segments, rng, plan.window, t, reader)
+            segments = plan.segments(stream, epoch)
+            samples = read_stream(segments, plan._rng(2, epoch, stream), plan.window, t, reader)
         emitted, pos = False, t - 1
         for pos, sample in samples:
             emitted = True
@@ -507,5 +483,5 @@ def iter_slot(
                 yield epoch, pos, {"__unannounced__": True, "__url__": url}
         reader.unannounced = None
         if not emitted and not plan.sized and t == 0:
-            raise ShardReadError(segments[0].url if segments else "?", EOFError("no sample in this slot's shards"), 1)
+            raise ShardReadError(segments[0].url if segments else "?", EOFError("no sample in this stream's shards"), 1)
         epoch, t = epoch + 1, 0

@@ -391,7 +391,7 @@ def open_clip_parity(rank: int, world: int, device: torch.device = torch.device(
 
 
 def loader_epoch_keys(rank: int, world: int, port: int, out_path: str, shard_spec: str, workers: int) -> None:
-    """Each rank streams with its own TrainLoader (real DataLoader workers) until every slot finished epoch 0;
+    """Each rank streams with its own TrainLoader (real DataLoader workers) until every stream finished epoch 0;
     rank 0 gathers the keys of epoch 0 and the number of steps every rank ran."""
     import open_clip
 
@@ -410,15 +410,15 @@ def loader_epoch_keys(rank: int, world: int, port: int, out_path: str, shard_spe
         rank=rank,
         world_size=world,
         num_workers=workers,
-        batch_size=16,
+        batch_size=24,  # (3 workers: each reads its stream's 8 samples per step)
         window=64,
     )
     keys, steps = [], 0
-    while True:  # all ranks step together (as training does) until every rank's slots are past epoch 0
+    while True:  # all ranks step together (as training does) until every rank's streams are past epoch 0
         batch = next(loader)
         steps += 1
         keys += [k for k, e in zip(batch["keys"], batch["epochs"], strict=True) if e == 0]
-        done = torch.tensor(int(all(e >= 1 for e, _ in loader.positions)))
+        done = torch.tensor(int(all(e >= 1 for e, _ in loader.positions.values())))
         dist.all_reduce(done, op=dist.ReduceOp.MIN)
         if done.item():
             break

@@ -2,7 +2,7 @@
 locked stays bit-identical to the file after 10 AdamW steps with weight decay, while the text tower trains to the
 same parameters as one process (the engines' exactness with frozen parameters, gradient caching included).
 
-Same data and tolerance as test_engines.py: one epoch of 256 pairs per step, float32, ATOL 1e-5."""
+Same data and tolerance as test_engines.py: global batches of 192 of 384 pairs, float32, ATOL 1e-5."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from tests.conftest import run_cli
 from tests.integration.test_engines import ATOL, COMMON, final_weights, logged, torchrun
 
 LIT = ["model.lock_image=true", "model.init_towers=image", "optim.weight_decay=0.2"]
-# "_cached": 2 micro-batches of 64 per rank (gradient caching; the locked tower is not re-forwarded). The default
+# "_cached": 2 micro-batches of 48 per rank (gradient caching; the locked tower is not re-forwarded). The default
 # suite runs the sharded, gradient-cached case; `make test-all` every engine (~35 s each, kept out of `make test`'s
 # 30 minutes).
 ENGINES = [
@@ -74,7 +74,7 @@ def test_locked_image_tower_is_untouched_in_one_process(single, tower):
 @pytest.mark.parametrize("engine", ENGINES)
 def test_locked_image_tower_on_every_engine(single, tower, tmp_path, engine):
     name, _, cached = engine.partition("_")
-    extra = ["train.micro_batch_size=64"] if cached else []
+    extra = ["train.micro_batch_size=48"] if cached else []
     run = tmp_path / engine
     proc = torchrun(run, f"parallel={name}", *LIT, f"model.init_from={tower[0]}", *extra)
     assert "image tower locked" in proc.stderr

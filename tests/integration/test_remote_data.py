@@ -42,7 +42,7 @@ def epoch0(ld: TrainLoader) -> tuple[list[str], collections.Counter]:
     """Keys of epoch 0 in delivery order, and epoch 0's skip counts; the loader is closed."""
     keys = []
     try:
-        while not all(e >= 1 for e, _ in ld.positions):
+        while not all(e >= 1 for e, _ in ld.positions.values()):
             batch = next(ld)
             keys += [k for k, e in zip(batch["keys"], batch["epochs"], strict=True) if e == 0]
     finally:

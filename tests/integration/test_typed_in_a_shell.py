@@ -235,7 +235,7 @@ def _pythons(pids: set[int]) -> set[int]:
     return out
 
 
-def test_stalled_stream_stops_naming_slot_shard_and_position(tmp_path):
+def test_stalled_stream_stops_naming_stream_shard_and_position(tmp_path):
     """The stall watchdog, not the stream's end (50 minutes away), ends the run, naming where it waited."""
     proc = spawn(f"clipkit train {STALLED} data.stall_timeout_s=3 hydra.run.dir={tmp_path} {QUIET}", cwd=tmp_path)
     writers = _descendants_until_exit(proc, 600)
@@ -244,7 +244,7 @@ def test_stalled_stream_stops_naming_slot_shard_and_position(tmp_path):
     finally:
         _kill_all(writers)  # the `sleep` writers of the pipe: shards, orphaned when their reader ends
     assert proc.returncode == 1, stderr[-2000:]
-    assert "no batch for data.stall_timeout_s=3 s: loader slot 0 (rank 0, worker 0)" in stderr
+    assert "no batch for data.stall_timeout_s=3 s: loader stream 0 (rank 0, worker 0)" in stderr
     assert "epoch 0, position 0, reading pipe:sleep 300" in stderr and "at its sample 0" in stderr
 
 

@@ -91,7 +91,7 @@ def epoch_work(root, monkeypatch) -> dict:
     monkeypatch.setattr(remote, "open_stream", counted_open)
     monkeypatch.setattr(transforms, "train_image", counted_decode)
     shards, weights = resolve_shards(f"{root}/{{00000..{NUM_SHARDS - 1:05d}}}.tar", allow_missing=True)
-    plan = StreamPlan(shards, weights, "epoch", 0, 0, 1, 0, 64)
+    plan = StreamPlan(shards, weights, "epoch", 0, 1, 64)
     decoder = SampleDecoder(("jpg",), "txt", 32, (0.9, 1.0), 0)
 
     def keyed(sample, epoch):

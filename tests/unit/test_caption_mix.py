@@ -39,7 +39,7 @@ def two_caption_shards(root, shards: int = 4, per: int = 300) -> dict[str, dict]
 def epoch_items(spec: str, captions, epoch: int = 0) -> dict:
     shards, weights = resolve_shards(spec)
     decoder = SampleDecoder(("jpg",), "txt", 32, (0.5, 1.0), 0, captions)
-    stream = decoded(StreamPlan(shards, weights, "epoch", 0, 0, 1, 1, 64), decoder, 0, epoch, 0)
+    stream = decoded(StreamPlan(shards, weights, "epoch", 0, 1, 64), decoder, 0, epoch, 0)
     out = {}
     for _, _, item, _ in itertools.takewhile(lambda x: x[0] == epoch, stream):
         assert not isinstance(item, BadSample)

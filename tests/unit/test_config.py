@@ -59,6 +59,9 @@ BAD_CONFIGS = [
     (["train.global_batch_size=1000000000000"], "train.global_batch_size=1000000000000"),
     (["train.device=gpu"], "train.device='gpu'"),
     (["embed.images=false", "embed.texts=false"], "embed.images=False"),
+    # issue 30: a layout the canonical streams do not admit, and streams that do not divide the global batch
+    (["data.num_workers=3"], "data.num_workers=3"),  # the 64 streams of a batch of 128 do not split 3 ways
+    (["data.streams=48"], "data.streams=48"),
 ]
 
 
@@ -94,6 +97,14 @@ def test_world_size_enters_divisibility_check(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["train", "train.global_batch_size=128"])
     assert exc.value.code == 2 and "3 x" in capsys.readouterr().err
+
+
+def test_world_size_the_streams_do_not_admit_is_refused_with_the_ones_they_do(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "train.global_batch_size=96", "data.streams=32"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "data.streams=32" in err and "[1, 2, 4, 8, 16, 32]" in err, err
 
 
 def test_defaults_and_presets_compose():

@@ -15,7 +15,7 @@ from PIL import Image
 
 from clipkit.data.loader import BadSample, DataError, SampleDecoder, TrainLoader, decoded, resolve_shards
 from clipkit.data.shards import ShardSpecError, expand_spec
-from clipkit.data.stream import MemberTooLarge, Reader, ShardReadError, StreamPlan, iter_shard, iter_slot
+from clipkit.data.stream import MemberTooLarge, Reader, ShardReadError, StreamPlan, iter_shard, iter_stream
 from clipkit.data.writer import write_shard, write_sizes_file
 
 
@@ -81,16 +81,15 @@ def epoch_counts(spec, world, workers, caption_key="txt"):
     shards, weights = resolve_shards(spec)
     decoder = SampleDecoder(("jpg", "png", "webp"), caption_key, 32, (0.9, 1.0), 0)
     errors, keys = collections.Counter(), collections.Counter()
-    for rank in range(world):
-        plan = StreamPlan(shards, weights, "epoch", 0, rank, world, workers, 64)
-        for w in range(max(1, workers)):
-            for epoch, _, item, _ in decoded(plan, decoder, w, 0, 0):
-                if epoch > 0:
-                    break
-                if isinstance(item, BadSample):
-                    errors[item.kind] += 1
-                else:
-                    keys[item[2]] += 1
+    plan = StreamPlan(shards, weights, "epoch", 0, world * max(1, workers), 64)
+    for stream in range(plan.streams):
+        for epoch, _, item, _ in decoded(plan, decoder, stream, 0, 0):
+            if epoch > 0:
+                break
+            if isinstance(item, BadSample):
+                errors[item.kind] += 1
+            else:
+                keys[item[2]] += 1
     return errors, keys
 
 
@@ -118,7 +117,7 @@ def test_missing_samples_name_their_shard(tmp_path):
     cut_tar(tmp_path / "00001.tar", keep_samples=10)
     shards, weights = resolve_shards(str(tmp_path / "{00000..00001}.tar"))
     decoder = SampleDecoder(("jpg",), "txt", 32, (0.9, 1.0), 0)
-    stream = decoded(StreamPlan(shards, weights, "epoch", 0, 0, 1, 1, 0), decoder, 0, 0, 0)
+    stream = decoded(StreamPlan(shards, weights, "epoch", 0, 1, 0), decoder, 0, 0, 0)
     epoch0 = itertools.takewhile(lambda x: x[0] == 0, stream)  # the stream is endless: stop after epoch 0
     urls = collections.Counter(u for _, _, item, u in epoch0 if isinstance(item, BadSample) and item.kind == "missing")
     assert urls == {str(tmp_path / "00001.tar"): 90}
@@ -194,12 +193,11 @@ def test_weighted_sources_in_resampled_mode(tmp_path):
     shards, weights = resolve_shards(spec)
     assert weights == [0.8, 0.2]
     draws = collections.Counter()
-    for rank in range(2):
-        plan = StreamPlan(shards, weights, "resampled", 0, rank, 2, 2, 0)
-        for w in range(2):
-            for epoch in range(500):
-                for seg in plan.segments(w, epoch):
-                    draws["a" if "/a/" in seg.url else "b"] += 1
+    plan = StreamPlan(shards, weights, "resampled", 0, 4, 0)
+    for stream in range(4):
+        for epoch in range(500):
+            for seg in plan.segments(stream, epoch):
+                draws["a" if "/a/" in seg.url else "b"] += 1
     share = draws["a"] / sum(draws.values())
     assert abs(share - 0.8) < 0.03, (share, draws)  # 4000 draws: 5 standard deviations is 0.032
 
@@ -223,17 +221,16 @@ def test_shards_of_unknown_size_are_read_to_their_end(tmp_path):
     shards, weights = resolve_shards(spec)
     assert [s.num_samples for s in shards] == [-1] * 4
     keys = collections.Counter()
-    for rank in range(2):
-        plan = StreamPlan(shards, weights, "epoch", 0, rank, 2, 2, 8)
-        for w in range(2):
-            for e, _, sample in iter_slot(plan, w, 0, 0):
-                if e > 0:
-                    break
-                keys[sample["__key__"]] += 1
+    plan = StreamPlan(shards, weights, "epoch", 0, 4, 32)
+    for stream in range(4):
+        for e, _, sample in iter_stream(plan, stream, 0, 0):
+            if e > 0:
+                break
+            keys[sample["__key__"]] += 1
     assert len(keys) == sum(sizes) and set(keys.values()) == {1}
-    plan = StreamPlan(shards, weights, "epoch", 0, 0, 1, 2, 8)
-    full = [(e, t, s["__key__"]) for e, t, s in itertools.islice(iter_slot(plan, 1, 0, 0), 60)]
-    resumed = [(e, t, s["__key__"]) for e, t, s in itertools.islice(iter_slot(plan, 1, *full[20][:2]), 40)]
+    plan = StreamPlan(shards, weights, "epoch", 0, 2, 16)
+    full = [(e, t, s["__key__"]) for e, t, s in itertools.islice(iter_stream(plan, 1, 0, 0), 60)]
+    resumed = [(e, t, s["__key__"]) for e, t, s in itertools.islice(iter_stream(plan, 1, *full[20][:2]), 40)]
     assert resumed == full[20:]
 
 
@@ -300,9 +297,7 @@ def test_a_member_over_the_cap_counts_the_rest_of_its_shard_missing(tmp_path):
     write_sizes_file(tmp_path, {"00000.tar.gz": 20, "00001.tar": 20})
     shards, weights = resolve_shards(f"{tmp_path}/{{00000.tar.gz,00001.tar}}")
     decoder = SampleDecoder(("jpg",), "txt", 32, (0.9, 1.0), 0)
-    stream = decoded(
-        StreamPlan(shards, weights, "epoch", 0, 0, 1, 1, 0), decoder, 0, 0, 0, Reader(max_member_bytes=2 << 20)
-    )
+    stream = decoded(StreamPlan(shards, weights, "epoch", 0, 1, 0), decoder, 0, 0, 0, Reader(max_member_bytes=2 << 20))
     items = [item for _, _, item, _ in itertools.takewhile(lambda x: x[0] == 0, stream)]
     bad = collections.Counter(i.kind for i in items if isinstance(i, BadSample))
     assert bad == {"missing": 10} and len(items) == 40  # the big member's sample and the 9 after it

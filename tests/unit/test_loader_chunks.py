@@ -32,13 +32,14 @@ def make(small_demo, workers: int) -> TrainLoader:
         rank=0,
         world_size=1,
         num_workers=workers,
-        batch_size=96,
+        batch_size=128,
         window=32,
     )
 
 
 def test_workers_hand_over_chunks_that_join_into_batches_and_resume_exactly(small_demo, monkeypatch):
-    monkeypatch.setattr(loader, "CHUNK", 32)  # a per-rank batch of 96 in chunks of 32, from 2 workers in turn
+    # a per-rank batch of 128 (64 per worker and step) in chunks of 32, from 2 workers in turn
+    monkeypatch.setattr(loader, "CHUNK", 32)
     handed: list[tuple[int, int]] = []
     next_chunk = TrainLoader._next_chunk
 
@@ -52,8 +53,8 @@ def test_workers_hand_over_chunks_that_join_into_batches_and_resume_exactly(smal
     assert ref.chunk == 32
     batches = [next(ref) for _ in range(6)]
     ref.close()
-    assert [len(b["keys"]) for b in batches] == [96] * 6 and all(b["image"].shape[0] == 96 for b in batches)
-    assert all(b["text"].shape[0] == 96 and len(b["epochs"]) == 96 for b in batches)
+    assert [len(b["keys"]) for b in batches] == [128] * 6 and all(b["image"].shape[0] == 128 for b in batches)
+    assert all(b["text"].shape[0] == 128 and len(b["epochs"]) == 128 for b in batches)
     assert handed[:6] == [(0, 32), (1, 32)] * 3  # every hand-over is one chunk, the workers in turn
     keys = [k for b in batches for k in b["keys"]]
     assert len(set(keys)) == len(keys)
