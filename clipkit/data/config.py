@@ -39,7 +39,7 @@ class DemoDataConfig:
 
 
 MAX_AUTO_WORKERS = 32  # (num_workers=-1 never asks for more loader processes per rank)
-AUTO_STREAMS = 64  # (data.streams=0 never picks more canonical streams: a slot reads up to this many shards at once)
+AUTO_STREAMS = 64  # (data.streams=0 never picks more: one loader worker may read that many shards at once)
 
 
 def divisors(n: int) -> list[int]:
@@ -110,7 +110,7 @@ class DataConfig:
     # Keep this fraction of the training shards out of training (every round(1/f)-th shard, spread over the
     # spec) and evaluate retrieval on them (eval.retrieval.dataset=auto or holdout); 0 = train on every shard.
     holdout_fraction: float = 0.0
-    # No batch for this long (seconds) stops the run, naming the slot, shard and position it was reading; 0 = off.
+    # No batch for this long (seconds) stops the run, naming the stream, shard and position it was reading; 0 = off.
     stall_timeout_s: float = field(default=300.0, metadata=RESUMABLE)
     # Remote shards: transient errors (connection reset, timeout, HTTP 5xx) retried per shard, with exponential
     # backoff from retry_backoff_s; a shard that keeps failing counts its remaining samples as missing.

@@ -15,7 +15,9 @@ from clipkit.data.loader import DataError, SampleDecoder, TrainLoader, resolve_s
 BATCH, STREAMS, STEPS = 48, 12, 8
 
 
-def loaders(small_demo, world: int, workers: int, micro: int = 0, streams: int = STREAMS) -> list[TrainLoader]:
+def loaders(
+    small_demo, world: int, workers: int, micro: int = 0, streams: int = STREAMS, mode: str = "epoch"
+) -> list[TrainLoader]:
     shards, weights = resolve_shards(dir_spec(small_demo / "train"))
     return [
         TrainLoader(
@@ -23,7 +25,7 @@ def loaders(small_demo, world: int, workers: int, micro: int = 0, streams: int =
             weights,
             SampleDecoder(("jpg",), "json:captions", 32, (0.9, 1.0), 0),
             open_clip.get_tokenizer("ViT-B-32"),
-            mode="epoch",
+            mode=mode,
             seed=0,
             rank=rank,
             world_size=world,
@@ -95,6 +97,17 @@ def test_the_streams_not_the_layout_fix_the_order(small_demo, reference):
     assert steps([other], 2) != reference[:2]  # another data.streams is another order (same samples per epoch)
     with pytest.raises(DataError, match="data.streams"):
         other.load_state_dict(loaders(small_demo, 1, 0)[0].state_dict())
+
+
+def test_resampled_draws_are_layout_free_too(small_demo):
+    """data.mode=resampled: each stream draws its shards from (seed, its index), so 1 process and 4 ranks train
+    on the same samples per step."""
+    got = []
+    for world in (1, 4):
+        ranks = loaders(small_demo, world, 0, mode="resampled")
+        got.append(steps(ranks, 4))
+        close(ranks)
+    assert got[0] == got[1] and all(len(step) == BATCH for step in got[0])
 
 
 def test_state_is_taken_between_steps_only(small_demo):
