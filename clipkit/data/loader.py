@@ -39,6 +39,10 @@ STATE_VERSION = 2  # (2: positions of canonical streams; 1 was per (rank, worker
 # when, after BAD_CHECK_AFTER samples, the bad fraction exceeds data.max_bad_fraction (or nothing was usable).
 CAPTION_PROBE = 16
 BAD_CHECK_AFTER = 1000
+# A stream that reads this many whole epochs in a row without one usable sample stops the run: its 1/C of every
+# epoch is bad (a missing shard larger than a stream's span lands in one stream's span that often only by a
+# chance of about (missing fraction)^DRY_EPOCHS), so it would otherwise spin through epochs forever.
+DRY_EPOCHS = 8
 AUTO_CAPTION = "auto"
 
 
@@ -374,6 +378,7 @@ class BatchStream(IterableDataset):
         positions = {c: self.positions[c] for c in streams}
         guard = WorkerGuard(self.decoder.caption_key, self.max_bad_fraction, self.decoder.captions)
         chunk = Chunk()
+        dry: dict[int, int] = {}  # stream -> the epoch of its first bad sample since its last good one
         while True:  # one step: per_stream good samples from each stream, in turn
             for k, (c, source) in enumerate(zip(streams, sources, strict=True)):
                 self.progress[current] = local + k
@@ -385,7 +390,11 @@ class BatchStream(IterableDataset):
                     if isinstance(item, BadSample):
                         chunk.failed(item, epoch, url)
                         guard.failed(item, url)
+                        dry.setdefault(c, epoch)
+                        if epoch > dry[c] + DRY_EPOCHS:  # (epochs dry[c] + 1 .. + DRY_EPOCHS had nothing usable)
+                            raise DataError(dry_stream_message(c, self.plan.streams, epoch - 1, item, url))
                         continue
+                    dry.pop(c, None)
                     guard.good()
                     taken += 1
                     chunk.add(item, epoch)
@@ -394,6 +403,16 @@ class BatchStream(IterableDataset):
                         chunk = Chunk()
                         for r in readers:
                             r.num_retries = 0
+
+
+def dry_stream_message(stream: int, streams: int, epoch: int, bad: BadSample, url: str) -> str:
+    return (
+        f"loader stream {stream} of data.streams={streams} went through {DRY_EPOCHS} whole epochs (up to {epoch}) "
+        "without a usable "
+        f"sample (the last: {bad.kind} in {url}): each stream reads 1/{streams} of every epoch, so a bad region that "
+        "large (a missing or broken shard, or data that is mostly bad) leaves it nothing to train on. Fix or "
+        "remove the bad shards, or lower data.streams"
+    )
 
 
 class Chunk:

@@ -60,7 +60,9 @@ def run(root, run_dir):
         "data.num_workers=1",
         "data.allow_missing_shards=true",
         "data.max_bad_fraction=0.5",
-        "train.steps=70",  # 70 x 16 = 1,120 samples: past the end of the first epoch
+        # 16 streams (a global batch of 16) of 75 samples of epoch 0 each, 1 per step: after 90 steps every stream
+        # is past the end of the first epoch (a stream with bad samples sooner)
+        "train.steps=90",
         "train.global_batch_size=16",
         "train.log_every=5",
         "train.checkpoint_every=1000",

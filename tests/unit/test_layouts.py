@@ -147,3 +147,36 @@ def test_default_workers_are_the_most_the_host_allows_that_the_streams_admit(mon
     assert config.workers() == 15
     assert config.workers(64) == 8 and config.workers(48) == 12 and config.workers(7) == 7
     assert layout_problem(64, 128, 1, config.workers(64)) is None
+
+
+def test_a_stream_whose_whole_span_is_bad_stops_with_a_message(tmp_path):
+    """One shard of 20 samples whose last 10 have no caption, read as 2 streams: stream 1's span is all bad in
+    every epoch (one shard: the permutation cannot move it), so it stops after DRY_EPOCHS whole epochs, naming
+    the stream and data.streams, instead of spinning through epochs."""
+    from clipkit.data.loader import DRY_EPOCHS
+    from clipkit.data.writer import write_shard, write_sizes_file
+    from tests.shardsets import jpeg
+
+    samples = [
+        {"__key__": f"k{i:02d}", "jpg": jpeg((200, 30, 30)), **({"txt": "a"} if i < 10 else {})} for i in range(20)
+    ]
+    write_shard(tmp_path / "00000.tar", samples)
+    write_sizes_file(tmp_path, {"00000.tar": 20})
+    shards, weights = resolve_shards(f"{tmp_path}/00000.tar")
+    loader = TrainLoader(
+        shards,
+        weights,
+        SampleDecoder(("jpg",), "txt", 32, (0.9, 1.0), 0),
+        open_clip.get_tokenizer("ViT-B-32"),
+        mode="epoch",
+        seed=0,
+        rank=0,
+        world_size=1,
+        num_workers=0,
+        batch_size=2,
+        window=0,
+        streams=2,
+    )
+    with pytest.raises(DataError, match=f"loader stream 1 of data.streams=2 went through {DRY_EPOCHS} whole epochs"):
+        for _ in range(100):
+            next(loader)
