@@ -366,7 +366,7 @@ class BatchStream(IterableDataset):
 
     def _batches(self, worker: int):
         streams = self.layout.streams_of(worker)
-        local = self.layout.rank_streams.index(streams[0])  # this worker's first stream, within the rank's
+        local = worker * len(streams)  # this worker's first stream, counted within the rank's
         readers = [dataclasses.replace(self.reader) for _ in streams]
         for k, reader in enumerate(readers):
             reader.progress, reader.base = self.progress, 4 * (local + k)
