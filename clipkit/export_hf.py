@@ -79,9 +79,19 @@ def _hf_mappable(model: torch.nn.Module, model_cfg: dict) -> None:
         raise ExportError("this architecture does not map to transformers' CLIPModel: " + "; ".join(problems))
 
 
-def hf_config(model_cfg: dict, quick_gelu: bool):
-    from transformers import CLIPConfig
+def transformers():
+    """The ``transformers`` package (the ``hf`` extra: optional, and ~2 s to import, so imported only when an hf
+    export runs), its logging quiet: the vision-only load lists the text weights it leaves out, as expected."""
+    try:
+        import transformers as hf
+    except ImportError:
+        raise ExportError("format=hf needs transformers: pip install 'clipkit[hf]'") from None
+    hf.logging.set_verbosity_error()
+    hf.logging.disable_progress_bar()
+    return hf
 
+
+def hf_config(model_cfg: dict, quick_gelu: bool):
     v, t = model_cfg["vision_cfg"], model_cfg["text_cfg"]
     act = "quick_gelu" if quick_gelu else "gelu"
     vision = dict(
@@ -109,7 +119,7 @@ def hf_config(model_cfg: dict, quick_gelu: bool):
         eos_token_id=49407,
         pad_token_id=49407,
     )
-    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=model_cfg["embed_dim"])
+    return transformers().CLIPConfig(text_config=text, vision_config=vision, projection_dim=model_cfg["embed_dim"])
 
 
 def hf_state_dict(sd: dict[str, torch.Tensor], num_text_layers: int, num_vision_layers: int) -> dict:
@@ -155,27 +165,21 @@ def hf_state_dict(sd: dict[str, torch.Tensor], num_text_layers: int, num_vision_
 def write_tokenizer(out: Path, context_length: int):
     """open_clip's CLIP BPE as a transformers tokenizer (``tokenizer.json`` and its config, plus the
     ``vocab.json`` / ``merges.txt`` pair older loaders read). Returns the tokenizer."""
-    from transformers import CLIPTokenizer
-
     simple = SimpleTokenizer()
     # (open_clip names its special tokens <start_of_text>/<end_of_text>; OpenAI's files and transformers use these)
     names = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
     vocab = {names.get(token, token): i for token, i in simple.encoder.items()}
     merges = sorted(simple.bpe_ranks, key=simple.bpe_ranks.get)
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[tuple(m) for m in merges], model_max_length=context_length)
+    tokenizer = transformers().CLIPTokenizer(
+        vocab=vocab, merges=[tuple(m) for m in merges], model_max_length=context_length
+    )
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (out / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
     return tokenizer
 
 
 def export_hf(built: Built, cfg: RootConfig, out: Path, source: Path | None = None) -> dict:
-    try:
-        from transformers import CLIPImageProcessor, CLIPProcessor
-        from transformers.utils import logging as hf_logging
-    except ImportError:
-        raise ExportError("format=hf needs transformers: pip install 'clipkit[hf]'") from None
-    hf_logging.set_verbosity_error()  # the vision-only load lists the text weights it leaves out: expected
-    hf_logging.disable_progress_bar()
+    hf = transformers()
 
     model_cfg = open_clip_model_cfg(cfg)
     _hf_mappable(built.model, model_cfg)
@@ -187,7 +191,7 @@ def export_hf(built: Built, cfg: RootConfig, out: Path, source: Path | None = No
         metadata={"format": "pt"},
     )
     size = built.image_size
-    image_processor = CLIPImageProcessor(
+    image_processor = hf.CLIPImageProcessor(
         size={"shortest_edge": size},
         crop_size={"height": size, "width": size},
         image_mean=list(built.mean),
@@ -196,7 +200,7 @@ def export_hf(built: Built, cfg: RootConfig, out: Path, source: Path | None = No
     )
     image_processor.save_pretrained(out)  # preprocessor_config.json (CLIPImageProcessor alone, older loaders)
     tokenizer = write_tokenizer(out, built.context_length)
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
+    hf.CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
     (out / "modules.json").write_text(json.dumps(ST_MODULES, indent=1))
 
     images, text = probe_inputs(built)
@@ -215,18 +219,15 @@ def _pooled(x) -> torch.Tensor:
 
 @torch.no_grad()
 def hf_features(out: Path, images: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    from transformers import CLIPModel
-
-    hf = CLIPModel.from_pretrained(out).eval()
+    hf = transformers().CLIPModel.from_pretrained(out).eval()
     return _pooled(hf.get_image_features(pixel_values=images)), _pooled(hf.get_text_features(input_ids=text))
 
 
 @torch.no_grad()
 def check_tokenizer(built: Built, out: Path) -> dict:
     """The folder's own tokenizer, loaded as users load it (``CLIPProcessor``), against open_clip's."""
-    from transformers import CLIPModel, CLIPProcessor
-
-    processor = CLIPProcessor.from_pretrained(out)
+    hf_lib = transformers()
+    processor = hf_lib.CLIPProcessor.from_pretrained(out)
     ctx = built.context_length
     ours = built.tokenizer(TOKENIZER_PROBE)
     theirs = processor(text=TOKENIZER_PROBE, padding="max_length", truncation=True, max_length=ctx, return_tensors="pt")
@@ -237,7 +238,7 @@ def check_tokenizer(built: Built, out: Path) -> dict:
         if not torch.equal(a[:end], b[:end]) or not (b[end:] == eot).all():
             raise ExportError(f"the exported tokenizer gives {b.tolist()} for {caption!r}; open_clip {a.tolist()}")
     built.model.eval()
-    hf = CLIPModel.from_pretrained(out).eval()
+    hf = hf_lib.CLIPModel.from_pretrained(out).eval()
     diff = (_pooled(hf.get_text_features(input_ids=theirs)) - built.model.encode_text(ours)).abs().max().item()
     if diff > MAX_ABS_DIFF:
         raise ExportError(f"text embeddings of the exported tokenizer's ids differ by {diff}")
@@ -248,12 +249,11 @@ def check_tokenizer(built: Built, out: Path) -> dict:
 def check_vision_model(built: Built, out: Path) -> dict:
     """``CLIPVisionModel`` alone: its pooled output projects to the image embeddings, and its penultimate hidden
     state (a LLaVA-style projector's input) equals open_clip's tokens after the same block."""
-    from transformers import CLIPModel, CLIPVisionModel
-
+    hf = transformers()
     images, _ = probe_inputs(built)
-    vision = CLIPVisionModel.from_pretrained(out).eval()
+    vision = hf.CLIPVisionModel.from_pretrained(out).eval()
     states = vision(pixel_values=images, output_hidden_states=True)
-    projection = CLIPModel.from_pretrained(out).eval().visual_projection
+    projection = hf.CLIPModel.from_pretrained(out).eval().visual_projection
     built.model.eval()
     pooled_diff = (projection(states.pooler_output) - built.model.encode_image(images)).abs().max().item()
     seen = {}
@@ -285,9 +285,9 @@ def check_sentence_transformers(built: Built, out: Path) -> dict:
     got_txt = torch.as_tensor(model.encode(captions, convert_to_numpy=True))
     got_img = torch.as_tensor(model.encode(pictures, convert_to_numpy=True))
     # The reference: the same images through the exported processor's pixels, the captions through open_clip.
-    from transformers import CLIPImageProcessor
-
-    pixels = CLIPImageProcessor.from_pretrained(out)(images=pictures, return_tensors="pt")["pixel_values"]
+    pixels = transformers().CLIPImageProcessor.from_pretrained(out)(images=pictures, return_tensors="pt")[
+        "pixel_values"
+    ]
     built.model.eval()
     ref_img, ref_txt = built.model.encode_image(pixels), built.model.encode_text(built.tokenizer(captions))
     diff = max((got_img - ref_img).abs().max().item(), (got_txt - ref_txt).abs().max().item())

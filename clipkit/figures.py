@@ -7,13 +7,26 @@ import base64
 import io
 
 
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend (files only, never a window). Imported on first use: matplotlib
+    costs ~0.5 s to import, paid only when a report or figure is written."""
+    import matplotlib.pyplot as plt
+
+    if plt.get_backend().lower() != "agg":
+        plt.switch_backend("Agg")
+    return plt
+
+
+def subplots(**kwargs):
+    """``pyplot.subplots(**kwargs)``: (figure, axes)."""
+    return pyplot().subplots(**kwargs)
+
+
 def png(fig) -> str:
     """``fig`` as an ``<img>`` with the PNG inline (the figure is closed)."""
-    import matplotlib.pyplot as plt  # (matplotlib costs ~0.5 s to import: only when a report is written)
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    pyplot().close(fig)
     return f'<img alt="" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
 
 

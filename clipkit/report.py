@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from clipkit.eval.registry import Evaluator, evaluator
-from clipkit.figures import png
+from clipkit.figures import png, subplots
 
 log = logging.getLogger("clipkit")
 
@@ -72,12 +72,10 @@ def _records(run_dir: Path) -> list[dict]:
 
 
 def _curve(records: list[dict], key: str, title: str, log_y: bool = False) -> str | None:
-    import matplotlib.pyplot as plt
-
     pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
     if not pts:
         return None
-    fig, ax = plt.subplots(figsize=(4.6, 2.8))
+    fig, ax = subplots(figsize=(4.6, 2.8))
     ax.plot(*zip(*pts, strict=True), lw=1.4, color="#2563eb")
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("step", fontsize=8)
@@ -89,13 +87,11 @@ def _curve(records: list[dict], key: str, title: str, log_y: bool = False) -> st
 
 
 def _throughput(records: list[dict]) -> str | None:
-    import matplotlib.pyplot as plt
-
     pts = [(r["step"], r["samples_per_s"], r.get("data_wait_pct") or 0.0) for r in records if "samples_per_s" in r]
     if not pts:
         return None
     steps, speed, wait = zip(*pts, strict=True)
-    fig, ax = plt.subplots(figsize=(4.6, 2.8))
+    fig, ax = subplots(figsize=(4.6, 2.8))
     ax.plot(steps, speed, lw=1.4, color="#2563eb", label="samples/s")
     ax.set_ylabel("samples/s", fontsize=8, color="#2563eb")
     ax2 = ax.twinx()
@@ -111,8 +107,6 @@ def _throughput(records: list[dict]) -> str | None:
 
 
 def _eval_curves(records: list[dict]) -> str | None:
-    import matplotlib.pyplot as plt
-
     series: dict[str, list] = {}
     for r in records:
         for name, res in (r.get("eval") or {}).items():
@@ -120,7 +114,7 @@ def _eval_curves(records: list[dict]) -> str | None:
                 series.setdefault(label, []).append((r["step"], value))
     if not series:
         return None
-    fig, ax = plt.subplots(figsize=(4.6, 2.8))
+    fig, ax = subplots(figsize=(4.6, 2.8))
     for label, pts in series.items():
         ax.plot(*zip(*pts, strict=True), marker="o", ms=4, lw=1.4, label=label)
     ax.set_title("eval metrics over steps (%)", fontsize=10)
@@ -134,12 +128,10 @@ def _eval_curves(records: list[dict]) -> str | None:
 
 
 def _data_errors(summary: dict) -> str:
-    import matplotlib.pyplot as plt
-
     errors = summary.get("data_errors") or {}
     if not errors:
         return "<p>No training sample was skipped.</p>"
-    fig, ax = plt.subplots(figsize=(4.6, 0.35 * len(errors) + 1))
+    fig, ax = subplots(figsize=(4.6, 0.35 * len(errors) + 1))
     ax.barh(list(errors), list(errors.values()), color="#dc2626")
     ax.set_title("skipped training samples by kind (all ranks)", fontsize=10)
     ax.tick_params(labelsize=8)
@@ -176,10 +168,6 @@ pre{background:#f9fafb;border:1px solid #e5e7eb;padding:10px;font-size:12px;over
 
 def write_report(run_dir: Path) -> Path:
     """Writes ``run_dir/report.html`` and returns its path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-
     run_dir = Path(run_dir)
     records = _records(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}

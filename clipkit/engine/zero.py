@@ -26,8 +26,10 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
 
 from clipkit import checkpoint as ckpt
 from clipkit import ema as ema_lib
@@ -112,8 +114,6 @@ class DeepSpeedEngine:
     counts such steps too; clipkit counts updates itself and never reads it."""
 
     def __init__(self, model: torch.nn.Module, cfg: RootConfig, env: DistEnv):
-        import deepspeed
-
         ensure_process_group(env, cfg.parallel.timeout_s)
         deepspeed.init_distributed(dist_backend=dist.get_backend(), timeout=None)
         self.rank, self.device, self.model = env.rank, env.device, model
@@ -224,8 +224,6 @@ class DeepSpeedEngine:
         param = self.model.logit_scale
         with torch.no_grad():
             if self.stage == 3:
-                from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
-
                 master = safe_get_local_fp32_param(param)  # (a copy when offloaded: written back below)
                 if master is not None and master.numel():
                     safe_set_local_fp32_param(param, master.clamp(0, MAX_LOGIT_SCALE))
@@ -246,8 +244,6 @@ class DeepSpeedEngine:
     def full_params(self, modifier_rank: int | None = None):
         if self.stage < 3:
             return contextlib.nullcontext()
-        import deepspeed
-
         return deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=modifier_rank)
 
     def save(self, path: Path, background: bool = False) -> None:

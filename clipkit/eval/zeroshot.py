@@ -22,7 +22,7 @@ from clipkit.eval import prompts
 from clipkit.eval.config import ZeroShotConfig
 from clipkit.eval.embedding import autocast, embed_share, merge
 from clipkit.eval.registry import EvalContext, Evaluator, register
-from clipkit.figures import plain, png
+from clipkit.figures import plain, png, subplots
 
 
 @register
@@ -160,12 +160,10 @@ def classification_metrics(logits_NC: torch.Tensor, labels_N: torch.Tensor, num_
 
 
 def confusion_figure(res: dict) -> str:
-    import matplotlib.pyplot as plt
-
     names, counts = [plain(n) for n in res["classnames"]], np.array(res["confusion"], dtype=float)
     rows = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     size = max(5.0, 0.19 * len(names) + 2)
-    fig, ax = plt.subplots(figsize=(size, size * 0.9))
+    fig, ax = subplots(figsize=(size, size * 0.9))
     im = ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
     ax.set_yticks(range(len(names)), names, fontsize=6)
@@ -177,11 +175,9 @@ def confusion_figure(res: dict) -> str:
 
 
 def recall_bars(res: dict, n: int = 20) -> str:
-    import matplotlib.pyplot as plt
-
     items = sorted(res["per_class_recall"].items(), key=lambda kv: kv[1])
     shown = items if len(items) <= 2 * n else items[:n] + items[-n:]
-    fig, ax = plt.subplots(figsize=(6, 0.18 * len(shown) + 1))
+    fig, ax = subplots(figsize=(6, 0.18 * len(shown) + 1))
     ax.barh(range(len(shown)), [100 * v for _, v in shown], color="#2563eb")
     ax.set_yticks(range(len(shown)), [plain(k) for k, _ in shown], fontsize=6)
     ax.set_xlim(0, 100)

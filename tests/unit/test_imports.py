@@ -8,7 +8,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "clipkit"
-MAX_DEFERRED = 60  # 54 on 2026-12-05: optional dependencies (~30), the CLI's verbs, config-time checks, engines
+MAX_DEFERRED = 40  # 37 on 2026-12-05: optional dependencies (~25), the CLI's verbs, config-time checks, engines
 
 
 def _modules() -> dict[str, Path]:
