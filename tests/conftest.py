@@ -44,6 +44,14 @@ def small_demo(cache_dir) -> Path:
     return ensure_demo(cfg, say=lambda m: None)
 
 
+# The data read in the training process itself: no loader or eval worker processes. Each run with workers starts
+# a fork server that first imports torch and open_clip (~3 s of a run's wall time on 2 cores), so the tests whose
+# subject is not the loader append this. The sample order is the same with or without workers (docs/data.md), so
+# their reference runs stay valid. The loader's own tests, the layouts, the signal and kill tests, the README and
+# the typed-in-a-shell commands, and the session's demo run keep the default workers.
+IN_PROCESS_DATA = ["data.num_workers=0", "eval.num_workers=0"]
+
+
 # The session's shared trained run: 40 steps of the small demo, checkpoints at 20 and 40, an eval at the end.
 DEMO_RUN_ARGS = [
     *SMALL_DEMO,

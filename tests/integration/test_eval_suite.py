@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from clipkit.data.stream import iter_shard
-from tests.conftest import SMALL_DEMO, run_cli
+from tests.conftest import IN_PROCESS_DATA, SMALL_DEMO, run_cli
 
 NUM_IMAGES = 101  # odd: does not divide over 2 ranks
 
@@ -28,6 +28,7 @@ def trained(small_demo, tmp_path_factory) -> Path:
         "train",
         f"hydra.run.dir={run}",
         *SMALL_DEMO,
+        *IN_PROCESS_DATA,
         "train.steps=120",
         "train.checkpoint_every=120",
         "optim.warmup_steps=5",

@@ -17,7 +17,7 @@ import sys
 import pytest
 
 from clipkit.optim import lr_factor
-from tests.conftest import SMALL_DEMO, srun_tasks
+from tests.conftest import IN_PROCESS_DATA, SMALL_DEMO, srun_tasks
 
 ENGINE_CHECK = r"""
 import json, sys, torch
@@ -81,6 +81,7 @@ def test_each_engine_skips_a_non_finite_update_and_reports_it():
 
 ARGS = [
     *SMALL_DEMO,
+    *IN_PROCESS_DATA,
     "train.steps=8",
     "train.global_batch_size=32",
     "train.log_every=1",

@@ -19,11 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SMALL_DEMO, run_cli
+from tests.conftest import IN_PROCESS_DATA, SMALL_DEMO, run_cli
 from tests.integration.test_typed_in_a_shell import bash
 
 ARGS = [
     *SMALL_DEMO,
+    *IN_PROCESS_DATA,
     "train.steps=12",
     "train.global_batch_size=32",
     "train.log_every=2",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 
-from tests.conftest import SMALL_DEMO, srun_tasks
+from tests.conftest import IN_PROCESS_DATA, SMALL_DEMO, srun_tasks
 
 
 def fake_srun(ntasks: int, args: list[str], timeout: float = 600) -> list[subprocess.CompletedProcess]:
@@ -19,6 +19,7 @@ def test_srun_tasks_form_a_two_rank_job(small_demo, tmp_path):
         "train",
         f"hydra.run.dir={tmp_path}",
         *SMALL_DEMO,
+        *IN_PROCESS_DATA,
         "train.steps=6",
         "train.checkpoint_every=6",
         "train.log_every=3",

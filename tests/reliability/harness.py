@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import SMALL_DEMO, run_cli, srun_tasks
+from tests.conftest import IN_PROCESS_DATA, SMALL_DEMO, run_cli, srun_tasks
 
 LONG = os.environ.get("CLIPKIT_RELIABILITY") == "long"
 RESULTS: list[dict] = []
@@ -61,6 +61,12 @@ def train(run_dir: Path, *overrides: str, faults: str = "", timeout: float = 900
     """`python -m clipkit train ...` as a process of its own (``run_cli``: forked from the tests' fork server)."""
     args = ["train", f"hydra.run.dir={run_dir}", *RUN_ARGS, *overrides]
     return run_cli(*args, env={"CLIPKIT_FAULTS": faults}, timeout=timeout)
+
+
+def train_in_process(run_dir: Path, *overrides: str, faults: str = "", timeout: float = 900):
+    """``train`` with the data read in the training process (``IN_PROCESS_DATA``), for the cases whose subject is
+    not the loader or its workers (the kill and signal cases keep them)."""
+    return train(run_dir, *IN_PROCESS_DATA, *overrides, faults=faults, timeout=timeout)
 
 
 def srun_train(run_dir: Path, *overrides: str, faults: str = "", timeout: float = 900) -> list[tuple[int, str]]:

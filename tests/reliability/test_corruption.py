@@ -7,7 +7,8 @@ import shutil
 
 import pytest
 
-from tests.reliability.harness import record, same_run, train
+from tests.reliability.harness import record, same_run
+from tests.reliability.harness import train_in_process as train  # (the loader is not this case's subject)
 
 pytestmark = pytest.mark.reliability
 

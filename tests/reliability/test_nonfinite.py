@@ -11,8 +11,9 @@ import json
 import pytest
 import torch
 
-from tests.conftest import srun_tasks
-from tests.reliability.harness import RUN_ARGS, record, train
+from tests.conftest import IN_PROCESS_DATA, srun_tasks
+from tests.reliability.harness import RUN_ARGS, record
+from tests.reliability.harness import train_in_process as train  # (the loader is not this case's subject)
 
 pytestmark = pytest.mark.reliability
 
@@ -42,7 +43,8 @@ def test_fail_policy_stops_before_the_update(small_demo, tmp_path):
 
 def test_skip_policy_two_ranks_agree(small_demo, tmp_path):
     """NaN on rank 1 only: both ranks skip that step (the run would hang or diverge otherwise)."""
-    args = ["train", f"hydra.run.dir={tmp_path}", *RUN_ARGS, "train.nonfinite=skip", "parallel.timeout_s=60"]
+    args = ["train", f"hydra.run.dir={tmp_path}", *RUN_ARGS, *IN_PROCESS_DATA, "train.nonfinite=skip"]
+    args.append("parallel.timeout_s=60")
     procs = srun_tasks(2, args, extra_env={"CLIPKIT_FAULTS": "nan_loss@6/1"})
     results = [(p.wait(300), p.communicate()[1]) for p in procs]
     ok = all(rc == 0 for rc, _ in results)
