@@ -12,8 +12,13 @@ Tests about the shell, the interpreter's flags (``-X importtime``) or the launch
 ``CLIPKIT_TEST_PREFORK=0`` turns the server off for a whole run (every ``run_cli`` a real ``python -m clipkit``).
 
 Protocol (one Unix socket, one command at a time): the client sends one JSON line {args, env, cwd, stdout,
-stderr}; the server answers {"pid": ...} once the child runs, then {"status": ...} (``subprocess``'s return code:
-negative for a signal) once it has ended.
+stderr, inherit}; the server answers {"pid": ...} once the child runs, then {"status": ...} (``subprocess``'s return
+code: negative for a signal) once it has ended. ``stdout``/``stderr`` are files the child creates, or with
+``inherit`` the client's own open stdout/stderr (``/proc/PID/fd/1``: a pipe or a file, written in append mode).
+
+``Client.shim`` writes a ``clipkit`` executable that sends the command it was started with (its argv as the
+shell expanded it, its environment and directory, its stdout/stderr) to the server and exits with the command's
+status: with its folder first on PATH, ``bash -c "clipkit train ..."`` runs as typed minus the imports.
 """
 
 from __future__ import annotations
@@ -43,8 +48,9 @@ def _child(request: dict) -> None:
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
+        mode = os.O_APPEND if request.get("inherit") else os.O_CREAT | os.O_TRUNC
         for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
-            target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            target = os.open(path, os.O_WRONLY | mode, 0o644)
             os.dup2(target, fd)
             os.close(target)
         null = os.open(os.devnull, os.O_RDONLY)
@@ -125,6 +131,24 @@ def serve(path: str) -> None:
                 pass  # (the client gave up: a timeout)
 
 
+SHIM = """#!{python} -S
+# clipkit, run by the tests' fork server (tests/prefork.py): this command's argv, environment, directory and
+# stdout/stderr; exits with the command's status (128 + N for a signal, as a shell reports it).
+import json, os, socket, sys
+
+me = os.getpid()
+request = {{"args": sys.argv[1:], "env": dict(os.environ), "cwd": os.getcwd(), "inherit": True,
+           "stdout": "/proc/%d/fd/1" % me, "stderr": "/proc/%d/fd/2" % me}}
+with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+    conn.connect({socket!r})
+    conn.sendall((json.dumps(request) + "\\n").encode())
+    reader = conn.makefile("r")
+    reader.readline()
+    status = json.loads(reader.readline())["status"]
+sys.exit(status if status >= 0 else 128 - status)
+"""
+
+
 class Client:
     """The pytest process's handle on one server, started on first use and stopped at exit."""
 
@@ -156,6 +180,14 @@ class Client:
         status = json.loads(line)["status"]
         texts = [Path(p).read_text(encoding="utf-8", errors="replace") for p in (out, err)]
         return subprocess.CompletedProcess([sys.executable, "-m", MAIN, *args], status, *texts)
+
+    def shim(self, folder: Path) -> Path:
+        """Writes ``folder/clipkit`` (see the module docstring) and returns ``folder``, to put first on PATH."""
+        folder.mkdir(parents=True, exist_ok=True)
+        exe = folder / MAIN
+        exe.write_text(SHIM.format(python=sys.executable, socket=self.path))
+        exe.chmod(0o755)
+        return folder
 
     def stop(self) -> None:
         if self.proc.poll() is None:

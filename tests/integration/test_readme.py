@@ -3,7 +3,9 @@ through a real shell (``bash -c``), the README first, then the pages in the orde
 them, in one sandbox folder holding what the commands name (``photos/``; ``shards/`` and ``runs/`` are made by the
 README's own commands). Commands that would train or benchmark for minutes get
 small-run overrides appended (the same command with fewer steps and the small demo data), so the README can
-never again document a command that fails as typed."""
+never again document a command that fails as typed. The ``clipkit`` bash finds first on PATH hands the command as
+the shell expanded it to the tests' fork server (``tests/prefork.py``: ``python -m clipkit ARGS`` minus ~4 s of
+imports per command); the installed console script itself is what test_help and test_typed_in_a_shell run."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import sys
 from pathlib import Path
 
 from clipkit.data.shards import expand_spec
+from tests import prefork
 from tests.conftest import SMALL_DEMO
 from tests.shardsets import COLOURS, jpeg
 
@@ -57,7 +60,10 @@ def test_readme_commands_run_as_typed(small_demo, tmp_path):
         (photos / f"p{i:03d}.txt").write_text(f"a {name} square")
     commands = readme_commands()
     assert len(commands) >= 8, commands
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONUNBUFFERED": "1"}
+    server = prefork.client()
+    path = [str(server.shim(tmp_path / "bin"))] if server else []  # (CLIPKIT_TEST_PREFORK=0: the installed one)
+    path += [str(Path(sys.executable).parent), os.environ["PATH"]]
+    env = {**os.environ, "PATH": ":".join(path), "PYTHONUNBUFFERED": "1"}
     for command in commands:
         verb = command.split()[1]
         line = " ".join([command, *EXTRA.get(verb, [])])
