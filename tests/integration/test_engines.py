@@ -175,13 +175,13 @@ def test_resume_through_four_layouts_equals_the_uninterrupted_run(runs, tmp_path
     run = tmp_path / "layouts"
     ddp = ["parallel=ddp", "parallel.signal_check_every=1"]
     shown = "data streams resumed on another layout"
-    out = torchrun(run, *ddp, faults="sigterm:step@3").stderr
+    out = torchrun(run, *ddp, "data.num_workers=1", faults="sigterm:step@3").stderr
     assert "SIGTERM: stopped after step 3" in out, out[-3000:]
     env = {"CLIPKIT_FAULTS": "sigterm:step@5", "OMP_NUM_THREADS": "1"}
     one = run_cli("train", f"hydra.run.dir={run}", *COMMON, *ddp, "data.num_workers=2", env=env)
     assert one.returncode == 0 and "SIGTERM: stopped after step 5" in one.stderr, one.stderr[-3000:]
     assert f"{shown} (2 rank(s) x 1 worker(s) -> 1 x 2)" in one.stderr
-    out = torchrun(run, *ddp, nproc=4, faults="sigterm:step@8").stderr
+    out = torchrun(run, *ddp, "data.num_workers=1", nproc=4, faults="sigterm:step@8").stderr
     assert "SIGTERM: stopped after step 8" in out and f"{shown} (1 rank(s) x 2 worker(s) -> 4 x 1)" in out
     out = torchrun(run, *ddp, "data.num_workers=3").stderr
     assert f"{shown} (4 rank(s) x 1 worker(s) -> 2 x 3)" in out
