@@ -22,10 +22,11 @@ resampled mode  each stream draws whole shards with replacement, weighted per so
 Within a span, the order is a seeded *windowed shuffle*: sample i is emitted at rank of ``i + U_i * window``
 (U_i uniform in [0, 1)), with window = data.shuffle_window / C, so the streams of one reader together hold
 about data.shuffle_window samples whatever C is. Because the order is computed on indices, resuming at ``t``
-skips the shards before the earliest sample still due without opening them, and reads (never decodes) the rest
-of that shard. Shards of unknown size are dealt whole to the streams and read to their end: the same order on
-any layout, but a resume re-reads (without decoding) a stream's shards up to its position, and epochs are only
-as even as the shards.
+skips the shards before the earliest sample still due without opening them; in that shard (and where a span
+begins inside a shard) a local uncompressed tar is entered at the sample itself (``tarindex``: its samples'
+header offsets, read once per process), any other is read (never decoded) from its start. Shards of unknown
+size are dealt whole to the streams and read to their end: the same order on any layout, but a resume re-reads
+(without decoding) a stream's shards up to its position, and epochs are only as even as the shards.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from clipkit.data import remote
+from clipkit.data import remote, tarindex
 
 log = logging.getLogger("clipkit")
 
@@ -223,11 +224,12 @@ class CappedStream:
     collecting the member, so a member that decompresses to gigabytes costs about ``cap`` of memory, not its
     size. ``cap`` 0: no bound."""
 
-    def __init__(self, raw, url: str, cap: int):
+    def __init__(self, raw, url: str, cap: int, detect: bool = True):
+        """``detect``: look for a compression magic in the first bytes (False: a plain tar entered at a header)."""
         self.raw, self.url, self.cap, self.since = raw, url, cap, 0
-        self._head = raw.read(6)
+        self._head = raw.read(6) if detect else b""
         self._inner = None
-        for magic, opener in _COMPRESSED:
+        for magic, opener in _COMPRESSED if detect else ():
             if self._head.startswith(magic):
                 self._inner = opener(self._RawTail(self))
                 break
@@ -302,36 +304,52 @@ class Reader:
             self.progress[self.base + 2], self.progress[self.base + 3] = self.segment, j
 
     def samples(self, url: str) -> Iterator[dict]:
-        delivered = 0
-        self._mark(0)
-        for attempt in range(self.retries + 1):
+        for _, sample in self.numbered(url):
+            yield sample
+
+    def numbered(self, url: str, start: int = 0) -> Iterator[tuple[int, dict]]:
+        """``(j, sample j of the shard)`` for j >= start, in tar order. A local uncompressed tar is entered at the
+        first sample due (``tarindex``); any other shard is read from its start, the samples before ``start``
+        read but never yielded."""
+        delivered, attempt, seek = 0, 0, True  # (start + delivered: the next sample due)
+        self._mark(start)
+        while True:
             failure: list[BaseException] = []
             record = _recorder(failure)
-
+            stream, reopen = None, False
             try:
-                stream = _capped(remote.open_stream(url), url, self.max_member_bytes)
+                stream, j, expect = self._open(url, start + delivered if seek else 0)
             except Exception as exn:
                 failure.append(exn)
             else:
                 try:
                     expanded = tar_file_expander([{"url": url, "stream": stream}], handler=record)
                     files = (f for f in expanded if stream.mark() or True)
-                    pending, j = None, 0
+                    pending = None
                     for sample in group_by_keys(files, handler=record):
+                        if expect is not None and tarindex.key_hash(sample["__key__"]) != expect:
+                            reopen = True  # (never expected: the index and webdataset disagree on a sample)
+                            break
+                        expect = None
                         # A sample is complete only once the next one starts (or the tar ends cleanly): hold
                         # one back, so that a connection lost mid-sample never delivers half a sample.
                         if pending is not None:
-                            if j >= delivered:
+                            if j >= start + delivered:
                                 delivered += 1
-                                yield pending
+                                yield j, pending
                             j += 1
                             self._mark(j)
                         pending = sample
-                    if pending is not None and not failure and j >= delivered:
+                    if pending is not None and not failure and not reopen and j >= start + delivered:
                         delivered += 1
-                        yield pending
+                        yield j, pending
                 finally:
                     _close(stream)
+            if reopen:
+                log.warning("%s: the sample found at a seek is not the one its index names; read from its start", url)
+                tarindex.forget(str(remote.local_path(url)))
+                seek = False
+                continue
             if not failure:
                 return
             err = failure[0]
@@ -340,11 +358,27 @@ class Reader:
             self.num_retries += 1
             log.warning("retrying %s after %s: %s (attempt %d)", url, type(err).__name__, err, attempt + 2)
             time.sleep(self.backoff_s * 2**attempt)
+            attempt += 1
+
+    def _open(self, url: str, due: int) -> tuple[CappedStream, int, int | None]:
+        """(stream, the number of its first sample in the shard, that sample's key hash or None): entered at
+        sample ``due`` where the shard's index has it, else at the start."""
+        raw = remote.open_stream(url)
+        local = due and not remote.is_remote(url) and not remote.is_pipe(url)
+        index = tarindex.lookup(str(remote.local_path(url)), self.max_member_bytes) if local else None
+        if index is None or due >= len(index):
+            return _capped(raw, url, self.max_member_bytes), 0, None
+        try:
+            raw.seek(index.offsets[due])
+        except BaseException:
+            _close(raw)
+            raise
+        return _capped(raw, url, self.max_member_bytes, detect=False), due, index.hashes[due]
 
 
-def _capped(raw, url: str, cap: int) -> CappedStream:
+def _capped(raw, url: str, cap: int, detect: bool = True) -> CappedStream:
     try:
-        return CappedStream(raw, url, cap)
+        return CappedStream(raw, url, cap, detect)
     except BaseException:
         _close(raw)
         raise
@@ -391,7 +425,7 @@ def read_span(
             seg, base = segments[k], int(seg_offsets[k])
             reader.segment = k
             try:
-                numbered = enumerate(reader.samples(seg.url))
+                numbered = reader.numbered(seg.url, max(seg.start, first_due - base))
                 for j, sample in numbered:
                     if j >= seg.stop:
                         if seg.stop == seg.size:  # the announced end, and the shard goes on: it was under-reported
