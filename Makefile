@@ -22,11 +22,11 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/clipkit train
 
-# Lint + the default test suite (unit, distributed on gloo, CLI integration) + the fault-injection suite in its
-# fast mode (prints the reliability table); slow tests are opt-in.
+# Lint + the default test suite (unit, distributed on gloo, CLI integration) and the fault-injection suite in its
+# fast mode (prints the reliability table), in one pytest session (one fork server, one demo data set); slow tests
+# are opt-in.
 test: install lint
-	$(VENV)/bin/python -m pytest -q -m "not slow and not gpu and not reliability" --durations=15
-	$(VENV)/bin/python -m pytest -q -m reliability tests/reliability
+	$(VENV)/bin/python -m pytest -q -m "not slow and not gpu" --durations=15
 
 # The fault-injection suite with its full trial counts (10 kill -9 trials, every bad config as a process, ...).
 reliability-long: install

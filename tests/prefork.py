@@ -8,17 +8,21 @@ own pid, exit status, signals, environment, working directory, stdout/stderr fil
 whatever clipkit reads from the environment at import time (``CLIPKIT_FAULTS``, ...) comes from the command's
 environment. What the server never imports before forking: clipkit, DeepSpeed, anything that starts a thread.
 
-Tests about the shell, the interpreter's flags (``-X importtime``) or the launchers keep starting real processes;
-``CLIPKIT_TEST_PREFORK=0`` turns the server off for a whole run (every ``run_cli`` a real ``python -m clipkit``).
+Tests about the shell, the interpreter's flags (``-X importtime``) or the launcher scripts keep starting real
+processes; ``CLIPKIT_TEST_PREFORK=0`` turns the server off for a whole run (every ``run_cli`` a real ``python -m
+clipkit``).
 
-Protocol (one Unix socket, one command at a time): the client sends one JSON line {args, env, cwd, stdout,
-stderr, inherit}; the server answers {"pid": ...} once the child runs, then {"status": ...} (``subprocess``'s return
-code: negative for a signal) once it has ended. ``stdout``/``stderr`` are files the child creates, or with
-``inherit`` the client's own open stdout/stderr (``/proc/PID/fd/1``: a pipe or a file, written in append mode).
+Protocol (one Unix socket; commands run at once, each watched by a handler process forked for it): the client
+sends one JSON line {args, env, cwd, stdout, stderr, inherit}; the server answers {"pid": ...} once the child runs,
+then {"status": ...} (``subprocess``'s return code: negative for a signal) once it has ended. ``stdout``/``stderr``
+are files the child creates, or with ``inherit`` the client's own open stdout/stderr (``/proc/PID/fd/1``: a pipe
+or a file, written in append mode).
 
 ``Client.shim`` writes a ``clipkit`` executable that sends the command it was started with (its argv as the
-shell expanded it, its environment and directory, its stdout/stderr) to the server and exits with the command's
-status: with its folder first on PATH, ``bash -c "clipkit train ..."`` runs as typed minus the imports.
+shell expanded it, its environment and directory, its stdout/stderr) to the server, passes on the signals a
+launcher sends (INT, TERM, USR1, HUP), and exits with the command's status: with its folder first on PATH,
+``bash -c "clipkit train ..."`` runs as typed minus the imports; as ``torchrun --no-python``'s program, each rank
+is such a command.
 """
 
 from __future__ import annotations
@@ -102,11 +106,16 @@ def serve(path: str) -> None:
     assert threading.active_count() == 1, threading.enumerate()  # (a fork copies only the forking thread)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(path)
-    server.listen(1)
-    server.settimeout(30)
+    server.listen(16)
+    server.settimeout(5)
     parent = os.getppid()
     print("ready", flush=True)
     while True:
+        try:  # (reap the handlers that have finished)
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+        except ChildProcessError:
+            pass
         try:
             conn, _ = server.accept()
         except TimeoutError:
@@ -118,23 +127,33 @@ def serve(path: str) -> None:
             request = json.loads(conn.makefile("r").readline())
             if request.get("stop"):
                 return
-            pid = os.fork()
-            if pid == 0:
+            # Commands run at once (the ranks of one torchrun job wait for each other): a handler process per
+            # command forks the command and reports on it; the server goes back to accepting.
+            if os.fork() == 0:
                 server.close()
-                conn.close()
-                _child(request)
-            conn.sendall((json.dumps({"pid": pid}) + "\n").encode())
-            _, status = os.waitpid(pid, 0)
-            try:
-                conn.sendall((json.dumps({"status": os.waitstatus_to_exitcode(status)}) + "\n").encode())
-            except OSError:
-                pass  # (the client gave up: a timeout)
+                _handle(conn, request)
+
+
+def _handle(conn: socket.socket, request: dict) -> None:
+    """In a handler process: forks the command, answers its pid, waits, answers its status, exits."""
+    pid = os.fork()
+    if pid == 0:
+        conn.close()
+        _child(request)
+    try:
+        conn.sendall((json.dumps({"pid": pid}) + "\n").encode())
+        _, status = os.waitpid(pid, 0)
+        conn.sendall((json.dumps({"status": os.waitstatus_to_exitcode(status)}) + "\n").encode())
+    except OSError:
+        pass  # (the client gave up: a timeout)
+    finally:
+        os._exit(0)
 
 
 SHIM = """#!{python} -S
 # clipkit, run by the tests' fork server (tests/prefork.py): this command's argv, environment, directory and
 # stdout/stderr; exits with the command's status (128 + N for a signal, as a shell reports it).
-import json, os, socket, sys
+import json, os, signal, socket, sys
 
 me = os.getpid()
 request = {{"args": sys.argv[1:], "env": dict(os.environ), "cwd": os.getcwd(), "inherit": True,
@@ -143,7 +162,9 @@ with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
     conn.connect({socket!r})
     conn.sendall((json.dumps(request) + "\\n").encode())
     reader = conn.makefile("r")
-    reader.readline()
+    pid = json.loads(reader.readline())["pid"]
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP):  # (a launcher stopping its ranks)
+        signal.signal(sig, lambda signum, frame: os.kill(pid, signum))
     status = json.loads(reader.readline())["status"]
 sys.exit(status if status >= 0 else 128 - status)
 """
@@ -181,12 +202,15 @@ class Client:
         texts = [Path(p).read_text(encoding="utf-8", errors="replace") for p in (out, err)]
         return subprocess.CompletedProcess([sys.executable, "-m", MAIN, *args], status, *texts)
 
-    def shim(self, folder: Path) -> Path:
-        """Writes ``folder/clipkit`` (see the module docstring) and returns ``folder``, to put first on PATH."""
-        folder.mkdir(parents=True, exist_ok=True)
+    def shim(self) -> Path:
+        """The folder holding the ``clipkit`` executable (see the module docstring), to put first on PATH; or
+        its ``clipkit`` as a launcher's program (``torchrun --no-python``)."""
+        folder = Path(self.dir) / "bin"
         exe = folder / MAIN
-        exe.write_text(SHIM.format(python=sys.executable, socket=self.path))
-        exe.chmod(0o755)
+        if not exe.exists():
+            folder.mkdir(exist_ok=True)
+            exe.write_text(SHIM.format(python=sys.executable, socket=self.path))
+            exe.chmod(0o755)
         return folder
 
     def stop(self) -> None:

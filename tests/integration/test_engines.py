@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file
 
 from clipkit.distributed import free_port
+from tests import prefork
 from tests.conftest import run_cli
 
 ATOL = 1e-5
@@ -55,7 +56,13 @@ LAUNCH = Path(__file__).resolve().parents[2] / "launch"
 
 
 def torchrun(run_dir: Path, *overrides: str, nproc: int = 2, faults: str = "") -> subprocess.CompletedProcess:
-    cmd = [*TORCHRUN, f"--nproc_per_node={nproc}", f"--master_port={free_port()}", "-m", "clipkit", "train"]
+    """torchrun's agent starting ``nproc`` ranks of ``clipkit train``. Each rank is the tests' ``clipkit`` shim
+    (``tests/prefork.py``: the rank's command, environment and output, forked from the fork server that has the
+    libraries imported); the launcher scripts' tests (``launch/``) and CLIPKIT_TEST_PREFORK=0 start real
+    interpreters."""
+    server = prefork.client()
+    program = ["--no-python", str(server.shim() / "clipkit")] if server else ["-m", "clipkit"]
+    cmd = [*TORCHRUN, f"--nproc_per_node={nproc}", f"--master_port={free_port()}", *program, "train"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CLIPKIT_FAULTS": faults}
     proc = subprocess.run(
         [*cmd, f"hydra.run.dir={run_dir}", *COMMON, *overrides],
@@ -144,7 +151,9 @@ def runs(tmp_path_factory, cache_dir) -> Runs:
     "engine",
     [
         "ddp",
-        "ddp4",
+        # (4 ranks from scratch: `make test-all`; in make test the resume chain below trains steps 6-8 on 4 ranks
+        # and checks their keys, losses and the final parameters against the single process)
+        pytest.param("ddp4", marks=pytest.mark.slow),
         "workers3",
         # (ZeRO-1 and ZeRO-2 without caching: `make test-all`; zero2_cached and zero3 cover clipkit's ZeRO path)
         pytest.param("zero1", marks=pytest.mark.slow),

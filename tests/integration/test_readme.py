@@ -61,7 +61,7 @@ def test_readme_commands_run_as_typed(small_demo, tmp_path):
     commands = readme_commands()
     assert len(commands) >= 8, commands
     server = prefork.client()
-    path = [str(server.shim(tmp_path / "bin"))] if server else []  # (CLIPKIT_TEST_PREFORK=0: the installed one)
+    path = [str(server.shim())] if server else []  # (CLIPKIT_TEST_PREFORK=0: the installed one)
     path += [str(Path(sys.executable).parent), os.environ["PATH"]]
     env = {**os.environ, "PATH": ":".join(path), "PYTHONUNBUFFERED": "1"}
     for command in commands:
