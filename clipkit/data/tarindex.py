@@ -3,7 +3,7 @@ of a shard seeks there instead of reading (never decoding) samples ``0 .. j-1`` 
 
 Without it, each of the C streams that begins inside a shard reads that shard's prefix once per epoch: with 32
 streams over 600-sample shards that was ~30,000 tar members read to train 384 samples, most of a short run's
-time, and ~8% of a 2-worker loader's throughput on photo shards (benchmarks/RESULTS.md, issue 30).
+time, and most of the wait for a run's first batch (benchmarks/RESULTS.md).
 
 What a sample is stays webdataset's decision: the index applies the same rules as its ``tar_file_iterator`` and
 ``group_by_keys`` (regular files only; ``__meta__`` members skipped; the key is the name up to the first dot of
@@ -15,7 +15,8 @@ and other member types, a repeated file name within a sample (webdataset fails t
 for it (``Reader`` checks, and falls back to reading from the start if not), so a wrong count can never train
 other samples silently.
 
-Cached per process (``CACHE_SIZE`` shards, least recently used first out) by path, size and modification time.
+Cached per process (``CACHE_SIZE`` shards, least recently used first out) by path, size, modification time and
+the member bound.
 """
 
 from __future__ import annotations
@@ -100,9 +101,7 @@ def build(path: str, member_cap: int = 0) -> SampleIndex:
                 if prefix is not None:
                     suffix = suffix.lower()
                     if prefix != key:
-                        if key is not None:
-                            index.offsets.append(start)
-                            index.hashes.append(key_hash(key))
+                        _complete(index, key, start)
                         key, suffixes, start = prefix, set(), offset
                     if suffix in suffixes or (member_cap and size > member_cap // 2):
                         return index  # (the sample in progress is left out: the reader fails or stops in it)
@@ -112,6 +111,7 @@ def build(path: str, member_cap: int = 0) -> SampleIndex:
 
 
 def _complete(index: SampleIndex, key: str | None, start: int) -> SampleIndex:
+    """Appends the sample in progress (key ``key``, first header at ``start``), if there is one."""
     if key is not None:
         index.offsets.append(start)
         index.hashes.append(key_hash(key))
