@@ -85,10 +85,9 @@ def _child(request: dict) -> None:
         except BaseException:  # noqa: BLE001  (the interpreter prints any uncaught exception and exits 1)
             traceback.print_exc()
             code = 1
-        # What the interpreter does at exit: wait for non-daemon threads, run atexit, flush.
-        for thread in threading.enumerate():
-            if thread is not threading.main_thread() and not thread.daemon:
-                thread.join()
+        # What the interpreter does at exit: threading's own exit hooks (a ThreadPoolExecutor's, which tell its
+        # workers to stop: inductor's compile pool has one), then wait for non-daemon threads, run atexit, flush.
+        threading._shutdown()
         atexit._run_exitfuncs()
     except BaseException:  # noqa: BLE001
         traceback.print_exc()
