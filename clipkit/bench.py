@@ -5,6 +5,8 @@ precision and data; samples/s, MFU, data-wait and peak memory of each, and the r
   and normalised there.
 - open_clip: ``open_clip_train.train.train_one_epoch`` itself (the reference trainer's step: autocast, ClipLoss,
   backward, clipping, AdamW, logit-scale clamp), fed float images normalised on the host, as its loader does.
+  With ``train.compile=model`` or ``step``, its model is torch.compile'd as its ``--torchcompile`` does (the
+  installed open_clip_train has no compiled-step strategy); both sides compile in the warmup steps.
 Each side is fed as its own loader feeds it on a GPU: batches in pinned host memory (both loaders pin), copied
 with ``non_blocking`` (``feeds``; the result's ``fed`` says what each side got). At most ``MAX_DISTINCT``
 distinct batches are prepared and cycled, which bounds the pinned memory.
@@ -37,7 +39,7 @@ from clipkit.loss import build_caption_loss, build_loss
 from clipkit.metrics import forward_flops_per_sample, peak_flops, peak_memory_gb, reset_peak_memory
 from clipkit.model_config import is_coca
 from clipkit.optim import build_optimizer
-from clipkit.step import train_step
+from clipkit.step import CompiledStep, train_step
 from clipkit.train import build_loader
 
 if TYPE_CHECKING:
@@ -121,6 +123,7 @@ def bench_clipkit(cfg: RootConfig, batches: list[tuple], device: torch.device, w
     micro = cfg.train.micro_batch(1)
     normalize = DeviceNormalize(built.mean, built.std).to(device)
     built.model.train()
+    step = CompiledStep(engine) if cfg.train.compile == "step" else train_step  # (as ``clipkit train`` picks)
     wait = 0.0
     for i, (images_u8, text) in enumerate(batches):
         if i == warmup:
@@ -133,7 +136,7 @@ def bench_clipkit(cfg: RootConfig, batches: list[tuple], device: torch.device, w
             for im, tx in zip(images_u8.split(micro), text.split(micro), strict=True)
         ]
         wait += time.perf_counter() - t_fetch
-        train_step(engine, loss_fn, pairs, caption=caption)
+        step(engine, loss_fn, pairs, caption=caption)
     _sync(device)
     elapsed = time.perf_counter() - t0
     return {"seconds": elapsed, "data_wait_s": wait, "peak_mem_gb": peak_memory_gb(device)}
@@ -196,6 +199,8 @@ def bench_open_clip(cfg: RootConfig, batches: list[tuple], device: torch.device,
     else:
         loss = open_clip.ClipLoss()
     optimizer = build_optimizer(model, cfg.optim, device)
+    if cfg.train.compile != "false":  # what its main does with --torchcompile (this version compiles the model)
+        model = torch.compile(model)
     scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
     # (batches: float images normalised on the host, as open_clip's loader yields them; see ``feeds``)
     warm, timed = _Loader(batches[:warmup], args.batch_size), _Loader(batches[warmup:], args.batch_size)
@@ -250,6 +255,10 @@ def bench_command(cfg: RootConfig, run_dir: Path) -> dict:
         "model": cfg.model.name,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp],
+        "compile": {
+            "clipkit": str(cfg.train.compile),
+            "open_clip": "model" if cfg.train.compile != "false" else "false",
+        },
         "batch": batch,
         "steps": b.steps,
         "forward_gflops_per_sample": fwd / 1e9,
@@ -268,10 +277,16 @@ def bench_command(cfg: RootConfig, run_dir: Path) -> dict:
 
 
 def format_bench(r: dict) -> str:
+    compiled = r.get("compile", {})
+    compiled = (
+        ", ".join(f"{side} {how}" for side, how in compiled.items())
+        if any(how != "false" for how in compiled.values())
+        else ""
+    )
     lines = [
         f"{r['model']} on {r['device']}, {r['precision']}, batch {r['batch']}, {r['steps']} timed steps; "
         f"{r['forward_gflops_per_sample']:.2f} GFLOPs forward/sample; peak {r['peak_tflops']:.2f} TFLOP/s "
-        f"({r['peak_kind']})",
+        f"({r['peak_kind']})" + (f"; torch.compile: {compiled}" if compiled else ""),
         "| trainer | samples/s | MFU | data-wait | peak memory |",
         "|---|---:|---:|---:|---:|",
     ]

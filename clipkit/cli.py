@@ -20,7 +20,7 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from clipkit.config import ConfigError, adjust, path_keys, register_configs, validate
+from clipkit.config import ConfigError, adjust, marked_keys, path_keys, register_configs, validate
 from clipkit.data import worker_context
 from clipkit.errors import Preempted, UserError
 from clipkit.help import VERB_LINES, verb_help
@@ -65,6 +65,7 @@ def _omegaconf_error_line(err: Exception) -> str | None:
 def compose(overrides: list[str]):
     """Hydra-composed, typed ``RootConfig`` plus the run dir; raises ``ConfigError`` on any config mistake."""
     register_configs()
+    overrides = quoted_words(overrides)
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="clipkit"):
             raw = hydra_compose(config_name="clipkit", overrides=overrides, return_hydra_config=True)
@@ -94,6 +95,18 @@ def _hydra_quoted(value: str) -> str:
     if value == "null" or (len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""):
         return value  # unset, or quoted for Hydra by the user already
     return "'" + value.replace("'", "\\'") + "'"
+
+
+def quoted_words(args: list[str]) -> list[str]:
+    """Overrides of word-valued fields (``metadata=WORD``) quoted for Hydra, whose grammar reads ``false`` and
+    ``true`` as booleans: ``train.compile=false`` reaches its field as the word ``false``."""
+    words = marked_keys("word")
+    out = []
+    for arg in args:
+        parts = _split_override(arg)
+        quote = parts is not None and parts[1] in words and parts[0] != "~"
+        out.append(f"{parts[0]}{parts[1]}={_hydra_quoted(parts[2])}" if quote else arg)
+    return out
 
 
 def path_overrides(args: list[str]) -> list[str]:

@@ -29,7 +29,7 @@ from omegaconf import OmegaConf
 from clipkit.data.config import DataConfig, layout_problem
 from clipkit.distill_config import DistillConfig, DistillKind
 from clipkit.engine.config import EngineName, ParallelConfig
-from clipkit.errors import PATH, RESUMABLE, Choice, ConfigError, at_most, non_negative, positive, require
+from clipkit.errors import PATH, RESUMABLE, WORD, Choice, ConfigError, at_most, non_negative, positive, require
 from clipkit.eval.config import EvalConfig
 from clipkit.logging_config import LoggingConfig
 from clipkit.loss_config import LossConfig, LossName
@@ -47,6 +47,13 @@ class Precision(Choice):
     fp32 = "fp32"
     bf16 = "bf16"
     fp16 = "fp16"  # with a loss scaler (DDP only)
+
+
+class Compile(Choice):
+    false = "false"  # eager
+    model = "model"  # the model's forward (and its backward) compiled; FSDP: each transformer block
+    step = "step"  # forward, loss, backward, clipping and the AdamW update of one step (one process or DDP)
+    true = "model"  # (an alias: train.compile=true before the step strategy existed)
 
 
 class NonFinite(Choice):
@@ -162,8 +169,10 @@ class TrainConfig:
     max_nonfinite_skips: int = 3
     # Debug/verification: every rank appends the (epoch, key) of each trained sample to keys/rank_NNN.jsonl.
     record_keys: bool = False
-    # torch.compile the model for training (falls back to eager, with a warning, if compilation fails).
-    compile: bool = False
+    # torch.compile: ``model`` compiles the forward (falls back to eager, with a warning, if that fails); ``step``
+    # the whole step, the update too (the learning rate held as a tensor); ``false`` eager. Results are the same
+    # within float tolerance, so a run may resume under another setting.
+    compile: Compile = field(default=Compile.false, metadata={**RESUMABLE, **WORD})
     # Channels-last memory format for images and the patch-embedding conv (can help convolutional stems on GPU).
     channels_last: bool = False
     # On CUDA, fp32 matmuls and convolutions (an fp32 run, the loss's B x N products, the root layers kept in
@@ -414,7 +423,10 @@ def _require_export_destination(out: str, overwrite: bool) -> None:
 
 def saved_config(path: Path) -> RootConfig:
     """The typed config a run or checkpoint dir carries (its ``config.yaml`` over the schema's defaults)."""
-    saved = OmegaConf.merge(OmegaConf.structured(RootConfig), OmegaConf.load(Path(path) / "config.yaml"))
+    text = OmegaConf.load(Path(path) / "config.yaml")
+    if isinstance(OmegaConf.select(text, "train.compile"), bool):  # (written before train.compile=step existed)
+        text.train.compile = "model" if text.train.compile else "false"
+    saved = OmegaConf.merge(OmegaConf.structured(RootConfig), text)
     return OmegaConf.to_object(saved)
 
 
@@ -474,12 +486,21 @@ def _validate_engine_support(cfg: RootConfig, world_size: int) -> None:
     engine = cfg.parallel.engine
     if cfg.train.async_checkpoint and engine != EngineName.fsdp:
         raise ConfigError("train.async_checkpoint", True, f"needs parallel=fsdp (torch DCP), not {engine}")
+    if cfg.train.compile == Compile.step and engine == EngineName.ddp:
+        # One compiled call per step: gradient caching's passes replay RNG states between forwards, and the fp16
+        # scaler's step decides on the host.
+        require("train.compile", "step", cfg.train.precision != Precision.fp16, "runs bf16 or fp32, not fp16")
+        micro = cfg.train.micro_batch(world_size)
+        require("train.compile", "step", micro * world_size >= cfg.train.global_batch_size,
+                f"needs one micro-batch per step (train.micro_batch_size={micro} splits it); use model")  # fmt: skip
     if engine == EngineName.ddp:
         return
     if cfg.train.precision == Precision.fp16:
         raise ConfigError("train.precision", "fp16", f"parallel={engine} runs bf16 or fp32 (no fp16 loss scaler)")
-    if cfg.train.compile and engine != EngineName.fsdp:
-        raise ConfigError("train.compile", True, f"supported with parallel=ddp or fsdp, not {engine}")
+    if cfg.train.compile == Compile.step:
+        raise ConfigError("train.compile", "step", f"supported with parallel=ddp only, not {engine} (use model)")
+    if cfg.train.compile == Compile.model and engine != EngineName.fsdp:
+        raise ConfigError("train.compile", "model", f"supported with parallel=ddp or fsdp, not {engine}")
     if cfg.train.channels_last:
         raise ConfigError("train.channels_last", True, f"supported with parallel=ddp only, not {engine}")
     if engine == EngineName.zero3 and cfg.train.micro_batch(world_size) * world_size < cfg.train.global_batch_size:

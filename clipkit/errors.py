@@ -47,6 +47,9 @@ class Choice(str, Enum):
         return self.value
 
 
+# dataclass field metadata: a word-valued field (a Choice with members such as ``false``): the CLI passes the
+# override to Hydra quoted, so that ``train.compile=false`` reaches the field as the word, not as a YAML bool
+WORD = {"word": True}
 PATH = {"path": True}  # dataclass field metadata: the CLI passes this override to Hydra as a quoted string
 # dataclass field metadata: the field (a whole section, if it is one) may differ between a checkpoint's config and
 # the run that resumes it: how a run is watched, read or stopped, not what it trains on or computes

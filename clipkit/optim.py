@@ -115,6 +115,63 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.devi
     )
 
 
+def hold_lr_as_tensors(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Each group's learning rate as a 0-d tensor on ``device`` (``train.compile=step``): the schedule then
+    writes it in place (``fill_``) and a compiled update reads it as an input instead of specialising on it,
+    which would recompile the update at every step."""
+    for group in optimizer.param_groups:
+        group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+
+
+def init_adamw_state(optimizer: torch.optim.AdamW) -> None:
+    """The state torch's fused AdamW creates at its first step, for every parameter that has none yet. Made
+    before ``masked_adamw_`` is compiled: tensors created inside the compiled update were measured to come
+    out as one shared step counter, and state appearing at the first call recompiles the update at the second."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if not optimizer.state[p]:
+                optimizer.state[p].update(
+                    step=torch.zeros((), dtype=torch.float32, device=p.device),
+                    exp_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
+                    exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format),
+                )
+
+
+@torch.no_grad()
+def masked_adamw_(optimizer: torch.optim.AdamW, finite: torch.Tensor) -> None:
+    """``optimizer``'s AdamW update (decoupled weight decay, bias-corrected moments) written as plain tensor
+    operations that torch.compile traces into the step's graph, applied only where ``finite`` (a device bool) is
+    true: parameters, moments and step counts keep their values otherwise, as the fused kernel's ``found_inf``
+    does. It reads and writes the optimizer's own state (``step``, ``exp_avg``, ``exp_avg_sq``; see
+    ``init_adamw_state``), so checkpoints
+    are the same as the fused kernel's and a run resumes under either.
+
+    (torch's own ``optimizer.step()`` cannot be traced into a step's graph: the fused kernels are excluded from
+    compilation and ``step()`` graph-breaks around itself; none of its implementations skips on a device flag.)
+    """
+    keep = finite.to(torch.float32)
+    for group in optimizer.param_groups:
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        beta1, beta2 = group["betas"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = optimizer.state[p]  # (made by init_adamw_state)
+            step, exp_avg, exp_avg_sq = state["step"], state["exp_avg"], state["exp_avg_sq"]
+            grad = p.grad
+            new_step = step + keep
+            new_avg = exp_avg.lerp(grad, 1 - beta1)
+            new_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
+            bias1 = 1 - beta1**new_step
+            bias2_sqrt = (1 - beta2**new_step).sqrt()
+            denom = new_avg_sq.sqrt() / bias2_sqrt + eps
+            new_p = p * (1 - lr * wd) - (lr / bias1) * new_avg / denom
+            p.copy_(torch.where(finite, new_p, p))
+            exp_avg.copy_(torch.where(finite, new_avg, exp_avg))
+            exp_avg_sq.copy_(torch.where(finite, new_avg_sq, exp_avg_sq))
+            step.copy_(new_step)
+
+
 def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:
     """Multiplier of ``cfg.lr`` for the update at ``step`` (0-based): linear warmup, then cosine, constant, or
     constant and a linear decay over the last ``decay_fraction`` of the steps (wsd)."""

@@ -24,6 +24,10 @@ The result equals one process computing the loss on the whole K*W*B batch (teste
 Distillation (``teacher``): the teacher's outputs for each micro-batch are computed once, without autograd (in
 the no-grad pass when caching), and handed to the loss beside the student's.
 
+Compiled (``train.compile=step``, ``CompiledStep``): the same ``forward_backward`` and the engine's clip, check,
+update and clamp (``TorchUpdate.apply``) run as one torch.compile'd call; dropping the gradients, the schedule
+and the EMA (``finish``) stay eager around it.
+
 CoCa (``caption``): the model also returns next-token logits and their labels; the captioning term is per sample,
 so each forward that keeps autograd adds its micro-batch's share (``loss/caption.py``), normalised by the global
 batch's token count, counted once per step. Under caching both towers are re-forwarded even when one is locked:
@@ -33,12 +37,16 @@ the caption decoder reads both.
 from __future__ import annotations
 
 import contextlib
+import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from clipkit.optim import IMAGE, TEXT, tower_of
+
+log = logging.getLogger("clipkit")
 
 # (normalised images, token ids[, the teacher's token ids when it has its own tokenizer])
 Batch = tuple[torch.Tensor, ...]
@@ -64,6 +72,45 @@ def train_step(
     return StepResult(loss, grad_norm, out["logit_scale"].detach(), applied)
 
 
+class CompiledStep:
+    """``train_step`` under ``train.compile=step``, for the replicated engines (one process, DDP) with one
+    micro-batch per step (config validation refuses the rest).
+
+    Dynamo makes a graph of the forward and loss (AOTAutograd compiles its backward beside it), and one of the
+    clip, finite check and AdamW update (``optim.masked_adamw_``, the learning rate a tensor); it breaks only at
+    ``backward``, which autograd runs. Compilation happens at the first call and fails loudly: a step that half
+    ran cannot be replayed in eager mode on the same random numbers (``train.compile=model`` falls back instead).
+    """
+
+    def __init__(self, engine):
+        self.engine, self.update = engine, engine.update
+        self.compiled = torch.compile(self._traced)
+        self.checked = False
+
+    def _traced(self, loss_fn: LossFn, batch: Batch, teacher: Teacher | None, caption: Caption | None):
+        loss, out = forward_backward(self.engine, loss_fn, [batch], teacher, caption)
+        norm, applied, finite = self.update.apply()
+        return loss, norm, out["logit_scale"].detach(), applied, finite
+
+    def __call__(self, engine, loss_fn: LossFn, micro_batches: list[Batch], teacher=None, caption=None) -> StepResult:
+        (batch,) = micro_batches
+        start = time.perf_counter()
+        try:
+            loss, norm, scale, applied, finite = self.compiled(loss_fn, batch, teacher, caption)
+        except Exception as err:  # dynamo / inductor failures surface at the first call
+            if self.checked:
+                raise
+            raise RuntimeError(
+                f"train.compile=step: the step did not compile ({type(err).__name__}: {err}); "
+                "train.compile=model or false trains this config"
+            ) from err
+        if not self.checked:
+            log.info("torch.compile: the training step compiled (first call %.0f s)", time.perf_counter() - start)
+            self.checked = True
+        self.update.finish(finite)
+        return StepResult(loss, norm, scale, applied)
+
+
 def forward_backward(
     engine, loss_fn: LossFn, micro_batches: list[Batch], teacher: Teacher | None = None, caption: Caption | None = None
 ) -> tuple[torch.Tensor, dict]:
@@ -76,8 +123,9 @@ def forward_backward(
     loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias"), **extra)
     if caption:
         loss = loss + caption(out["logits"], out["labels"], caption.target_count([text]))
+    detached = loss.detach()  # (before backward: compiled, it stays in the forward's graph)
     engine.backward([loss])
-    return loss.detach(), out
+    return detached, out
 
 
 def rng_state(device: torch.device) -> dict:

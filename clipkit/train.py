@@ -44,7 +44,7 @@ from clipkit.metrics import (
     peak_memory_gb,
 )
 from clipkit.preempt import Preemption, requeue_slurm_job
-from clipkit.step import StepResult, rng_state, set_rng_state, train_step
+from clipkit.step import CompiledStep, StepResult, rng_state, set_rng_state, train_step
 
 log = logging.getLogger("clipkit")
 
@@ -395,6 +395,7 @@ class Trainer:
         locked = model_lib.apply_locks(built.model, cfg.model)  # (before any engine sees the parameters)
         self.train_flops = self._count_flops()
         self.engine = build_engine(built.model, cfg, env)
+        self.step = CompiledStep(self.engine) if cfg.train.compile == "step" else train_step
         self.peak = peak_flops(env.device, self.engine.amp_dtype, cfg.logging.peak_tflops)
         self.loss_fn = build_loss(cfg.loss.name, cfg.loss.impl, cfg.loss.chunk_size, cfg.loss.contrastive_weight)
         self.caption = build_caption_loss(cfg, built.model)  # CoCa: the captioning term beside the contrastive one
@@ -437,7 +438,7 @@ class Trainer:
             lr = self.engine.lr
             # No host read: a non-finite step is skipped on the device (nothing applied; its batch is not retried)
             # and train.nonfinite is enforced when the steps are read (settle).
-            result = train_step(self.engine, self.loss_fn, self._on_device(batches), self.teacher, self.caption)
+            result = self.step(self.engine, self.loss_fn, self._on_device(batches), self.teacher, self.caption)
             if self.key_log:
                 self.key_log.write(state.step + 1, batches)
             state.step += 1

@@ -82,7 +82,7 @@ class FSDPEngine:
         blocks = _blocks(model)
         # train.compile: each block compiled before it is sharded (torch's documented order: activation
         # checkpointing, then compile, then fully_shard), so FSDP's hooks run eagerly around the compiled blocks.
-        self._forward = Forward(model, env.device, amp, False, cfg.train.compile, compile_blocks=blocks)
+        self._forward = Forward(model, env.device, amp, False, cfg.train.compile == "model", compile_blocks=blocks)
         for block in blocks:
             fully_shard(
                 block,

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,7 +15,14 @@ import torch
 
 from clipkit import checkpoint as ckpt
 from clipkit import ema as ema_lib
-from clipkit.optim import build_optimizer, build_scheduler, scheduled_lr
+from clipkit.optim import (
+    build_optimizer,
+    build_scheduler,
+    hold_lr_as_tensors,
+    init_adamw_state,
+    masked_adamw_,
+    scheduled_lr,
+)
 
 if TYPE_CHECKING:
     from clipkit.config import RootConfig
@@ -141,12 +149,23 @@ class TorchUpdate:
     The finite check stays on the device: the fused AdamW kernel takes it as ``found_inf`` and leaves parameters,
     moments and step counts untouched when the norm is not finite; the EMA follows the same flag; the schedule
     advances every step (a skipped step is a step). Nothing is read on the host: the loop reads the flag with
-    the loss when it logs (``train.nonfinite``). Only an optimizer without that kernel (MPS) reads it at once."""
+    the loss when it logs (``train.nonfinite``). Only an optimizer without that kernel (MPS) reads it at once.
 
-    def __init__(self, model: torch.nn.Module, cfg: RootConfig, device: torch.device, amp_dtype, ema=None):
-        self.model, self.ema = model, ema  # (ema: moved after every applied update)
+    ``traced`` (``train.compile=step``): ``apply`` is compiled inside the step, so the update is
+    ``optim.masked_adamw_`` (traceable, the same flag) and the learning rate a tensor; ``finish`` stays eager."""
+
+    def __init__(
+        self, model: torch.nn.Module, cfg: RootConfig, device: torch.device, amp_dtype, ema=None, traced=False
+    ):
+        self.model, self.ema, self.device, self.traced = model, ema, device, traced  # (ema: moved after updates)
         self.optimizer = build_optimizer(model, cfg.optim, device)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
+        if traced:
+            hold_lr_as_tensors(self.optimizer, device)
+            init_adamw_state(self.optimizer)
+            # (torch warns when the schedule steps and ``optimizer.step()`` never ran: here the update ran first,
+            # as masked_adamw_, so no learning rate of the schedule is skipped)
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
         self.base_lr = cfg.optim.lr
         self.max_norm = cfg.optim.grad_clip_norm if cfg.optim.grad_clip_norm > 0 else float("inf")
         self.scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
@@ -160,6 +179,12 @@ class TorchUpdate:
         torch.autograd.backward(outputs, grads)
 
     def step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        norm, applied, finite = self.apply()
+        self.finish(finite)
+        return norm, applied
+
+    def apply(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Clip, check, update, clamp: (pre-clip norm, applied, finite). What ``train.compile=step`` compiles."""
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -167,7 +192,10 @@ class TorchUpdate:
         if hasattr(norm, "full_tensor"):  # a sharded model's (FSDP) norm is a replicated DTensor
             norm = norm.full_tensor()
         finite = torch.isfinite(norm)
-        if self.scaler:  # fp16: the scaler skips inf/NaN steps itself and adapts the scale (its normal dynamics,
+        if self.traced:
+            masked_adamw_(self.optimizer, finite)
+            applied = finite
+        elif self.scaler:  # fp16: the scaler skips inf/NaN steps itself and adapts the scale (its normal dynamics,
             self.scaler.step(self.optimizer)  # not a non-finite step of train.nonfinite)
             self.scaler.update()
             applied = torch.ones_like(finite)
@@ -179,13 +207,16 @@ class TorchUpdate:
             if bool(finite):
                 self.optimizer.step()
             applied = finite
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        return norm.detach(), applied, finite
+
+    def finish(self, finite: torch.Tensor) -> None:
+        """Drop the gradients, advance the schedule, move the EMA (if the norm was finite)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
         if self.ema:
             self.ema.update(finite)  # (not after a step the fp16 scaler skipped either)
-        return norm.detach(), applied
 
     @property
     def lr(self) -> float:
@@ -200,6 +231,11 @@ class TorchUpdate:
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        for group in self.optimizer.param_groups:  # (a checkpoint of either train.compile setting)
+            group["lr"] = float(group["lr"])
+        if self.traced:
+            hold_lr_as_tensors(self.optimizer, self.device)
+            init_adamw_state(self.optimizer)
         if self.scaler and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
 
@@ -225,9 +261,10 @@ class Replicated:
     def __init__(self, model: torch.nn.Module, module: torch.nn.Module, cfg: RootConfig, env: DistEnv):
         self.model, self.device, self.rank = model, env.device, env.rank
         self.amp_dtype = autocast_dtype(cfg.train.precision, env.device)
-        self.forward = Forward(module, env.device, self.amp_dtype, cfg.train.channels_last, cfg.train.compile)
+        compile = cfg.train.compile
+        self.forward = Forward(module, env.device, self.amp_dtype, cfg.train.channels_last, compile == "model")
         self.ema = ema_lib.build(cfg, lambda: {n: p.detach() for n, p in ema_lib.trainable(model).items()})
-        self.update = TorchUpdate(model, cfg, env.device, self.amp_dtype, self.ema)
+        self.update = TorchUpdate(model, cfg, env.device, self.amp_dtype, self.ema, traced=compile == "step")
         self.optimizer, self.scheduler = self.update.optimizer, self.update.scheduler
 
     def backward(self, outputs: list[torch.Tensor], grads: list[torch.Tensor] | None = None) -> None:

@@ -561,9 +561,10 @@ def zero_precision_and_offload(rank: int, world: int, port: int, out_path: str) 
 
 
 def compiled_vs_eager(rank: int, world: int, port: int, out_path: str) -> None:
-    """``train.compile=true`` against eager, for the single-process (DDP's) engine and FSDP: 5 steps of a micro
+    """``train.compile=model`` against eager, for the single-process (DDP's) engine and FSDP: 5 steps of a micro
     CLIP with 3 blocks per tower, in fp32; the losses and final parameters of each, and the graphs dynamo made
-    (whole-model compile: one; FSDP's per-block compile: one per tower, the blocks of a tower sharing it)."""
+    (whole-model compile: one; FSDP's per-block compile: one per tower, the blocks of a tower sharing it); then
+    ``compiled_steps``."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     from torch._dynamo.utils import counters
 
@@ -576,7 +577,8 @@ def compiled_vs_eager(rank: int, world: int, port: int, out_path: str) -> None:
     for engine_name in ("ddp", "fsdp"):
         for compiled in (False, True):
             cfg = RootConfig()
-            cfg.train.precision, cfg.parallel.engine, cfg.train.compile = "fp32", engine_name, compiled
+            cfg.train.precision, cfg.parallel.engine = "fp32", engine_name
+            cfg.train.compile = "model" if compiled else "false"
             cfg.optim.lr, cfg.optim.warmup_steps = 1e-3, 0
             counters.clear()
             engine = build_engine(micro_clip().float(), cfg, DistEnv())
@@ -601,4 +603,48 @@ def compiled_vs_eager(rank: int, world: int, port: int, out_path: str) -> None:
             }
             if engine_name == "fsdp":
                 dist.destroy_process_group()
+    result.update(compiled_steps())
     Path(out_path).write_text(json.dumps(result))
+
+
+def compiled_steps() -> dict:
+    """``train.compile=step`` against eager ``train_step``: 10 steps of the micro CLIP (3 blocks per tower) with
+    clipkit's InfoNCE loss, gradient clipping and a warmup (the learning rate changes every step), in fp32; step 7's
+    batch holds a NaN, so its update must be skipped on the device. Per step: loss, norm, applied; at the end the
+    parameters, the optimizer's step counts, and the graphs and graph breaks dynamo made."""
+    from torch._dynamo.utils import counters
+
+    from clipkit.config import RootConfig
+    from clipkit.distributed import DistEnv
+    from clipkit.engine import build_engine
+    from clipkit.loss import build_loss
+    from clipkit.step import CompiledStep, train_step
+
+    result = {}
+    for mode in ("false", "step"):
+        cfg = RootConfig()
+        cfg.train.precision, cfg.train.compile, cfg.train.steps = "fp32", mode, 10
+        cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.grad_clip_norm = 1e-3, 4, 1.0
+        counters.clear()
+        engine = build_engine(micro_clip().float(), cfg, DistEnv())
+        step = CompiledStep(engine) if mode == "step" else train_step
+        loss_fn, steps = build_loss("infonce"), []
+        for i in range(10):
+            images, text = global_batch(6, seed=i)
+            images = images.float()
+            if i == 6:
+                images[0, 0, 0, 0] = float("nan")
+            before = [p.detach().clone() for p in engine.model.parameters()]
+            r = step(engine, loss_fn, [(images, text)])
+            unchanged = all(torch.equal(a, p) for a, p in zip(before, engine.model.parameters(), strict=True))
+            steps.append({"loss": r.loss.item(), "norm": r.grad_norm.item(), "applied": bool(r.applied),
+                          "unchanged": unchanged, "lr": engine.lr})  # fmt: skip
+        result[f"step-{mode}"] = {
+            "steps": steps,
+            "params": {n: p.detach().flatten().tolist() for n, p in engine.model.named_parameters()},
+            "adam_steps": sorted({float(s["step"]) for s in engine.optimizer.state.values()}),
+            "graphs": counters["stats"]["unique_graphs"],
+            "graph_breaks": sum(counters["graph_break"].values()),
+            "break_reasons": list(counters["graph_break"]),
+        }
+    return result

@@ -114,6 +114,9 @@ LAUNCHES = {
         ["parallel=fsdp", "train.micro_batch_size=48", "train.compile=true"],
         "torch.compile: 5 blocks compiled",
     ),
+    # train.compile=step under DDP: forward, loss, backward, clipping and the update compiled as one call on each
+    # rank (dynamo splits the forward at DDP's gradient buckets; the all-reduce runs in backward as in eager).
+    "ddp_step": (["parallel=ddp", "train.compile=step"], "torch.compile: the training step compiled"),
 }
 
 
@@ -162,6 +165,9 @@ def runs(tmp_path_factory, cache_dir) -> Runs:
         "zero2_cached",
         "fsdp",
         "fsdp_cached",
+        # (~2 min of inductor on 2 cores: `make test-all`; make test compiles the step in one process,
+        # tests/unit/test_gpu_paths.py)
+        pytest.param("ddp_step", marks=pytest.mark.slow),
     ],
 )
 def test_engine_matches_single_process(runs, engine):

@@ -41,7 +41,11 @@ BAD_CONFIGS = [
     (["parallel=zero2", "train.precision=fp16"], "train.precision='fp16'"),
     (["parallel=zero3", "train.micro_batch_size=32"], "train.micro_batch_size=32"),  # caching under zero3
     (["parallel.timeout_s=0"], "parallel.timeout_s=0"),
-    (["parallel=zero2", "train.compile=true"], "train.compile=True"),  # compile: ddp and fsdp only
+    (["parallel=zero2", "train.compile=true"], "train.compile='model'"),  # compile: ddp and fsdp only
+    (["parallel=fsdp", "train.compile=step"], "train.compile='step'"),  # the whole step: ddp only
+    (["train.compile=step", "train.micro_batch_size=32"], "train.compile='step'"),  # one micro-batch per step
+    (["train.compile=step", "train.precision=fp16"], "train.compile='step'"),  # the scaler decides on the host
+    (["train.compile=yes"], "train.compile='yes'"),
     (["eval.retrieval.dataset=holdout"], "eval.retrieval.dataset='holdout'"),  # nothing held out
     (["eval.zeroshot.dataset=holdout"], "eval.zeroshot.dataset='holdout'"),  # captions are not labels
     (["data.holdout_fraction=1.5"], "data.holdout_fraction=1.5"),
@@ -121,6 +125,21 @@ def test_defaults_and_presets_compose():
         assert compose([f"model={preset}"])[0].model.name == name
 
 
+def test_compile_takes_the_words_users_type(tmp_path):
+    """train.compile=false|true|model|step reach the field as words (Hydra reads bare false/true as booleans);
+    ``true`` is the whole-model compile it meant before ``step`` existed, and a run dir saved then (a YAML bool)
+    still loads."""
+    from clipkit.cli import compose
+    from clipkit.config import saved_config
+
+    typed = {word: compose([f"train.compile={word}"])[0].train.compile for word in ("false", "true", "model", "step")}
+    assert typed == {"false": "false", "true": "model", "model": "model", "step": "step"}
+    (tmp_path / "config.yaml").write_text("train:\n  compile: true\n")
+    assert saved_config(tmp_path).train.compile == "model"
+    (tmp_path / "config.yaml").write_text("train:\n  compile: false\n")
+    assert saved_config(tmp_path).train.compile == "false"
+
+
 def test_shards_preset_requires_data_train():
     from clipkit.cli import compose
     from clipkit.config import ConfigError, validate
@@ -186,6 +205,7 @@ def test_a_resume_may_change_only_the_fields_marked_resumable():
 
     # How a run is read, watched and stopped: marked fields, and whole marked sections.
     assert differences(data__num_workers=7, train__steps=5, parallel__timeout_s=9, name="x") == []
+    assert differences(train__compile="step") == []  # (the same numbers within float tolerance)
     assert differences(eval__batch_size=3, logging__wandb=True, data__max_member_mb=1) == []
     # What it trains on, and how: refused, named.
     assert differences(data__shuffle_window=7) == ["data.shuffle_window: 1000 -> 7"]

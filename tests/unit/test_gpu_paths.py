@@ -184,12 +184,36 @@ def compile_runs(tmp_path_factory) -> dict:
 
 @pytest.mark.parametrize("engine,graphs", [("ddp", 1), ("fsdp", 2)])
 def test_compiled_training_equals_eager_with_a_bounded_number_of_graphs(compile_runs, engine, graphs):
-    """train.compile=true (inductor, on the CPU): 5 steps give eager's losses and parameters within float
+    """train.compile=model (inductor, on the CPU): 5 steps give eager's losses and parameters within float
     tolerance; dynamo makes one graph for the whole model, or (FSDP, blocks compiled one by one) one per tower:
     the 3 blocks of a tower share their graph, nothing recompiles per block or per step, nothing breaks."""
     eager, compiled = compile_runs[f"{engine}-eager"], compile_runs[f"{engine}-compiled"]
     assert eager["graphs"] == 0 and compiled["graphs"] == graphs and compiled["graph_breaks"] == 0
     assert compiled["losses"] == pytest.approx(eager["losses"], rel=1e-4, abs=1e-5)
+    worst = max(
+        max(abs(a - b) for a, b in zip(compiled["params"][n], eager["params"][n], strict=True)) for n in eager["params"]
+    )
+    assert worst < 1e-5, worst
+
+
+def test_compiled_step_equals_eager_and_skips_a_nonfinite_step_on_the_device(compile_runs):
+    """train.compile=step (inductor, on the CPU): 10 steps of forward, loss, backward, clipping and the AdamW update
+    as one compiled call give eager's losses, norms and parameters within float tolerance while the learning rate
+    warms up (held as a tensor: no recompilation per step); the step whose batch holds a NaN is skipped as in eager
+    (nothing applied, parameters and Adam step counts untouched). Dynamo makes two graphs (forward and loss with
+    its compiled backward; clip, check and update) over all 10 steps, and breaks only at ``backward`` (counted
+    once in each of the 4 frames that lead to it)."""
+    eager, compiled = compile_runs["step-false"], compile_runs["step-step"]
+    assert eager["graphs"] == 0 and compiled["graphs"] == 2 and compiled["graph_breaks"] == 4
+    assert len(compiled["break_reasons"]) == 1 and "function `backward`" in compiled["break_reasons"][0]
+    for e, c in zip(eager["steps"], compiled["steps"], strict=True):
+        assert c["applied"] == e["applied"] and c["unchanged"] == e["unchanged"] and c["lr"] == e["lr"]
+        if e["applied"]:
+            assert c["loss"] == pytest.approx(e["loss"], rel=1e-5) and c["norm"] == pytest.approx(e["norm"], rel=1e-4)
+    assert [s["applied"] for s in compiled["steps"]] == [True] * 6 + [False] + [True] * 3
+    assert compiled["steps"][6]["unchanged"] and not compiled["steps"][7]["unchanged"]
+    assert len({s["lr"] for s in compiled["steps"]}) > 4  # (the warmup moved it)
+    assert eager["adam_steps"] == compiled["adam_steps"] == [9.0]
     worst = max(
         max(abs(a - b) for a, b in zip(compiled["params"][n], eager["params"][n], strict=True)) for n in eager["params"]
     )

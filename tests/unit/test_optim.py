@@ -135,3 +135,78 @@ def test_cpu_update_is_torchs_fused_adamw_and_steps_like_the_reference():
     apart = max((p - q).abs().max().item() for p, q in zip(model.parameters(), twin.parameters(), strict=True))
     assert apart < 1e-6
     assert (model.visual.conv1.weight - start).abs().max() > 1e-3  # (the five steps of 7e-4 did move it)
+
+
+def _grads(model, gen, nan: bool = False) -> None:
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=gen)
+    if nan:
+        next(model.parameters()).grad.view(-1)[0] = float("nan")
+
+
+def test_masked_adamw_is_torchs_adamw_and_skips_where_the_device_flag_says():
+    """train.compile=step's update (``masked_adamw_``, the learning rate a tensor the schedule fills in place)
+    against torch's fused AdamW with its ``found_inf``: the same parameters, moments and step counts within float
+    rounding over 6 warmup steps, one of them non-finite (nothing applied by either)."""
+    from clipkit.optim import build_scheduler, hold_lr_as_tensors, init_adamw_state, masked_adamw_
+
+    torch.manual_seed(0)
+    model = build(ModelConfig(name="clipkit-tiny")).model
+    twin = copy.deepcopy(model)
+    cfg = OptimConfig(lr=7e-4, weight_decay=0.2, warmup_steps=4)
+    fused, masked = build_optimizer(model, cfg, torch.device("cpu")), build_optimizer(twin, cfg, torch.device("cpu"))
+    schedules = build_scheduler(fused, cfg, 10), build_scheduler(masked, cfg, 10)
+    hold_lr_as_tensors(masked, torch.device("cpu"))
+    init_adamw_state(masked)
+    gen, twin_gen = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    for step in range(6):
+        _grads(model, gen, nan=step == 3)
+        _grads(twin, twin_gen, nan=step == 3)
+        before = [p.detach().clone() for p in twin.parameters()]
+        finite = torch.isfinite(torch.stack([p.grad.norm() for p in model.parameters()]).norm())
+        fused.found_inf = (~finite).float()
+        fused.step()
+        masked_adamw_(masked, finite)
+        if step == 3:
+            assert all(torch.equal(a, p) for a, p in zip(before, twin.parameters(), strict=True))
+        for schedule in schedules:
+            schedule.step()
+        assert float(masked.param_groups[0]["lr"]) == pytest.approx(fused.param_groups[0]["lr"], rel=1e-6)
+    apart = max((p - q).abs().max().item() for p, q in zip(model.parameters(), twin.parameters(), strict=True))
+    assert apart < 1e-6
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        a, b = fused.state[p], masked.state[q]
+        assert float(a["step"]) == float(b["step"]) == 5.0
+        assert torch.allclose(a["exp_avg"], b["exp_avg"], rtol=1e-6, atol=1e-9)
+        assert torch.allclose(a["exp_avg_sq"], b["exp_avg_sq"], rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("first,then", [(True, False), (False, True)])
+def test_an_update_checkpoint_resumes_under_the_other_compile_setting(first, then):
+    """train.compile may differ on resume: the optimizer state of the traced update (tensor learning rates) loads
+    into the fused one and back, and 3 + 2 steps across the switch equal 5 steps without it."""
+    from clipkit.config import RootConfig
+    from clipkit.engine.parts import TorchUpdate
+
+    cfg = RootConfig()
+    cfg.optim.warmup_steps, cfg.train.steps = 3, 10
+    torch.manual_seed(0)
+    base = build(ModelConfig(name="clipkit-tiny")).model
+    straight, switched = copy.deepcopy(base), copy.deepcopy(base)
+    cpu = torch.device("cpu")
+    reference = TorchUpdate(straight, cfg, cpu, None)
+    update = TorchUpdate(switched, cfg, cpu, None, traced=first)
+    gen, twin_gen = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
+    for step in range(5):
+        if step == 3:
+            state = update.state_dict()
+            update = TorchUpdate(switched, cfg, cpu, None, traced=then)
+            update.load_state_dict(copy.deepcopy(state))
+            assert isinstance(update.optimizer.param_groups[0]["lr"], torch.Tensor) == then
+        _grads(straight, gen)
+        _grads(switched, twin_gen)
+        reference.step()
+        update.step()
+        assert update.lr == pytest.approx(reference.lr)
+    apart = max((p - q).abs().max().item() for p, q in zip(straight.parameters(), switched.parameters(), strict=True))
+    assert apart < 1e-6
