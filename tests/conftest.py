@@ -94,9 +94,16 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600, check: bo
     return proc
 
 
-def srun_tasks(ntasks: int, args: list[str], extra_env: dict | None = None) -> list[subprocess.Popen]:
+def srun_tasks(
+    ntasks: int, args: list[str], extra_env: dict | None = None, stopped_from_outside: bool = False
+) -> list[subprocess.Popen]:
     """Starts what `srun --ntasks=N python -m clipkit ARGS` starts on one node: N tasks with SLURM's variables
-    (and none of torchrun's), stdout/stderr piped."""
+    (and none of torchrun's), stdout/stderr piped. Each task is the tests' ``clipkit`` shim (``tests/prefork.py``:
+    forked from the fork server, without ~4 s of imports), which passes on INT, TERM, USR1 and HUP and dies of
+    the signal that killed its command (a fault hook's kill -9). A test that stops or kills a task from outside
+    (SIGSTOP, SIGKILL: no process can pass those on) asks for real interpreters: ``stopped_from_outside``."""
+    server = None if stopped_from_outside else prefork.client()
+    program = [str(server.shim() / "clipkit")] if server else [sys.executable, "-m", "clipkit"]
     job_id = str(random.randint(1000, 9999))
     base = {
         k: v
@@ -106,7 +113,7 @@ def srun_tasks(ntasks: int, args: list[str], extra_env: dict | None = None) -> l
     slurm = {"SLURM_NTASKS": str(ntasks), "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": job_id}
     return [
         subprocess.Popen(
-            [sys.executable, "-m", "clipkit", *args],
+            [*program, *args],
             env={**base, **slurm, "SLURM_PROCID": str(task), "SLURM_LOCALID": str(task), **(extra_env or {})},
             text=True,
             stdout=subprocess.PIPE,

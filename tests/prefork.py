@@ -20,7 +20,8 @@ or a file, written in append mode).
 
 ``Client.shim`` writes a ``clipkit`` executable that sends the command it was started with (its argv as the
 shell expanded it, its environment and directory, its stdout/stderr) to the server, passes on the signals a
-launcher sends (INT, TERM, USR1, HUP), and exits with the command's status: with its folder first on PATH,
+launcher sends (INT, TERM, USR1, HUP), and exits with the command's status (or is killed by the signal that
+killed the command): with its folder first on PATH,
 ``bash -c "clipkit train ..."`` runs as typed minus the imports; as ``torchrun --no-python``'s program, each rank
 is such a command.
 """
@@ -151,7 +152,7 @@ def _handle(conn: socket.socket, request: dict) -> None:
 
 SHIM = """#!{python} -S
 # clipkit, run by the tests' fork server (tests/prefork.py): this command's argv, environment, directory and
-# stdout/stderr; exits with the command's status (128 + N for a signal, as a shell reports it).
+# stdout/stderr; exits with the command's status, or dies of the signal that ended the command.
 import json, os, signal, socket, sys
 
 me = os.getpid()
@@ -165,6 +166,10 @@ with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP):  # (a launcher stopping its ranks)
         signal.signal(sig, lambda signum, frame: os.kill(pid, signum))
     status = json.loads(reader.readline())["status"]
+if status < 0:  # (killed: the same signal ends this process, so its parent sees what it would have seen)
+    if -status not in (signal.SIGKILL, signal.SIGSTOP):  # (those two cannot be caught: nothing to reset)
+        signal.signal(-status, signal.SIG_DFL)
+    os.kill(me, -status)
 sys.exit(status if status >= 0 else 128 - status)
 """
 

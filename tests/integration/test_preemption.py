@@ -90,7 +90,7 @@ def test_sigusr1_checkpoints_and_requeues_the_slurm_job(small_demo, tmp_path):
 def test_a_stalled_rank_does_not_hang_the_others(small_demo, tmp_path):
     timeout_s = 10
     args = ["train", f"hydra.run.dir={tmp_path}", *ARGS, "train.steps=100000", f"parallel.timeout_s={timeout_s}"]
-    procs = srun_tasks(2, args)
+    procs = srun_tasks(2, args, stopped_from_outside=True)
     try:
         wait_for_step(tmp_path, 3, procs)
         procs[1].send_signal(signal.SIGSTOP)  # alive but stuck: only a collective timeout can notice
