@@ -39,7 +39,7 @@ from clipkit.loss import build_caption_loss, build_loss
 from clipkit.metrics import forward_flops_per_sample, peak_flops, peak_memory_gb, reset_peak_memory
 from clipkit.model_config import is_coca
 from clipkit.optim import build_optimizer
-from clipkit.step import CompiledStep, train_step
+from clipkit.step import step_function
 from clipkit.train import build_loader
 
 if TYPE_CHECKING:
@@ -123,7 +123,7 @@ def bench_clipkit(cfg: RootConfig, batches: list[tuple], device: torch.device, w
     micro = cfg.train.micro_batch(1)
     normalize = DeviceNormalize(built.mean, built.std).to(device)
     built.model.train()
-    step = CompiledStep(engine) if cfg.train.compile == "step" else train_step  # (as ``clipkit train`` picks)
+    step = step_function(engine, cfg.train.compile)  # (as ``clipkit train`` picks)
     wait = 0.0
     for i, (images_u8, text) in enumerate(batches):
         if i == warmup:

@@ -143,8 +143,7 @@ def masked_adamw_(optimizer: torch.optim.AdamW, finite: torch.Tensor) -> None:
     operations that torch.compile traces into the step's graph, applied only where ``finite`` (a device bool) is
     true: parameters, moments and step counts keep their values otherwise, as the fused kernel's ``found_inf``
     does. It reads and writes the optimizer's own state (``step``, ``exp_avg``, ``exp_avg_sq``; see
-    ``init_adamw_state``), so checkpoints
-    are the same as the fused kernel's and a run resumes under either.
+    ``init_adamw_state``), so checkpoints are the same as the fused kernel's and a run resumes under either.
 
     (torch's own ``optimizer.step()`` cannot be traced into a step's graph: the fused kernels are excluded from
     compilation and ``step()`` graph-breaks around itself; none of its implementations skips on a device flag.)

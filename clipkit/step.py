@@ -111,6 +111,12 @@ class CompiledStep:
         return StepResult(loss, norm, scale, applied)
 
 
+def step_function(engine, compile: str):
+    """The step ``clipkit train`` and ``clipkit bench`` run: ``CompiledStep`` under ``train.compile=step``, else
+    ``train_step``."""
+    return CompiledStep(engine) if compile == "step" else train_step
+
+
 def forward_backward(
     engine, loss_fn: LossFn, micro_batches: list[Batch], teacher: Teacher | None = None, caption: Caption | None = None
 ) -> tuple[torch.Tensor, dict]:

@@ -44,7 +44,7 @@ from clipkit.metrics import (
     peak_memory_gb,
 )
 from clipkit.preempt import Preemption, requeue_slurm_job
-from clipkit.step import CompiledStep, StepResult, rng_state, set_rng_state, train_step
+from clipkit.step import StepResult, rng_state, set_rng_state, step_function
 
 log = logging.getLogger("clipkit")
 
@@ -395,7 +395,7 @@ class Trainer:
         locked = model_lib.apply_locks(built.model, cfg.model)  # (before any engine sees the parameters)
         self.train_flops = self._count_flops()
         self.engine = build_engine(built.model, cfg, env)
-        self.step = CompiledStep(self.engine) if cfg.train.compile == "step" else train_step
+        self.step = step_function(self.engine, cfg.train.compile)
         self.peak = peak_flops(env.device, self.engine.amp_dtype, cfg.logging.peak_tflops)
         self.loss_fn = build_loss(cfg.loss.name, cfg.loss.impl, cfg.loss.chunk_size, cfg.loss.contrastive_weight)
         self.caption = build_caption_loss(cfg, built.model)  # CoCa: the captioning term beside the contrastive one

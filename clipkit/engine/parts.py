@@ -161,14 +161,18 @@ class TorchUpdate:
         self.optimizer = build_optimizer(model, cfg.optim, device)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
         if traced:
-            hold_lr_as_tensors(self.optimizer, device)
-            init_adamw_state(self.optimizer)
+            self._prepare_traced()
             # (torch warns when the schedule steps and ``optimizer.step()`` never ran: here the update ran first,
             # as masked_adamw_, so no learning rate of the schedule is skipped)
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
         self.base_lr = cfg.optim.lr
         self.max_norm = cfg.optim.grad_clip_norm if cfg.optim.grad_clip_norm > 0 else float("inf")
         self.scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+
+    def _prepare_traced(self) -> None:
+        """What ``masked_adamw_`` reads, made outside the compiled region: tensor learning rates and the state."""
+        hold_lr_as_tensors(self.optimizer, self.device)
+        init_adamw_state(self.optimizer)
 
     def backward(self, outputs: list[torch.Tensor], grads: list[torch.Tensor] | None) -> None:
         if self.scaler:
@@ -234,8 +238,7 @@ class TorchUpdate:
         for group in self.optimizer.param_groups:  # (a checkpoint of either train.compile setting)
             group["lr"] = float(group["lr"])
         if self.traced:
-            hold_lr_as_tensors(self.optimizer, self.device)
-            init_adamw_state(self.optimizer)
+            self._prepare_traced()
         if self.scaler and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
 
