@@ -35,6 +35,7 @@ from clipkit.logging_config import LoggingConfig
 from clipkit.loss_config import LossConfig, LossName
 from clipkit.model_config import ModelConfig, config_json, is_coca
 from clipkit.optim_config import OptimConfig
+from clipkit.stage_config import parse_stages
 
 __all__ = ["ConfigError", "RootConfig", "TrainConfig", "adjust", "path_keys", "register_configs", "validate"]
 
@@ -188,6 +189,10 @@ class TrainConfig:
     ema_decay: float = 0.0
     # Ramp the EMA decay up as min(ema_decay, 1 - (1 + n)^(-2/3)) over the first updates n.
     ema_warmup: bool = True
+    # Phases of their own image size and patch dropout (CLIPA, FLIP), e.g. [900:112:0.5,rest:224]: 900 steps at
+    # 112 px with half the patches dropped, then the rest at 224 px. Entries STEPS:SIZE[:PATCH_DROPOUT]; the last's
+    # STEPS may be ``rest``. The position embedding is interpolated at each switch; [] = one phase at the model's.
+    stages: list[str] = field(default_factory=list)
 
     def micro_batch(self, world_size: int) -> int:
         """Per-rank micro-batch: ``micro_batch_size``, or the global batch split over the ranks."""
@@ -385,6 +390,8 @@ def validate(cfg: RootConfig, verb: str = "train", world_size: Optional[int] = N
             )
         if cfg.distill.kind == DistillKind.features:
             _require_same_width(cfg)
+    if cfg.train.stages:
+        parse_stages(cfg.train.stages, cfg.train.steps, cfg.model)
     _validate_engine_support(cfg, world_size)
     if verb in ("eval", "export", "caption", "embed") and cfg.checkpoint is not None:
         require("checkpoint", cfg.checkpoint, Path(cfg.checkpoint).expanduser().exists(), "path not found")
@@ -486,6 +493,8 @@ def _validate_engine_support(cfg: RootConfig, world_size: int) -> None:
     engine = cfg.parallel.engine
     if cfg.train.async_checkpoint and engine != EngineName.fsdp:
         raise ConfigError("train.async_checkpoint", True, f"needs parallel=fsdp (torch DCP), not {engine}")
+    if cfg.train.stages and engine != EngineName.ddp:
+        raise ConfigError("train.stages", list(cfg.train.stages), f"supported with parallel=ddp only, not {engine}")
     if cfg.train.compile == Compile.step and engine == EngineName.ddp:
         # One compiled call per step: gradient caching's passes replay RNG states between forwards, and the fp16
         # scaler's step decides on the host.

@@ -44,6 +44,8 @@ from clipkit.metrics import (
     peak_memory_gb,
 )
 from clipkit.preempt import Preemption, requeue_slurm_job
+from clipkit.stage_config import Stage, parse_stages
+from clipkit.stages import Stages
 from clipkit.step import StepResult, rng_state, set_rng_state, step_function
 
 log = logging.getLogger("clipkit")
@@ -393,7 +395,10 @@ class Trainer:
         if cfg.model.init_from:  # a later resume overwrites these with the run's own checkpoint
             model_lib.load_init(built.model, cfg.model, env.device)
         locked = model_lib.apply_locks(built.model, cfg.model)  # (before any engine sees the parameters)
-        self.train_flops = self._count_flops()
+        plan = parse_stages(cfg.train.stages, cfg.train.steps, cfg.model)
+        self.stages = Stages(plan, built.model) if plan else None  # (also before any engine)
+        self.flops_of = {s.index: self._count_flops(s) for s in plan} if plan else {}
+        self.train_flops = None if plan else self._count_flops()  # (staged: the stage's, from _enter_stage)
         self.engine = build_engine(built.model, cfg, env)
         self.step = step_function(self.engine, cfg.train.compile)
         self.peak = peak_flops(env.device, self.engine.amp_dtype, cfg.logging.peak_tflops)
@@ -413,10 +418,14 @@ class Trainer:
         stack.push(lambda exc_type, *_: self.loader.close(kill=exc_type is not None))  # (see stop_workers)
         self.evaluated_on = eval_sets(cfg, self.held)
         resumed = resume(run_dir, cfg, env, self.engine, self.loader, self.state)
+        if self.stages:  # (a checkpoint taken at a switch already holds the carried-over embedding)
+            self._enter_stage(self.stages.at(self.state.step + 1))
         if env.is_main:  # only now: a refused resume leaves the run dir describing the run that ran there
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
         self.logger = self._open_logger(locked, resumed)
+        if self.stages:
+            self.logger.write(self.stages.at(self.state.step + 1).describe(len(plan)))
         self.checkpoints = Checkpoints(lambda: save_checkpoint(run_dir, cfg, env, self.engine, self.loader, self.state))
         self.last_saved = self.state.step if resumed else -1
         self.nonfinite = NonFinitePolicy(cfg.train.nonfinite, cfg.train.max_nonfinite_skips)
@@ -445,6 +454,8 @@ class Trainer:
             state.samples_seen += global_batch
             self.meter.add(global_batch, data_wait)
             self.pending.append((state.step, result))
+            if self.stages and self.stages.switches_after(state.step) and state.step < cfg.train.steps:
+                self._switch_stage()
 
             if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
                 self._log_step(lr)
@@ -469,14 +480,34 @@ class Trainer:
         preemption.close()
         return self._stopped(stop_signal) if stop_signal else self._finish(t_start)
 
-    def _count_flops(self) -> float | None:
-        """Training FLOPs per sample, counted once on the real model before any wrapper (MFU = achieved / peak)."""
+    def _count_flops(self, stage: Stage | None = None) -> float | None:
+        """Training FLOPs per sample, counted once (per stage: its image size and patch dropout) on the real model
+        before any wrapper (MFU = achieved / peak)."""
         built = self.built
+        size = built.image_size
+        if stage is not None:
+            self.stages.enter(stage)
+            size = stage.image_size
         try:
-            return 3 * forward_flops_per_sample(built.model, built.image_size, built.context_length, self.env.device)
+            return 3 * forward_flops_per_sample(built.model, size, built.context_length, self.env.device)
         except Exception as err:  # an exotic model the counter cannot trace: no MFU, training goes on
             log.warning("could not count the model's FLOPs (%s); MFU will not be reported", err)
             return None
+
+    def _enter_stage(self, stage: Stage) -> None:
+        """The model, the loader and the MFU count take ``stage``'s image size and patch dropout."""
+        self.stages.enter(stage)
+        self.loader.set_image_size(stage.image_size)
+        self.train_flops = self.flops_of[stage.index]
+
+    def _switch_stage(self) -> None:
+        """After the last step of a stage (before that step's checkpoint): the embedding it trained carried over
+        to the model's grid, then the next stage entered."""
+        step, stages = self.state.step, self.stages
+        ema = self.engine.ema.shadow if self.engine.ema is not None else None
+        stages.carry_over(stages.at(step), ema)
+        self._enter_stage(stages.at(step + 1))
+        self.logger.write(stages.at(step + 1).describe(len(stages.stages)))
 
     def _open_logger(self, locked: str | None, resumed: Path | None) -> RunLogger:
         cfg, env, built = self.cfg, self.env, self.built

@@ -712,6 +712,17 @@ class TrainLoader:
             out.setdefault(epoch, {})[kind] = n
         return out
 
+    def set_image_size(self, size: int) -> None:
+        """Images of ``size`` px from the next step on (``train.stages``): between steps only; the workers restart
+        from the streams' positions, as on a resume, so the samples are those the run would have had."""
+        if size == self.decoder.image_size:
+            return
+        if self.rows:
+            raise RuntimeError(f"image size changed {self.rows} samples into a step (only between steps)")
+        self.close()
+        self.decoder = dataclasses.replace(self.decoder, image_size=size)
+        self.next_worker = 0
+
     def close(self, kill: bool = False) -> None:
         """Stops the worker processes now (``kill``: at once, for error and interrupt paths; see stop_workers)."""
         it, self._iter = self._iter, None
