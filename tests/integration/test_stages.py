@@ -1,4 +1,4 @@
-"""``train.stages`` through the real CLI: a run of 5 steps at 16 px with half the patches dropped, then 5 at 32 px.
+"""``train.stages`` through the real CLI: a run of 3 steps at 16 px with half the patches dropped, then 3 at 32 px.
 It trains on the samples of the same run without stages; a run resumed from its checkpoint inside the first
 stage, at the switch or inside the second ends with its weights bit for bit; DDP on 2 ranks equals one process
 (``make test-all``).
@@ -15,9 +15,11 @@ from safetensors.torch import load_file
 
 from clipkit.stages import resize_grid
 from tests.conftest import run_cli
-from tests.integration.test_engines import ATOL, COMMON, STEPS, keys_per_step, losses, torchrun
+from tests.integration.test_engines import ATOL, COMMON, keys_per_step, losses, torchrun
 
-STAGED = ["train.stages=[5:16:0.5,rest:32]", "train.checkpoint_every=1", f"train.keep_last={STEPS}"]
+STEPS = 6
+SHORT = [*COMMON, f"train.steps={STEPS}"]
+STAGED = ["train.stages=[3:16:0.5,rest:32]", "train.checkpoint_every=1", f"train.keep_last={STEPS}"]
 
 
 def _weights(run, step: int = STEPS) -> dict[str, torch.Tensor]:
@@ -27,23 +29,23 @@ def _weights(run, step: int = STEPS) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def staged(tmp_path_factory, cache_dir):
     run = tmp_path_factory.mktemp("stages") / "staged"
-    proc = run_cli("train", f"hydra.run.dir={run}", *COMMON, *STAGED, check=True)
+    proc = run_cli("train", f"hydra.run.dir={run}", *SHORT, *STAGED, check=True)
     return run, proc
 
 
 def test_a_staged_run_switches_once_and_trains_on_the_unstaged_runs_samples(staged, tmp_path):
     run, proc = staged
-    assert "stage 1 of 2: steps 1-5 at 16 px, patch dropout 0.5" in proc.stderr
-    assert "stage 2 of 2: steps 6-10 at 32 px" in proc.stderr
+    assert "stage 1 of 2: steps 1-3 at 16 px, patch dropout 0.5" in proc.stderr
+    assert "stage 2 of 2: steps 4-6 at 32 px" in proc.stderr
     plain = tmp_path / "plain"
-    run_cli("train", f"hydra.run.dir={plain}", *COMMON, check=True)
+    run_cli("train", f"hydra.run.dir={plain}", *SHORT, check=True)
     assert keys_per_step(run) == keys_per_step(plain)
     staged_losses, plain_losses = losses(run), losses(plain)
     assert staged_losses[0] != plain_losses[0]  # (the first step already saw 16 px images: another loss)
     # The checkpoint at the switch holds stage 1's embedding carried over: its 4 x 4 grid is a 2 x 2 grid's
     # upsampled (a least-squares fit through the upsampling leaves nothing), which step 4's was not.
-    assert _off_a_2x2_grid(_weights(run, 5)["visual.positional_embedding"]) < 1e-5
-    assert _off_a_2x2_grid(_weights(run, 4)["visual.positional_embedding"]) > 0.1
+    assert _off_a_2x2_grid(_weights(run, 3)["visual.positional_embedding"]) < 1e-5
+    assert _off_a_2x2_grid(_weights(run, 2)["visual.positional_embedding"]) > 0.1
 
 
 def _off_a_2x2_grid(pos: torch.Tensor) -> float:
@@ -58,9 +60,9 @@ def _off_a_2x2_grid(pos: torch.Tensor) -> float:
 @pytest.mark.parametrize(
     "resume_at",
     [
-        pytest.param(3, id="inside-stage-1"),
-        pytest.param(5, id="at-the-switch"),
-        pytest.param(7, id="inside-stage-2", marks=pytest.mark.slow),  # (a plain resume; make test-all)
+        pytest.param(2, id="inside-stage-1"),
+        pytest.param(3, id="at-the-switch"),
+        pytest.param(5, id="inside-stage-2", marks=pytest.mark.slow),  # (a plain resume; make test-all)
     ],
 )
 def test_a_resumed_staged_run_ends_with_the_same_weights(staged, tmp_path, resume_at):
@@ -69,7 +71,7 @@ def test_a_resumed_staged_run_ends_with_the_same_weights(staged, tmp_path, resum
     shutil.copytree(run, copy)
     for later in range(resume_at + 1, STEPS + 1):
         shutil.rmtree(copy / "checkpoints" / f"step_{later:08d}")
-    proc = run_cli("train", f"hydra.run.dir={copy}", *COMMON, *STAGED, check=True)
+    proc = run_cli("train", f"hydra.run.dir={copy}", *SHORT, *STAGED, check=True)
     assert f"resumed from {copy / 'checkpoints' / f'step_{resume_at:08d}'}" in proc.stderr
     final, reference = _weights(copy), _weights(run)
     assert final.keys() == reference.keys()
@@ -82,10 +84,10 @@ def test_a_resumed_staged_run_ends_with_the_same_weights(staged, tmp_path, resum
 @pytest.mark.slow
 def test_ddp_on_two_ranks_trains_a_staged_run_as_one_process(tmp_path):
     # (without patch dropout: its random patches are drawn per rank, so they depend on the layout)
-    stages = ["train.stages=[5:16,rest:32]"]
+    stages = ["train.stages=[3:16,rest:32]"]
     single, ddp = tmp_path / "single", tmp_path / "ddp"
-    run_cli("train", f"hydra.run.dir={single}", *COMMON, *stages, check=True)
-    torchrun(ddp, "parallel=ddp", *stages)
+    run_cli("train", f"hydra.run.dir={single}", *SHORT, *stages, check=True)
+    torchrun(ddp, "parallel=ddp", f"train.steps={STEPS}", *stages)
     assert keys_per_step(ddp) == keys_per_step(single)
     torch.testing.assert_close(losses(ddp), losses(single), rtol=0, atol=ATOL)
     final, reference = _weights(ddp), _weights(single)
