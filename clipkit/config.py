@@ -493,8 +493,8 @@ def _validate_engine_support(cfg: RootConfig, world_size: int) -> None:
     engine = cfg.parallel.engine
     if cfg.train.async_checkpoint and engine != EngineName.fsdp:
         raise ConfigError("train.async_checkpoint", True, f"needs parallel=fsdp (torch DCP), not {engine}")
-    if cfg.train.stages and engine != EngineName.ddp:
-        raise ConfigError("train.stages", list(cfg.train.stages), f"supported with parallel=ddp only, not {engine}")
+    if cfg.train.stages and engine not in (EngineName.ddp, EngineName.fsdp):
+        raise ConfigError("train.stages", list(cfg.train.stages), f"supported with parallel=ddp or fsdp, not {engine}")
     if cfg.train.compile == Compile.step and engine == EngineName.ddp:
         # One compiled call per step: gradient caching's passes replay RNG states between forwards, and the fp16
         # scaler's step decides on the host.

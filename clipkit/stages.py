@@ -9,7 +9,8 @@ changes shape: the engine, the optimizer state, the EMA and the checkpoints stay
 - At the end of such a stage the embedding is replaced by the stage's own one interpolated back to the model's
   grid, so the next stage starts from what the last one trained (a small-image stage trains only what its grid
   can see; the finer detail of the full-size embedding, never trained there, would otherwise come back at the
-  switch). The EMA's copy is replaced the same way. The optimizer's moments are kept.
+  switch). The EMA's copy is replaced the same way. The optimizer's moments are kept. Under FSDP the embedding and
+  its EMA copy are DTensors: gathered whole, rewritten, and each rank's shard written back.
 - Patch dropout is set per stage (the tower gets a patch-dropout layer if any stage drops patches).
 - The loader's resize follows: ``TrainLoader.set_image_size`` restarts its workers from the step's position.
 """
@@ -21,6 +22,7 @@ import types
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import PatchDropout
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from clipkit.stage_config import Stage
 
@@ -77,12 +79,19 @@ class Stages:
             dropout.prob = stage.patch_dropout
 
     @torch.no_grad()
-    def carry_over(self, stage: Stage, ema_shadow: dict[str, torch.Tensor] | None) -> None:
+    def carry_over(self, stage: Stage, ema_copy: torch.Tensor | None) -> None:
         """At the end of ``stage``: the embedding it trained (the model's, interpolated to its grid), interpolated
-        back to the model's grid, in the parameter and in the EMA's copy."""
+        back to the model's grid, in the parameter and in the EMA's copy (whole tensors, or FSDP's DTensors:
+        gathered, rewritten, and each rank's shard written back)."""
         grid = stage.grid(self.patch)
-        tensors = [self.model.visual.positional_embedding]
-        if ema_shadow and "visual.positional_embedding" in ema_shadow:
-            tensors.append(ema_shadow["visual.positional_embedding"])
-        for t in tensors:
-            t.copy_(resize_grid(resize_grid(t.float(), self.native, grid), grid, self.native).to(t.dtype))
+
+        def carried(t: torch.Tensor) -> torch.Tensor:
+            return resize_grid(resize_grid(t.float(), self.native, grid), grid, self.native).to(t.dtype)
+
+        for t in (self.model.visual.positional_embedding, ema_copy):
+            if t is None:
+                continue
+            if isinstance(t, DTensor):
+                t.copy_(distribute_tensor(carried(t.full_tensor()), t.device_mesh, t.placements))
+            else:
+                t.copy_(carried(t))

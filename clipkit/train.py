@@ -16,13 +16,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 import clipkit
 from clipkit import checkpoint as ckpt
 from clipkit import distributed, faults, report
 from clipkit import model as model_lib
 from clipkit import run_dir as run_dirs
-from clipkit.config import RootConfig, resolve_eval_sets, resumable_keys
+from clipkit.config import RootConfig, resolve_eval_sets, resumable_keys, saved_config
 from clipkit.data import ensure_demo, remote, train_spec
 from clipkit.data.config import holdout_every
 from clipkit.data.loader import SampleDecoder, TrainLoader, resolve_shards
@@ -178,14 +179,26 @@ def _config_differences(saved: dict, current: dict, resumable: set[str], prefix:
     return diffs
 
 
+def saved_tree(path: Path) -> dict:
+    """A checkpoint's config as a plain tree, over the schema's defaults: a field added to clipkit after the
+    checkpoint was written reads as its default (which is what that run trained with), not as a difference."""
+    return OmegaConf.to_container(OmegaConf.structured(saved_config(path)))
+
+
 def resume(run_dir: Path, cfg: RootConfig, env, engine, loader: TrainLoader, state: TrainState) -> Path | None:
     path = ckpt.find_latest(run_dir / "checkpoints") if env.is_main and cfg.train.resume == "auto" else None
     path = distributed.broadcast_object(str(path) if path else None)
     if path is None:
         return None
     path = Path(path)
-    saved_cfg = OmegaConf.to_container(OmegaConf.load(path / "config.yaml"))
-    diffs = _config_differences(saved_cfg, OmegaConf.to_container(OmegaConf.structured(cfg)), resumable_keys())
+    try:
+        saved = saved_tree(path)
+    except OmegaConfBaseException as err:  # (a field this clipkit no longer has, or a value it no longer takes)
+        raise ResumeError(
+            f"the checkpoint {path} has a config this clipkit cannot read ({type(err).__name__}: "
+            f"{str(err).splitlines()[0]}); resume it with the clipkit that wrote it, or start a new run dir"
+        ) from None
+    diffs = _config_differences(saved, OmegaConf.to_container(OmegaConf.structured(cfg)), resumable_keys())
     if diffs:
         raise ResumeError(
             f"run dir {run_dir} holds a checkpoint of a different config ({'; '.join(diffs)}); use a new "
@@ -504,8 +517,7 @@ class Trainer:
         """After the last step of a stage (before that step's checkpoint): the embedding it trained carried over
         to the model's grid, then the next stage entered."""
         step, stages = self.state.step, self.stages
-        ema = self.engine.ema.shadow if self.engine.ema is not None else None
-        stages.carry_over(stages.at(step), ema)
+        stages.carry_over(stages.at(step), self.engine.ema_copy("visual.positional_embedding"))
         self._enter_stage(stages.at(step + 1))
         self.logger.write(stages.at(step + 1).describe(len(stages.stages)))
 

@@ -56,6 +56,10 @@ class Engine(Protocol):
     def ema_weights(self) -> AbstractContextManager:
         """``full_params`` with the EMA weights in place of the trainable parameters (only when ``ema``)."""
 
+    def ema_copy(self, name: str) -> torch.Tensor | None:
+        """The EMA's copy of parameter ``name`` laid out like the parameter (a DTensor when it is one), sharing
+        the EMA's storage, for rewriting both alike (``train.stages``); None if it is not averaged."""
+
     def save(self, path: Path, background: bool = False) -> Future | None:
         """Writes model and engine state into checkpoint dir ``path`` (collective: every rank calls it). With
         ``background`` (``train.async_checkpoint``, FSDP only) it may return a future that completes when the

@@ -161,6 +161,9 @@ class FSDPEngine:
             for name, local in self.ema.shadow.items()
         }
 
+    def ema_copy(self, name: str) -> torch.Tensor | None:
+        return self._ema_dtensors().get(name) if self.ema else None
+
     def consolidated_ema(self) -> dict[str, torch.Tensor] | None:
         """The full fp32 EMA weights with open_clip's names and shapes on rank 0 (a collective); None elsewhere."""
         full = {name: t.full_tensor().cpu() for name, t in self._ema_dtensors().items()}

@@ -289,6 +289,9 @@ class Replicated:
     def ema_weights(self):
         return self.ema.swapped()
 
+    def ema_copy(self, name: str) -> torch.Tensor | None:
+        return self.ema.shadow.get(name) if self.ema else None
+
     def save(self, path: Path, background: bool = False) -> None:
         self.update.save(path, self.rank)  # synchronous (train.async_checkpoint is refused for this engine)
 

@@ -171,6 +171,9 @@ class DeepSpeedEngine:
             return {name: p.detach() for name, p in params.items()}
         return {name: p.ds_tensor for name, p in params.items()}
 
+    def ema_copy(self, name: str) -> torch.Tensor | None:
+        raise NotImplementedError("ZeRO's EMA lives in flat partitions (train.stages, its user, is refused here)")
+
     def _ema_partition_file(self) -> str:
         return f"ema_rank_{self.rank:05d}.safetensors"
 

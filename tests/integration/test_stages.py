@@ -1,7 +1,7 @@
 """``train.stages`` through the real CLI: a run of 3 steps at 16 px with half the patches dropped, then 3 at 32 px.
 It trains on the samples of the same run without stages; a run resumed from its checkpoint inside the first
-stage, at the switch or inside the second ends with its weights bit for bit; DDP on 2 ranks equals one process
-(``make test-all``).
+stage, at the switch or inside the second ends with its weights bit for bit; DDP and FSDP on 2 ranks equal one
+process, EMA weights included (``make test-all``).
 
 Same data as test_engines.py (global batches of 192 of 384 pairs, float32, no workers)."""
 
@@ -82,14 +82,20 @@ def test_a_resumed_staged_run_ends_with_the_same_weights(staged, tmp_path, resum
 
 
 @pytest.mark.slow
-def test_ddp_on_two_ranks_trains_a_staged_run_as_one_process(tmp_path):
-    # (without patch dropout: its random patches are drawn per rank, so they depend on the layout)
-    stages = ["train.stages=[3:16,rest:32]"]
-    single, ddp = tmp_path / "single", tmp_path / "ddp"
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_two_ranks_train_a_staged_run_as_one_process(tmp_path, engine):
+    # (without patch dropout: its random patches are drawn per rank, so they depend on the layout; with EMA
+    # weights, which the switch rewrites too: whole on DDP, as shards on FSDP)
+    stages = ["train.stages=[3:16,rest:32]", "train.ema_decay=0.9", "train.checkpoint_every=3"]
+    single, ranks = tmp_path / "single", tmp_path / engine
     run_cli("train", f"hydra.run.dir={single}", *SHORT, *stages, check=True)
-    torchrun(ddp, "parallel=ddp", f"train.steps={STEPS}", *stages)
-    assert keys_per_step(ddp) == keys_per_step(single)
-    torch.testing.assert_close(losses(ddp), losses(single), rtol=0, atol=ATOL)
-    final, reference = _weights(ddp), _weights(single)
-    for name, value in reference.items():
-        torch.testing.assert_close(final[name], value, rtol=0, atol=ATOL, msg=name)
+    torchrun(ranks, f"parallel={engine}", f"train.steps={STEPS}", *stages)
+    assert keys_per_step(ranks) == keys_per_step(single)
+    torch.testing.assert_close(losses(ranks), losses(single), rtol=0, atol=ATOL)
+    for step in (3, STEPS):  # (at the switch, and at the end)
+        for file in ("model.safetensors", "ema.safetensors"):
+            final = load_file(str(ranks / "checkpoints" / f"step_{step:08d}" / file))
+            reference = load_file(str(single / "checkpoints" / f"step_{step:08d}" / file))
+            assert final.keys() == reference.keys()
+            for name, value in reference.items():
+                torch.testing.assert_close(final[name], value, rtol=0, atol=ATOL, msg=f"{file} {name}")

@@ -210,3 +210,49 @@ def test_a_resume_may_change_only_the_fields_marked_resumable():
     # What it trains on, and how: refused, named.
     assert differences(data__shuffle_window=7) == ["data.shuffle_window: 1000 -> 7"]
     assert differences(optim__lr=1.0, train__seed=3) == ["optim.lr: 0.001 -> 1.0", "train.seed: 0 -> 3"]
+
+
+def test_a_checkpoint_written_before_a_field_existed_resumes(tmp_path):
+    """A field clipkit gained later (``train.stages``) reads as its default in an older checkpoint's config: no
+    difference, so the run resumes; a value the run did set is still compared."""
+    from omegaconf import OmegaConf
+
+    from clipkit.config import RootConfig, resumable_keys
+    from clipkit.train import _config_differences, saved_tree
+
+    # (a run's config is resolved: the CLI composes it into typed objects, and config.yaml is written from those)
+    current = OmegaConf.to_container(OmegaConf.structured(RootConfig()), resolve=True)
+    older = OmegaConf.to_container(OmegaConf.structured(RootConfig()), resolve=True)
+    del older["train"]["stages"]
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(older))
+    assert _config_differences(saved_tree(tmp_path), current, resumable_keys()) == []
+    assert _config_differences(older, current, resumable_keys()) == ["train.stages: None -> []"]  # (as read raw)
+    older["train"]["stages"] = ["3:16", "rest:32"]
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(older))
+    assert _config_differences(saved_tree(tmp_path), current, resumable_keys()) == [
+        "train.stages: ['3:16', 'rest:32'] -> []"
+    ]
+
+
+def test_a_checkpoint_config_this_clipkit_cannot_read_is_a_named_resume_error(tmp_path):
+    """A checkpoint whose config has a field this clipkit does not know (written by another version) is refused
+    with one line naming the checkpoint, before anything is loaded."""
+    import types
+
+    import pytest
+    from omegaconf import OmegaConf
+
+    from clipkit import checkpoint as ckpt
+    from clipkit.config import RootConfig
+    from clipkit.train import ResumeError, resume
+
+    tree = OmegaConf.to_container(OmegaConf.structured(RootConfig()))
+    tree["train"]["from_the_future"] = 1
+
+    def write(tmp):
+        (tmp / "config.yaml").write_text(OmegaConf.to_yaml(tree))
+
+    ckpt.save(tmp_path / "checkpoints", 5, write)
+    env = types.SimpleNamespace(is_main=True, world_size=1, rank=0)
+    with pytest.raises(ResumeError, match=r"step_00000005 has a config this clipkit cannot read \(ConfigKeyError"):
+        resume(tmp_path, RootConfig(), env, engine=None, loader=None, state=None)

@@ -53,11 +53,11 @@ def test_the_switch_carries_the_stage_embedding_over_to_the_models_grid():
     stages = Stages([Stage(0, 0, 5, 16, 0.5), Stage(1, 5, 10, 32, 0.0)], model)
     pos = model.visual.positional_embedding
     trained_at_16 = resize_grid(pos.detach().clone(), 4, 2)  # what stage 1's images saw
-    shadow = {"visual.positional_embedding": pos.detach().clone() + 1}
-    shadow_at_16 = resize_grid(shadow["visual.positional_embedding"].clone(), 4, 2)
+    shadow = pos.detach().clone() + 1  # (the EMA's copy)
+    shadow_at_16 = resize_grid(shadow.clone(), 4, 2)
     stages.carry_over(stages.at(5), shadow)
     torch.testing.assert_close(pos.detach(), resize_grid(trained_at_16, 2, 4), rtol=0, atol=0)
-    torch.testing.assert_close(shadow["visual.positional_embedding"], resize_grid(shadow_at_16, 2, 4), rtol=0, atol=0)
+    torch.testing.assert_close(shadow, resize_grid(shadow_at_16, 2, 4), rtol=0, atol=0)
     # the class token's embedding is kept; the grid's is now smooth (a 2 x 2 grid's content at 4 x 4)
     assert torch.equal(pos[0], trained_at_16[0])
     assert (stages.at(5).index, stages.at(6).index, stages.at(11).index) == (0, 1, 1)
@@ -144,8 +144,10 @@ def test_a_bad_stage_plan_is_refused_naming_the_field(stages, model, why):
     assert why in str(err.value)
 
 
-def test_stages_run_on_the_replicated_engines_only():
+def test_stages_run_on_ddp_and_fsdp_not_zero():
     cfg = _cfg(["90:16", "rest:32"])
     cfg.parallel.engine = "fsdp"
-    with pytest.raises(ConfigError, match="train.stages.*parallel=ddp only, not fsdp"):
+    validate(cfg, world_size=2)
+    cfg.parallel.engine = "zero2"
+    with pytest.raises(ConfigError, match="train.stages.*parallel=ddp or fsdp, not zero2"):
         validate(cfg, world_size=2)
