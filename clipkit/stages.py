@@ -68,8 +68,13 @@ class Stages:
         """The stage that trains step ``step`` (1-based; past the end, the last)."""
         return next((s for s in self.stages if step <= s.end), self.stages[-1])
 
+    def describe(self, step: int) -> str:
+        """The run log's line for the stage of step ``step``."""
+        return self.at(step).describe(len(self.stages))
+
     def switches_after(self, step: int) -> bool:
-        """Step ``step`` ends a stage that another follows."""
+        """Step ``step`` ends a stage that another follows (never the run's last step: the last stage follows
+        none)."""
         return any(s.end == step for s in self.stages[:-1])
 
     def enter(self, stage: Stage) -> None:

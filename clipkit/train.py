@@ -438,7 +438,7 @@ class Trainer:
 
         self.logger = self._open_logger(locked, resumed)
         if self.stages:
-            self.logger.write(self.stages.at(self.state.step + 1).describe(len(plan)))
+            self.logger.write(self.stages.describe(self.state.step + 1))
         self.checkpoints = Checkpoints(lambda: save_checkpoint(run_dir, cfg, env, self.engine, self.loader, self.state))
         self.last_saved = self.state.step if resumed else -1
         self.nonfinite = NonFinitePolicy(cfg.train.nonfinite, cfg.train.max_nonfinite_skips)
@@ -467,7 +467,7 @@ class Trainer:
             state.samples_seen += global_batch
             self.meter.add(global_batch, data_wait)
             self.pending.append((state.step, result))
-            if self.stages and self.stages.switches_after(state.step) and state.step < cfg.train.steps:
+            if self.stages and self.stages.switches_after(state.step):
                 self._switch_stage()
 
             if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
@@ -519,7 +519,7 @@ class Trainer:
         step, stages = self.state.step, self.stages
         stages.carry_over(stages.at(step), self.engine.ema_copy("visual.positional_embedding"))
         self._enter_stage(stages.at(step + 1))
-        self.logger.write(stages.at(step + 1).describe(len(stages.stages)))
+        self.logger.write(stages.describe(step + 1))
 
     def _open_logger(self, locked: str | None, resumed: Path | None) -> RunLogger:
         cfg, env, built = self.cfg, self.env, self.built

@@ -43,7 +43,7 @@ def test_a_staged_run_switches_once_and_trains_on_the_unstaged_runs_samples(stag
     staged_losses, plain_losses = losses(run), losses(plain)
     assert staged_losses[0] != plain_losses[0]  # (the first step already saw 16 px images: another loss)
     # The checkpoint at the switch holds stage 1's embedding carried over: its 4 x 4 grid is a 2 x 2 grid's
-    # upsampled (a least-squares fit through the upsampling leaves nothing), which step 4's was not.
+    # upsampled (a least-squares fit through the upsampling leaves nothing), which step 2's was not.
     assert _off_a_2x2_grid(_weights(run, 3)["visual.positional_embedding"]) < 1e-5
     assert _off_a_2x2_grid(_weights(run, 2)["visual.positional_embedding"]) > 0.1
 
