@@ -107,10 +107,11 @@ LAUNCHES = {
     "fsdp": (["parallel=fsdp"], None),
     # Gradient caching under ZeRO-2: 2 micro-batches of 48 per rank make the same global batch of 192.
     "zero2_cached": (["parallel=zero2", "train.micro_batch_size=48"], None),
-    # ... and under FSDP2 (synchronisation off for the first re-forward, one reduce-scatter on the last), with
-    # train.compile on: each block compiled before fully_shard wraps it (the log line is printed only once the
-    # first compiled call has succeeded; a failed compile falls back to eager with a warning instead).
-    "fsdp_cached": (
+    # ... and under FSDP2 (synchronisation off for the first re-forward, one reduce-scatter on the last);
+    "fsdp_cached": (["parallel=fsdp", "train.micro_batch_size=48"], None),
+    # ... the same with train.compile on: each block compiled before fully_shard wraps it (the log line is printed
+    # only once the first compiled call has succeeded; a failed compile falls back to eager with a warning instead).
+    "fsdp_cached_compiled": (
         ["parallel=fsdp", "train.micro_batch_size=48", "train.compile=true"],
         "torch.compile: 5 blocks compiled",
     ),
@@ -165,6 +166,9 @@ def runs(tmp_path_factory, cache_dir) -> Runs:
         "zero2_cached",
         "fsdp",
         "fsdp_cached",
+        # (inductor on 2 ranks, ~60 s with an empty cache: `make test-all`; make test compiles FSDP's blocks in one
+        # process against eager, tests/unit/test_gpu_paths.py)
+        pytest.param("fsdp_cached_compiled", marks=pytest.mark.slow),
         # (~2 min of inductor on 2 cores: `make test-all`; make test compiles the step in one process,
         # tests/unit/test_gpu_paths.py)
         pytest.param("ddp_step", marks=pytest.mark.slow),

@@ -28,10 +28,9 @@ def delete(path):
 
 
 @pytest.fixture(scope="module")
-def killed_at_10(small_demo, tmp_path_factory):
+def killed_at_10(plain_ref, tmp_path_factory):
     root = tmp_path_factory.mktemp("corrupt")
-    ref = root / "ref"
-    assert train(ref).returncode == 0
+    ref = plain_ref
     base = root / "base"
     assert train(base, faults="kill:step@10").returncode == -9  # checkpoints 4 and 8 exist
     return ref, base
