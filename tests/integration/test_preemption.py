@@ -11,7 +11,7 @@ import stat
 import time
 from pathlib import Path
 
-from tests.conftest import SMALL_DEMO, srun_tasks
+from tests.conftest import IN_PROCESS_DATA, SMALL_DEMO, srun_tasks
 
 STEPS = 14
 ARGS = [
@@ -80,7 +80,7 @@ def test_sigusr1_checkpoints_and_requeues_the_slurm_job(small_demo, tmp_path):
     scontrol.chmod(scontrol.stat().st_mode | stat.S_IEXEC)
     env = {"PATH": f"{fake_bin}:{os.environ['PATH']}"}
     env["CLIPKIT_FAULTS"] = "sigusr1:step@3"  # a real SIGUSR1 after step 3, on any machine
-    (proc,) = srun_tasks(1, ["train", f"hydra.run.dir={tmp_path / 'run'}", *ARGS], extra_env=env)
+    (proc,) = srun_tasks(1, ["train", f"hydra.run.dir={tmp_path / 'run'}", *ARGS, *IN_PROCESS_DATA], extra_env=env)
     ((rc, err),) = finish([proc])
     assert rc == 0 and "SIGUSR1: stopped after step" in err, err[-2000:]
     assert checkpoints(tmp_path / "run") in (["step_00000003"], ["step_00000004"])
@@ -89,7 +89,8 @@ def test_sigusr1_checkpoints_and_requeues_the_slurm_job(small_demo, tmp_path):
 
 def test_a_stalled_rank_does_not_hang_the_others(small_demo, tmp_path):
     timeout_s = 10
-    args = ["train", f"hydra.run.dir={tmp_path}", *ARGS, "train.steps=100000", f"parallel.timeout_s={timeout_s}"]
+    args = ["train", f"hydra.run.dir={tmp_path}", *ARGS, *IN_PROCESS_DATA, "train.steps=100000"]
+    args.append(f"parallel.timeout_s={timeout_s}")  # (the data in-process: the stalled rank is the subject)
     procs = srun_tasks(2, args, stopped_from_outside=True)
     try:
         wait_for_step(tmp_path, 3, procs)

@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from tests.conftest import DEMO_RUN_ARGS, SMALL_DEMO, run_cli
+from tests.conftest import DEMO_RUN_ARGS, IN_PROCESS_DATA, SMALL_DEMO, run_cli
 
 RUN_ARGS = DEMO_RUN_ARGS
 
@@ -164,6 +164,7 @@ def test_init_from_every_source_form(finished_run, tmp_path):
 def test_training_continues_from_init_from(finished_run, tmp_path):
     args = [
         *SMALL_DEMO,
+        *IN_PROCESS_DATA,
         "train.steps=4",
         "train.log_every=1",
         "optim.warmup_steps=1",

@@ -17,7 +17,7 @@ import pytest
 
 from clipkit.data.writer import write_shard, write_sizes_file
 from tests.conftest import run_cli
-from tests.reliability.harness import RUN_ARGS, record, train
+from tests.reliability.harness import RUN_ARGS, record, train, train_in_process
 from tests.shardsets import COLOURS, gzip_bomb, jpeg
 
 pytestmark = pytest.mark.reliability
@@ -44,7 +44,7 @@ def shards(root: Path, n: int = 2, per: int = 40, sizes: dict | None = None) -> 
 @pytest.fixture(scope="module")
 def trained(small_demo, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("hostile") / "run"
-    assert train(run, "train.steps=4").returncode == 0
+    assert train_in_process(run, "train.steps=4").returncode == 0  # (the cases with data keep the workers)
     return run
 
 
@@ -61,7 +61,7 @@ def test_hostile_inputs(trained, small_demo, tmp_path):
     )
     again = tmp_path / "again"
     shutil.copytree(trained, again)
-    proc = train(again, "train.steps=4", "train.resume=restart")
+    proc = train_in_process(again, "train.steps=4", "train.resume=restart")
     aside = list(tmp_path.glob("again.old-*"))
     checks["resume=restart moves the old run aside"] = (
         proc.returncode == 0
@@ -188,7 +188,7 @@ def test_hostile_inputs(trained, small_demo, tmp_path):
             ok &= one_line(run_cli(verb, f"checkpoint={target}", *extra))
         checks[f"checkpoint= {name}"] = ok
     other = tmp_path / "other"
-    assert train(other, "train.steps=2", "model=small").returncode == 0
+    assert train_in_process(other, "train.steps=2", "model=small").returncode == 0
     proc = train(tmp_path / "init", f"model.init_from={other}", "train.steps=1")
     checks["model.init_from of another architecture"] = one_line(proc, 2, "holds weights of another model")
     pickled = tmp_path / "weights.pt"
