@@ -30,9 +30,11 @@ from __future__ import annotations
 
 import atexit
 import importlib
+import itertools
 import json
 import os
 import runpy
+import shutil
 import signal
 import socket
 import subprocess
@@ -70,7 +72,7 @@ def _child(request: dict) -> None:
         sys.path[0] = request["cwd"]
         sys.argv = ["-m", *request["args"]]
         try:
-            runpy.run_module(MAIN, run_name="__main__", alter_sys=True)
+            runpy.run_module(request.get("module", MAIN), run_name="__main__", alter_sys=True)
             code = 0
         except SystemExit as stop:
             if stop.code is None:
@@ -174,6 +176,48 @@ sys.exit(status if status >= 0 else 128 - status)
 """
 
 
+class Command:
+    """A command the server runs: its pid, and its outcome once it has ended."""
+
+    def __init__(self, conn: socket.socket, pid: int, args: list[str], out: str, err: str):
+        self.conn, self.pid, self.args, self.out, self.err = conn, pid, args, out, err
+
+    def wait(self, timeout: float | None) -> subprocess.CompletedProcess:
+        """Waits for the status (SIGKILL and ``TimeoutExpired`` after ``timeout`` seconds)."""
+        self.conn.settimeout(timeout)
+        try:
+            line = _line(self.conn)
+        except TimeoutError:
+            self.kill()
+            raise subprocess.TimeoutExpired(self.args, timeout) from None
+        finally:
+            self.conn.close()
+        texts = [Path(p).read_text(encoding="utf-8", errors="replace") for p in (self.out, self.err)]
+        for path in (self.out, self.err):
+            os.unlink(path)
+        return subprocess.CompletedProcess(self.args, json.loads(line)["status"], *texts)
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _line(conn: socket.socket) -> str:
+    """One line read byte by byte, so that nothing after it waits in a buffer where ``select`` cannot see it."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = conn.recv(1)
+        if not chunk:
+            raise OSError("the test fork server closed the connection")
+        data += chunk
+    return data.decode()
+
+
+_SEQ = itertools.count()
+
+
 class Client:
     """The pytest process's handle on one server, started on first use and stopped at exit."""
 
@@ -189,22 +233,19 @@ class Client:
         atexit.register(self.stop)
 
     def run(self, args: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
-        out, err = (os.path.join(self.dir, f"{os.getpid()}-{name}") for name in ("out", "err"))
-        request = {"args": list(args), "env": env, "cwd": os.getcwd(), "stdout": out, "stderr": err}
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-            conn.connect(self.path)
-            conn.sendall((json.dumps(request) + "\n").encode())
-            reader = conn.makefile("r")
-            pid = json.loads(reader.readline())["pid"]
-            conn.settimeout(timeout)
-            try:
-                line = reader.readline()
-            except TimeoutError:
-                os.kill(pid, signal.SIGKILL)
-                raise subprocess.TimeoutExpired([MAIN, *args], timeout) from None
-        status = json.loads(line)["status"]
-        texts = [Path(p).read_text(encoding="utf-8", errors="replace") for p in (out, err)]
-        return subprocess.CompletedProcess([sys.executable, "-m", MAIN, *args], status, *texts)
+        return self.start(args, env).wait(timeout)
+
+    def start(self, args: list[str], env: dict, module: str = MAIN) -> Command:
+        """Starts ``python -m MODULE ARGS`` (clipkit by default) in ``env`` and the current directory; its
+        stdout and stderr go to files of their own, read back by ``Command.wait``."""
+        n = next(_SEQ)
+        out, err = (os.path.join(self.dir, f"{os.getpid()}-{n}-{name}") for name in ("out", "err"))
+        request = {"args": list(args), "env": env, "cwd": os.getcwd(), "stdout": out, "stderr": err, "module": module}
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.connect(self.path)
+        conn.sendall((json.dumps(request) + "\n").encode())
+        pid = json.loads(_line(conn))["pid"]
+        return Command(conn, pid, [sys.executable, "-m", module, *args], out, err)
 
     def shim(self) -> Path:
         """The folder holding the ``clipkit`` executable (see the module docstring), to put first on PATH; or
@@ -226,6 +267,7 @@ class Client:
                 self.proc.wait(timeout=30)
             except (OSError, subprocess.TimeoutExpired):
                 self.proc.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)  # (the socket, the shim)
 
 
 _CLIENT: Client | None = None

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.multiprocessing as mp
 
 from clipkit.distributed import free_port
+from tests.distributed.ranks import start_ranks
 
 CLASSES = ["red circle", "blue star"]
 
@@ -35,7 +35,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 def test_fewer_classes_than_ranks(tmp_path):
     out = tmp_path / "classifier.pt"
-    mp.start_processes(_worker, args=(3, free_port(), str(out)), nprocs=3, start_method="spawn")
+    start_ranks(_worker, (3, free_port(), str(out)), nprocs=3)
     three = torch.load(out)
     assert three.shape[1] == len(CLASSES)
     torch.testing.assert_close(three, _classifier(), atol=1e-6, rtol=0)

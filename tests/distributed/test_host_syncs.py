@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import json
 
-import torch.multiprocessing as mp
-
 from clipkit.distributed import free_port
+from tests.distributed.ranks import start_ranks
 from tests.distributed.workers import count_host_syncs
 
 STEPS, LOG_EVERY, CHECK_EVERY = 16, 8, 4
@@ -42,7 +41,7 @@ def test_steps_stay_within_the_host_sync_budget(small_demo, cache_dir, tmp_path)
         "eval.retrieval.dataset=",
     ]
     args = (2, free_port(), str(out), str(cache_dir), overrides)
-    mp.start_processes(count_host_syncs, args=args, nprocs=2, start_method="spawn")
+    start_ranks(count_host_syncs, args, nprocs=2)
     per_step = json.loads(out.read_text())
     assert [s["step"] for s in per_step] == list(range(1, STEPS + 1))
     # The counts between the boundaries of steps N-1 and N cover: signal agreement after N-1 (if due), the

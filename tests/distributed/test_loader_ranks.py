@@ -7,9 +7,9 @@ import collections
 import json
 
 import pytest
-import torch.multiprocessing as mp
 
 from clipkit.data import dir_spec
+from tests.distributed.ranks import start_ranks
 from tests.distributed.test_loss_exact import free_port
 from tests.distributed.workers import loader_epoch_keys
 
@@ -21,9 +21,7 @@ from tests.distributed.workers import loader_epoch_keys
 def test_epoch_exactly_once_across_ranks(small_demo, tmp_path, world, workers):
     out = tmp_path / "keys.json"
     spec = dir_spec(small_demo / "train")
-    mp.start_processes(
-        loader_epoch_keys, args=(world, free_port(), str(out), spec, workers), nprocs=world, start_method="spawn"
-    )
+    start_ranks(loader_epoch_keys, (world, free_port(), str(out), spec, workers), nprocs=world)
     ranks = json.loads(out.read_text())
     counts = collections.Counter(k for r in ranks for k in r["keys"])
     assert len(counts) == 2000 and set(counts.values()) == {1}

@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch.multiprocessing as mp
 
 from clipkit.distributed import free_port
+from tests.distributed.ranks import start_ranks
 from tests.distributed.workers import CASES, COCA_CASES, DISTILL_CASES, loss_exactness
 
 TOL = 1e-6
@@ -24,7 +24,7 @@ TOL = 1e-6
 def results(request, tmp_path_factory):
     world = request.param
     out = tmp_path_factory.mktemp(f"loss-w{world}") / "results.json"
-    mp.start_processes(loss_exactness, args=(world, free_port(), str(out)), nprocs=world, start_method="spawn")
+    start_ranks(loss_exactness, (world, free_port(), str(out)), nprocs=world)
     return world, json.loads(out.read_text())
 
 

@@ -32,7 +32,7 @@ def test_every_config_field_has_a_one_line_doc():
 
 
 def test_clipkit_alone_lists_the_verbs(tmp_path):
-    proc = bash("clipkit", tmp_path)
+    proc = bash("clipkit", tmp_path, installed=True)
     assert proc.returncode == 2  # no verb: usage, as for any missing argument
     for verb in VERBS:
         assert re.search(rf"^  {verb}\s+\S", proc.stdout, flags=re.M), (verb, proc.stdout)
@@ -40,7 +40,7 @@ def test_clipkit_alone_lists_the_verbs(tmp_path):
 
 @pytest.mark.parametrize("verb", sorted(VERB_SECTIONS))
 def test_verb_help_lists_its_overrides_with_their_values(verb, tmp_path):
-    proc = bash(f"clipkit {verb} --help", tmp_path)
+    proc = bash(f"clipkit {verb} --help", tmp_path, installed=True)
     assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
     shown = rows(proc.stdout)
     cfg, _ = compose([])
@@ -55,7 +55,9 @@ def test_verb_help_lists_its_overrides_with_their_values(verb, tmp_path):
 
 
 def test_help_shows_the_values_of_the_overrides_given_before_it(tmp_path):
-    proc = bash("clipkit train model=vit_b32 'data.train=/d/{000..009}.tar' train.steps=5 --help", tmp_path)
+    proc = bash(
+        "clipkit train model=vit_b32 'data.train=/d/{000..009}.tar' train.steps=5 --help", tmp_path, installed=True
+    )
     assert proc.returncode == 0, proc.stderr
     shown = rows(proc.stdout)
     assert shown["model.name"][0] == "ViT-B-32" and shown["train.steps"][0] == "5"

@@ -108,13 +108,11 @@ def test_fsdp_bf16_keeps_the_temperature_and_bias_in_fp32(process_group):
 def zero_runs(tmp_path_factory) -> dict:
     import json
 
-    import torch.multiprocessing as mp
-
+    from tests.distributed.ranks import start_ranks
     from tests.distributed.workers import zero_precision_and_offload
 
     out = tmp_path_factory.mktemp("zero") / "zero.json"
-    args = (1, distributed.free_port(), str(out))
-    mp.start_processes(zero_precision_and_offload, args=args, nprocs=1, start_method="spawn")
+    start_ranks(zero_precision_and_offload, (1, distributed.free_port(), str(out)), nprocs=1)
     return json.loads(out.read_text())
 
 
@@ -173,12 +171,11 @@ def test_bench_feeds_both_trainers_as_their_loaders_do(monkeypatch, device):
 def compile_runs(tmp_path_factory) -> dict:
     import json
 
-    import torch.multiprocessing as mp
-
+    from tests.distributed.ranks import start_ranks
     from tests.distributed.workers import compiled_vs_eager
 
     out = tmp_path_factory.mktemp("compile") / "compile.json"
-    mp.start_processes(compiled_vs_eager, args=(1, distributed.free_port(), str(out)), nprocs=1, start_method="spawn")
+    start_ranks(compiled_vs_eager, (1, distributed.free_port(), str(out)), nprocs=1)
     return json.loads(out.read_text())
 
 
