@@ -65,6 +65,11 @@ def _child(request: dict) -> None:
         os.close(null)
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGPIPE):
             signal.signal(sig, signal.SIG_DFL if sig != signal.SIGINT else signal.default_int_handler)
+        # torchvision imports torch._dynamo's config, which read TORCH_COMPILE_DISABLE from the server's
+        # environment: read it again from the command's (the doc test sets it; inductor ran despite it).
+        dynamo_config = sys.modules.get("torch._dynamo.config")
+        if dynamo_config is not None:
+            dynamo_config.disable = os.environ.get("TORCH_COMPILE_DISABLE", "0") == "1"
         if os.environ.get("OMP_NUM_THREADS", "").isdigit():  # (read by the OpenMP runtime when torch loaded)
             import torch
 
