@@ -392,6 +392,8 @@ def validate(cfg: RootConfig, verb: str = "train", world_size: Optional[int] = N
             _require_same_width(cfg)
     if cfg.train.stages:
         parse_stages(cfg.train.stages, cfg.train.steps, cfg.model)
+    if cfg.data.cache_image_features and verb == "train":
+        _validate_feature_cache(cfg)
     _validate_engine_support(cfg, world_size)
     if verb in ("eval", "export", "caption", "embed") and cfg.checkpoint is not None:
         require("checkpoint", cfg.checkpoint, Path(cfg.checkpoint).expanduser().exists(), "path not found")
@@ -411,6 +413,29 @@ def validate(cfg: RootConfig, verb: str = "train", world_size: Optional[int] = N
     if asks_ema and cfg.checkpoint is not None:
         key, value = ("weights", cfg.weights) if by_weights else ("eval.use_ema", cfg.eval.use_ema)
         _require_ema_weights(key, value, cfg.checkpoint)
+
+
+def _validate_feature_cache(cfg: RootConfig) -> None:
+    """``data.cache_image_features``: the cached embeddings must be what the image tower would compute at every
+    step, and nothing else may need the images."""
+    key, m = "data.cache_image_features", cfg.model
+    if not m.lock_image or m.lock_image_unlocked_groups:
+        raise ConfigError(key, True, "needs a fully locked image tower: model.lock_image=true (no unlocked groups)")
+    if m.lock_train_mode:
+        raise ConfigError(key, True, "needs the locked tower in eval mode (model.lock_train_mode=false)")
+    if cfg.data.crop_scale_min < 1:
+        raise ConfigError(
+            "data.crop_scale_min",
+            cfg.data.crop_scale_min,
+            "data.cache_image_features=true needs augmentation off (data.crop_scale_min=1): a random crop gives the "
+            "tower other pixels every epoch than the ones cached",
+        )
+    if is_coca(m):
+        raise ConfigError(key, True, "a CoCa model's caption decoder reads the image tower's tokens, not its embedding")
+    if cfg.distill.teacher is not None:
+        raise ConfigError(key, True, "the distillation teacher reads the images (distill.teacher)")
+    if cfg.train.stages:
+        raise ConfigError(key, True, "train.stages change the image size between stages")
 
 
 def _require_export_destination(out: str, overwrite: bool) -> None:

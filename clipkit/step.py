@@ -21,6 +21,9 @@ no-grad forward saw, so both passes see the same model. A fully locked tower (``
 ``model.lock_text``) is not re-forwarded at all: its cached embeddings are final and need no gradient.
 The result equals one process computing the loss on the whole K*W*B batch (tested in float64).
 
+Cached image features (``data.cache_image_features``): the first element of a micro-batch is then the locked
+image tower's embeddings (B x D) rather than pixels; ``model_forward`` runs the text tower alone and hands them on.
+
 Distillation (``teacher``): the teacher's outputs for each micro-batch are computed once, without autograd (in
 the no-grad pass when caching), and handed to the loss beside the student's.
 
@@ -125,13 +128,21 @@ def forward_backward(
         return cached_forward_backward(engine, loss_fn, micro_batches, teacher, caption)
     ((images, text, *teacher_text),) = micro_batches
     extra = {"teacher": teacher(images, text, *teacher_text)} if teacher else {}
-    out = engine.forward(images, text)
+    out = model_forward(engine, images, text)
     loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias"), **extra)
     if caption:
         loss = loss + caption(out["logits"], out["labels"], caption.target_count([text]))
     detached = loss.detach()  # (before backward: compiled, it stays in the forward's graph)
     engine.backward([loss])
     return detached, out
+
+
+def model_forward(engine, images: torch.Tensor, text: torch.Tensor) -> dict:
+    """``engine.forward``; ``images`` may instead be the locked image tower's cached embeddings (B x D floats,
+    ``data.cache_image_features``): the tower is then skipped and they stand in for its output."""
+    if images.dim() != 2:
+        return engine.forward(images, text)
+    return {**engine.forward(None, text), "image_features": images}
 
 
 def rng_state(device: torch.device) -> dict:
@@ -155,7 +166,7 @@ def cached_forward_backward(
     with torch.no_grad():
         for images, text, *teacher_text in micro_batches:
             rng_states.append(rng_state(device))
-            out = engine.forward(images, text)
+            out = model_forward(engine, images, text)
             img_parts.append(out["image_features"])
             txt_parts.append(out["text_features"])
             if teacher:  # (no randomness: the replayed RNG states stay the student's)

@@ -24,7 +24,7 @@ from clipkit import distributed, faults, report
 from clipkit import model as model_lib
 from clipkit import run_dir as run_dirs
 from clipkit.config import RootConfig, resolve_eval_sets, resumable_keys, saved_config
-from clipkit.data import ensure_demo, remote, train_spec
+from clipkit.data import ensure_demo, feature_cache, remote, train_spec
 from clipkit.data.config import holdout_every
 from clipkit.data.loader import SampleDecoder, TrainLoader, resolve_shards
 from clipkit.data.stream import ShardTable
@@ -412,6 +412,8 @@ class Trainer:
         self.stages = Stages(plan, built.model) if plan else None  # (also before any engine)
         self.flops_of = {s.index: self._count_flops(s) for s in plan} if plan else {}
         self.train_flops = None if plan else self._count_flops()  # (staged: the stage's, from _enter_stage)
+        # (data.cache_image_features: the locked tower's digest names its cache; taken before any engine shards it)
+        tower = feature_cache.tower_digest(built.model.visual) if cfg.data.cache_image_features else None
         self.engine = build_engine(built.model, cfg, env)
         self.step = step_function(self.engine, cfg.train.compile)
         self.peak = peak_flops(env.device, self.engine.amp_dtype, cfg.logging.peak_tflops)
@@ -429,6 +431,10 @@ class Trainer:
         teacher_tokenizer = self.teacher.tokenizer if self.teacher else None
         self.loader, self.held = build_loader(cfg, built, env, self.demo, teacher_tokenizer)
         stack.push(lambda exc_type, *_: self.loader.close(kill=exc_type is not None))  # (see stop_workers)
+        self.cached_features = None
+        if tower:  # the loader then hands over the tower's embeddings, not the images
+            args = (tower, built.image_size, built.mean, built.std)
+            self.cached_features = feature_cache.attach(cfg, env, self.engine, self.normalize, self.loader, *args)
         self.evaluated_on = eval_sets(cfg, self.held)
         resumed = resume(run_dir, cfg, env, self.engine, self.loader, self.state)
         if self.stages:  # (a checkpoint taken at a switch already holds the carried-over embedding)
@@ -540,6 +546,10 @@ class Trainer:
         )
         if locked:
             logger.write(locked)
+        if self.cached_features:
+            c = self.cached_features
+            logger.write(f"cached image features: {c['done']} of {c['shards']} shards in {c['folder']} "
+                         f"({c['embedded']} embedded now: {c['samples']} samples in {c['seconds']:.1f} s)")  # fmt: skip
         if self.teacher:
             logger.write(f"distilling from {cfg.distill.teacher} ({cfg.distill.kind}, weight {cfg.distill.weight:g}): "
                          f"{self.teacher.describe()}")  # fmt: skip
@@ -558,7 +568,10 @@ class Trainer:
         device = self.env.device
         return [
             (
-                self.normalize(b["image"].to(device, non_blocking=True)),
+                # (data.cache_image_features: the locked tower's embeddings, float B x D, stand in for the pixels)
+                self.normalize(b["image"].to(device, non_blocking=True))
+                if b["image"].dtype == torch.uint8
+                else b["image"].to(device, non_blocking=True),
                 b["text"].to(device, non_blocking=True),
                 *([b["teacher_text"].to(device, non_blocking=True)] if "teacher_text" in b else []),
             )
@@ -647,6 +660,7 @@ class Trainer:
             "samples_seen": state.samples_seen,
             "train_time_s": time.perf_counter() - t_start,
             **summed_data_errors(self.loader),
+            **({"cached_image_features": self.cached_features} if self.cached_features else {}),
             "eval": results,
             "evaluated_on": self.evaluated_on,
         }

@@ -121,10 +121,18 @@ class DataConfig:
     # they stream) ends that shard's read: the rest of the shard counts as missing, and memory stays bounded.
     # 0 = no bound.
     max_member_mb: int = field(default=256, metadata=RESUMABLE)
-    # Random-resized-crop area range, as fractions of the image (1, 1 = no crop).
+    # Random-resized-crop area range, as fractions of the image (1, 1 = no crop: the whole image, centre-cropped
+    # to an aspect ratio within 3/4..4/3, the same every epoch).
     crop_scale_min: float = 0.9
     # (upper end of that range)
     crop_scale_max: float = 1.0
+    # A locked image tower (model.lock_image=true): its embeddings of the training images are computed once,
+    # before the first step, into data.feature_cache_dir, and training reads them instead of the images (no
+    # decoding, no image-tower forward per step). Needs augmentation off (data.crop_scale_min=1).
+    cache_image_features: bool = field(default=False, metadata=RESUMABLE)
+    # Where cached tower features are kept ("" = <data.cache_dir>/features): one folder per image tower (its
+    # weights), preprocessing and precision, one file per shard; a later run with the same tower reuses them.
+    feature_cache_dir: str = field(default="", metadata=PATH)
     # Batches each worker prepares ahead.
     prefetch_factor: int = field(default=4, metadata=RESUMABLE)
     # Where the demo data is generated and cached.

@@ -21,6 +21,7 @@ import select
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -32,6 +33,9 @@ from clipkit.data.config import layout_problem
 from clipkit.data.shards import expand_spec, remote, shard_sizes
 from clipkit.data.stream import MISSING, UNANNOUNCED, UNKNOWN, Reader, ShardTable, StreamPlan, iter_stream
 from clipkit.errors import UserError
+
+if TYPE_CHECKING:  # (feature_cache.py reads samples with this module's decoder)
+    from clipkit.data.feature_cache import FeatureCache
 
 log = logging.getLogger("clipkit")
 STATE_VERSION = 2  # (2: positions of canonical streams; 1 was per (rank, worker) slot)
@@ -79,7 +83,11 @@ class SampleDecoder:
     img2dataset and clipkit's own shards), ``txt`` (or any member), or ``json:FIELD``. ``captions`` (``data.captions``)
     mixes several sources instead: ((source, probability), ...), one drawn per sample and epoch among the sources
     the sample has (their probabilities renormalised), from its own seeded stream (crops do not change with it);
-    ``source`` then names the one a call used."""
+    ``source`` then names the one a call used.
+
+    ``features`` (``data.cache_image_features``): a sample the cache holds gives its locked image tower's embedding
+    in place of the image, undecoded; one it lacks (bad when the cache was built) is decoded to say why, and one that
+    decodes after all counts as ``uncached``."""
 
     image_keys: tuple[str, ...]
     caption_key: str
@@ -88,6 +96,7 @@ class SampleDecoder:
     seed: int
     captions: tuple[tuple[str, float], ...] = ()
     source: str | None = None
+    features: FeatureCache | None = None
 
     def __call__(self, sample: dict, epoch: int) -> tuple[torch.Tensor, str]:
         where = f"{self.seed}/{epoch}/{sample.get('__shard__', '')}/{sample['__key__']}"
@@ -97,6 +106,10 @@ class SampleDecoder:
             if self.captions
             else self.caption(sample, rng)
         )
+        if self.features is not None:
+            cached = self.features.lookup(sample)
+            if cached is not None:
+                return cached, caption
         data = next((sample[k] for k in self.image_keys if k in sample), None)
         if data is None:
             raise BadSample("no_image")
@@ -104,6 +117,8 @@ class SampleDecoder:
             image = transforms.train_image(data, self.image_size, self.crop_scale, rng)
         except Exception:
             raise BadSample("bad_image") from None
+        if self.features is not None:
+            raise BadSample("uncached")
         return image, caption
 
     def mixed_caption(self, sample: dict, rng: random.Random) -> str:
@@ -721,6 +736,15 @@ class TrainLoader:
             raise RuntimeError(f"image size changed {self.rows} samples into a step (only between steps)")
         self.close()
         self.decoder = dataclasses.replace(self.decoder, image_size=size)
+        self.next_worker = 0
+
+    def use_features(self, cache: FeatureCache) -> None:
+        """Batches carry ``cache``'s image embeddings (float, B x D) in ``image`` instead of pixels (uint8); set
+        before the first batch, or between steps (the workers restart from the streams' positions)."""
+        if self.rows:
+            raise RuntimeError(f"feature cache set {self.rows} samples into a step (only between steps)")
+        self.close()
+        self.decoder = dataclasses.replace(self.decoder, features=cache)
         self.next_worker = 0
 
     def close(self, kill: bool = False) -> None:

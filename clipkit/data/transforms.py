@@ -37,9 +37,11 @@ def open_image(data: bytes, min_side: int) -> Image.Image:
 
 
 def random_resized_crop_box(width: int, height: int, scale: tuple[float, float], rng: random.Random) -> tuple[int, ...]:
-    """torchvision's RandomResizedCrop parameter search (10 tries, then centre crop), on a given RNG."""
+    """torchvision's RandomResizedCrop parameter search (10 tries, then centre crop), on a given RNG. A scale of
+    (1, 1) skips the search: its centre crop (the whole image within aspect 3/4..4/3) is the only box it could find
+    but for rounding, which would shift a few images by a pixel in some epochs (cached features need none)."""
     area = width * height
-    for _ in range(10):
+    for _ in range(0 if scale[0] >= 1 else 10):
         target_area = area * rng.uniform(*scale)
         aspect = math.exp(rng.uniform(*_LOG_RATIO))
         w = round(math.sqrt(target_area * aspect))

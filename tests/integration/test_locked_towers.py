@@ -6,6 +6,9 @@ Same data and tolerance as test_engines.py: global batches of 192 of 384 pairs, 
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -13,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from clipkit.model import build
 from clipkit.model_config import ModelConfig
 from tests.conftest import run_cli
-from tests.integration.test_engines import ATOL, COMMON, final_weights, logged, torchrun
+from tests.integration.test_engines import ATOL, COMMON, final_weights, logged, losses, torchrun
 
 LIT = ["model.lock_image=true", "model.init_towers=image", "optim.weight_decay=0.2"]
 # "_cached": 2 micro-batches of 48 per rank (gradient caching; the locked tower is not re-forwarded). The default
@@ -79,3 +82,52 @@ def test_locked_image_tower_on_every_engine(single, tower, tmp_path, engine):
     proc = torchrun(run, f"parallel={name}", *LIT, f"model.init_from={tower[0]}", *extra)
     assert "image tower locked" in proc.stderr
     _check_lit(run, tower[1], single)
+
+
+FULL_IMAGE = [*LIT, "data.crop_scale_min=1"]  # (no augmentation: what cached features need)
+CACHED = [*FULL_IMAGE, "data.cache_image_features=true"]
+
+
+def _cached_summary(run) -> dict:
+    return json.loads((run / "summary.json").read_text())["cached_image_features"]
+
+
+def test_cached_image_features_train_as_the_images_do(tower, tmp_path):
+    """data.cache_image_features: one process reading the cache trains the run that reads the images (same
+    losses, same weights); two DDP ranks with gradient caching build a cache of their own (each rank its shards,
+    the workers decoding) and match it too; a cached run killed (SIGKILL) at step 7 resumes to the same losses."""
+    init = f"model.init_from={tower[0]}"
+    images, cached, ddp, halves = (tmp_path / name for name in ("images", "cached", "ddp", "halves"))
+    one = tmp_path / "cache-one"
+    run_cli("train", f"hydra.run.dir={images}", *COMMON, *FULL_IMAGE, init, check=True)
+    proc = run_cli("train", f"hydra.run.dir={cached}", *COMMON, *CACHED, init, f"data.feature_cache_dir={one}",
+                   check=True)  # fmt: skip
+    assert "cached image features: 3 of 3 shards" in proc.stderr
+    assert _cached_summary(cached) | {"seconds": 0} == {
+        "shards": 3, "done": 3, "embedded": 3, "failed": 0, "samples": 384, "bad": 0, "seconds": 0,
+        "folder": _cached_summary(cached)["folder"],
+    }  # fmt: skip
+    assert losses(cached) == pytest.approx(losses(images), rel=1e-6, abs=0)
+    _check_lit(cached, tower[1], images)
+
+    two = tmp_path / "cache-two"
+    torchrun(ddp, "parallel=ddp", *CACHED, init, "train.micro_batch_size=48", "data.num_workers=1",
+             f"data.feature_cache_dir={two}")  # fmt: skip
+    assert _cached_summary(ddp)["embedded"] == 3 and _cached_summary(ddp)["samples"] == 384
+    _check_lit(ddp, tower[1], images)
+    (folder_one,), (folder_two,) = one.iterdir(), two.iterdir()  # (the same tower and settings: one folder name)
+    assert folder_one.name == folder_two.name
+    for path in folder_one.glob("*.npy"):
+        built_by_two = np.load(folder_two / path.name)
+        if path.name.endswith(".keys.npy"):
+            assert built_by_two.tolist() == np.load(path).tolist()
+        else:
+            np.testing.assert_allclose(built_by_two, np.load(path), rtol=0, atol=1e-6)
+
+    again = ["train", f"hydra.run.dir={halves}", *COMMON, *CACHED, init, f"data.feature_cache_dir={one}"]
+    killed = run_cli(*again, env={"CLIPKIT_FAULTS": "kill:step@7"})  # kill -9 after step 7 (checkpoint: 5)
+    assert killed.returncode != 0 and "(0 embedded now" in killed.stderr  # (the first run's cache, reused)
+    run_cli(*again, check=True)
+    by_step = {r["step"]: r["loss"] for r in map(json.loads, (halves / "metrics.jsonl").read_text().splitlines())
+               if "loss" in r}  # fmt: skip
+    assert [by_step[s] for s in sorted(by_step)] == losses(cached)
