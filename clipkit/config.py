@@ -392,7 +392,8 @@ def validate(cfg: RootConfig, verb: str = "train", world_size: Optional[int] = N
             _require_same_width(cfg)
     if cfg.train.stages:
         parse_stages(cfg.train.stages, cfg.train.steps, cfg.model)
-    if cfg.data.cache_image_features and verb == "train":
+    caches = cfg.data.cache_image_features or cfg.data.cache_text_features or cfg.data.cache_teacher_features
+    if caches and verb == "train":
         _validate_feature_cache(cfg)
     _validate_engine_support(cfg, world_size)
     if verb in ("eval", "export", "caption", "embed") and cfg.checkpoint is not None:
@@ -416,26 +417,37 @@ def validate(cfg: RootConfig, verb: str = "train", world_size: Optional[int] = N
 
 
 def _validate_feature_cache(cfg: RootConfig) -> None:
-    """``data.cache_image_features``: the cached embeddings must be what the image tower would compute at every
-    step, and nothing else may need the images."""
-    key, m = "data.cache_image_features", cfg.model
-    if not m.lock_image or m.lock_image_unlocked_groups:
-        raise ConfigError(key, True, "needs a fully locked image tower: model.lock_image=true (no unlocked groups)")
-    if m.lock_train_mode:
-        raise ConfigError(key, True, "needs the locked tower in eval mode (model.lock_train_mode=false)")
-    if cfg.data.crop_scale_min < 1:
-        raise ConfigError(
-            "data.crop_scale_min",
-            cfg.data.crop_scale_min,
-            "data.cache_image_features=true needs augmentation off (data.crop_scale_min=1): a random crop gives the "
-            "tower other pixels every epoch than the ones cached",
-        )
-    if is_coca(m):
-        raise ConfigError(key, True, "a CoCa model's caption decoder reads the image tower's tokens, not its embedding")
-    if cfg.distill.teacher is not None:
-        raise ConfigError(key, True, "the distillation teacher reads the images (distill.teacher)")
-    if cfg.train.stages:
-        raise ConfigError(key, True, "train.stages change the image size between stages")
+    """``data.cache_*_features``: the cached embeddings must be what the tower would compute at every step, and
+    nothing else may need what they replace (the pixels, the caption's tokens)."""
+    m, data = cfg.model, cfg.data
+    for tower, key, unlocked in (
+        ("image", "data.cache_image_features", m.lock_image_unlocked_groups),
+        ("text", "data.cache_text_features", m.lock_text_unlocked_layers),
+    ):
+        if not getattr(data, f"cache_{tower}_features"):
+            continue
+        if not getattr(m, f"lock_{tower}") or unlocked:
+            raise ConfigError(key, True, f"needs a fully locked {tower} tower: model.lock_{tower}=true (none unlocked)")
+        if m.lock_train_mode:
+            raise ConfigError(key, True, "needs the locked tower in eval mode (model.lock_train_mode=false)")
+        if is_coca(m):
+            raise ConfigError(key, True, "a CoCa model's caption decoder reads the towers' tokens, not embeddings")
+        if cfg.distill.teacher is not None and not data.cache_teacher_features:
+            reason = "the distillation teacher reads the images and captions: add data.cache_teacher_features=true"
+            raise ConfigError(key, True, reason)
+    if data.cache_teacher_features and cfg.distill.teacher is None:
+        raise ConfigError("data.cache_teacher_features", True, "needs a teacher (distill.teacher)")
+    if data.cache_image_features or data.cache_teacher_features:
+        key = "data.cache_image_features" if data.cache_image_features else "data.cache_teacher_features"
+        if data.crop_scale_min < 1:
+            raise ConfigError(
+                "data.crop_scale_min",
+                data.crop_scale_min,
+                f"{key}=true needs augmentation off (data.crop_scale_min=1): a random crop gives the tower other "
+                "pixels every epoch than the ones cached",
+            )
+        if cfg.train.stages:
+            raise ConfigError(key, True, "train.stages change the image size between stages")
 
 
 def _require_export_destination(out: str, overwrite: bool) -> None:

@@ -21,8 +21,9 @@ no-grad forward saw, so both passes see the same model. A fully locked tower (``
 ``model.lock_text``) is not re-forwarded at all: its cached embeddings are final and need no gradient.
 The result equals one process computing the loss on the whole K*W*B batch (tested in float64).
 
-Cached image features (``data.cache_image_features``): the first element of a micro-batch is then the locked
-image tower's embeddings (B x D) rather than pixels; ``model_forward`` runs the text tower alone and hands them on.
+Cached features (``data.cache_*_features``): a micro-batch's images (or token ids) are then the locked tower's
+embeddings (B x D floats); ``model_forward`` runs the other tower alone and hands them on. A cached teacher
+(``data.cache_teacher_features``) reads its embeddings from the batch's third element.
 
 Distillation (``teacher``): the teacher's outputs for each micro-batch are computed once, without autograd (in
 the no-grad pass when caching), and handed to the loss beside the student's.
@@ -138,11 +139,18 @@ def forward_backward(
 
 
 def model_forward(engine, images: torch.Tensor, text: torch.Tensor) -> dict:
-    """``engine.forward``; ``images`` may instead be the locked image tower's cached embeddings (B x D floats,
-    ``data.cache_image_features``): the tower is then skipped and they stand in for its output."""
-    if images.dim() != 2:
+    """``engine.forward``; ``images`` or ``text`` may instead be a locked tower's cached embeddings (B x D floats in
+    place of pixels or token ids, ``data.cache_*_features``): that tower is then skipped and they stand in for its
+    output."""
+    image_rows, text_rows = images.dim() == 2, text.is_floating_point()
+    if not (image_rows or text_rows):
         return engine.forward(images, text)
-    return {**engine.forward(None, text), "image_features": images}
+    out = dict(engine.forward(None if image_rows else images, None if text_rows else text))
+    if image_rows:
+        out["image_features"] = images
+    if text_rows:
+        out["text_features"] = text
+    return out
 
 
 def rng_state(device: torch.device) -> dict:

@@ -412,8 +412,8 @@ class Trainer:
         self.stages = Stages(plan, built.model) if plan else None  # (also before any engine)
         self.flops_of = {s.index: self._count_flops(s) for s in plan} if plan else {}
         self.train_flops = None if plan else self._count_flops()  # (staged: the stage's, from _enter_stage)
-        # (data.cache_image_features: the locked tower's digest names its cache; taken before any engine shards it)
-        tower = feature_cache.tower_digest(built.model.visual) if cfg.data.cache_image_features else None
+        # (data.cache_*_features: a locked tower's digest names its cache; taken before any engine shards it)
+        digests = feature_cache.tower_digests(built.model, feature_cache.kinds_of(cfg))
         self.engine = build_engine(built.model, cfg, env)
         self.step = step_function(self.engine, cfg.train.compile)
         self.peak = peak_flops(env.device, self.engine.amp_dtype, cfg.logging.peak_tflops)
@@ -428,13 +428,15 @@ class Trainer:
         self.loss_fn = faults.loss_hook(self.loss_fn, lambda: self.state.step + 1)  # (inert without CLIPKIT_FAULTS)
         self.num_micro = cfg.train.global_batch_size // (env.world_size * cfg.train.micro_batch(env.world_size))
         self.normalize = DeviceNormalize(built.mean, built.std).to(env.device)
-        teacher_tokenizer = self.teacher.tokenizer if self.teacher else None
+        teacher_tokenizer = self.teacher.tokenizer if self.teacher and not cfg.data.cache_teacher_features else None
         self.loader, self.held = build_loader(cfg, built, env, self.demo, teacher_tokenizer)
         stack.push(lambda exc_type, *_: self.loader.close(kill=exc_type is not None))  # (see stop_workers)
         self.cached_features = None
-        if tower:  # the loader then hands over the tower's embeddings, not the images
-            args = (tower, built.image_size, built.mean, built.std)
-            self.cached_features = feature_cache.attach(cfg, env, self.engine, self.normalize, self.loader, *args)
+        if feature_cache.kinds_of(cfg):  # the loader then hands over those towers' embeddings, not their inputs
+            args = (self.normalize, self.loader, digests, self.teacher)
+            self.cached_features = feature_cache.attach(cfg, env, self.engine, built, *args)
+            if cfg.data.cache_teacher_features:  # (the teacher's model is no longer needed)
+                self.teacher = feature_cache.CachedTeacher.of(self.teacher)
         self.evaluated_on = eval_sets(cfg, self.held)
         resumed = resume(run_dir, cfg, env, self.engine, self.loader, self.state)
         if self.stages:  # (a checkpoint taken at a switch already holds the carried-over embedding)
@@ -546,10 +548,9 @@ class Trainer:
         )
         if locked:
             logger.write(locked)
-        if self.cached_features:
-            c = self.cached_features
-            logger.write(f"cached image features: {c['done']} of {c['shards']} shards in {c['folder']} "
-                         f"({c['embedded']} embedded now: {c['samples']} samples in {c['seconds']:.1f} s)")  # fmt: skip
+        for kind, c in (self.cached_features or {}).items():
+            logger.write(f"cached {kind} features: {c['done']} of {c['shards']} shards in {c['folder']} "
+                         f"({c['embedded']} embedded now: {c['rows']} rows in {c['seconds']:.1f} s)")  # fmt: skip
         if self.teacher:
             logger.write(f"distilling from {cfg.distill.teacher} ({cfg.distill.kind}, weight {cfg.distill.weight:g}): "
                          f"{self.teacher.describe()}")  # fmt: skip
@@ -568,7 +569,8 @@ class Trainer:
         device = self.env.device
         return [
             (
-                # (data.cache_image_features: the locked tower's embeddings, float B x D, stand in for the pixels)
+                # (data.cache_image_features: the locked tower's embeddings, float B x D, stand in for the pixels;
+                # text and teacher_text may be cached rows too)
                 self.normalize(b["image"].to(device, non_blocking=True))
                 if b["image"].dtype == torch.uint8
                 else b["image"].to(device, non_blocking=True),
@@ -660,7 +662,7 @@ class Trainer:
             "samples_seen": state.samples_seen,
             "train_time_s": time.perf_counter() - t_start,
             **summed_data_errors(self.loader),
-            **({"cached_image_features": self.cached_features} if self.cached_features else {}),
+            **({"cached_features": self.cached_features} if self.cached_features else {}),
             "eval": results,
             "evaluated_on": self.evaluated_on,
         }

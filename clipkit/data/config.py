@@ -130,8 +130,14 @@ class DataConfig:
     # before the first step, into data.feature_cache_dir, and training reads them instead of the images (no
     # decoding, no image-tower forward per step). Needs augmentation off (data.crop_scale_min=1).
     cache_image_features: bool = field(default=False, metadata=RESUMABLE)
-    # Where cached tower features are kept ("" = <data.cache_dir>/features): one folder per image tower (its
-    # weights), preprocessing and precision, one file per shard; a later run with the same tower reuses them.
+    # The same for a locked text tower (model.lock_text=true): one embedding per distinct caption, covering every
+    # caption a sample may be given (each item of a list, each source of data.captions).
+    cache_text_features: bool = field(default=False, metadata=RESUMABLE)
+    # The same for the distillation teacher (distill.teacher): its image and text embeddings, computed once; the
+    # teacher then runs no forward while training. Needs augmentation off (data.crop_scale_min=1).
+    cache_teacher_features: bool = field(default=False, metadata=RESUMABLE)
+    # Where cached tower features are kept ("" = <data.cache_dir>/features): one folder per tower (its weights),
+    # preprocessing and precision, one file per shard; a later run with the same tower reuses them.
     feature_cache_dir: str = field(default="", metadata=PATH)
     # Batches each worker prepares ahead.
     prefetch_factor: int = field(default=4, metadata=RESUMABLE)

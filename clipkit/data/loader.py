@@ -20,8 +20,7 @@ import random
 import select
 import threading
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -30,12 +29,10 @@ from torch.utils.data import DataLoader, IterableDataset, _utils, get_worker_inf
 from clipkit import preempt
 from clipkit.data import transforms, worker_context
 from clipkit.data.config import layout_problem
+from clipkit.data.feature_rows import IMAGE, TEACHER_IMAGE, TEACHER_TEXT, TEXT, FeatureCache, caption_id
 from clipkit.data.shards import expand_spec, remote, shard_sizes
 from clipkit.data.stream import MISSING, UNANNOUNCED, UNKNOWN, Reader, ShardTable, StreamPlan, iter_stream
 from clipkit.errors import UserError
-
-if TYPE_CHECKING:  # (feature_cache.py reads samples with this module's decoder)
-    from clipkit.data.feature_cache import FeatureCache
 
 log = logging.getLogger("clipkit")
 STATE_VERSION = 2  # (2: positions of canonical streams; 1 was per (rank, worker) slot)
@@ -85,9 +82,11 @@ class SampleDecoder:
     the sample has (their probabilities renormalised), from its own seeded stream (crops do not change with it);
     ``source`` then names the one a call used.
 
-    ``features`` (``data.cache_image_features``): a sample the cache holds gives its locked image tower's embedding
-    in place of the image, undecoded; one it lacks (bad when the cache was built) is decoded to say why, and one that
-    decodes after all counts as ``uncached``."""
+    ``caches`` (``data.cache_*_features``, kind -> ``FeatureCache``): ``image`` gives the locked image tower's
+    embedding in place of the image, undecoded (a sample it lacks, bad when the cache was built, is decoded to say
+    why; one that decodes after all counts as ``uncached``); ``text`` the locked text tower's embedding of the
+    caption drawn, in place of the caption; ``teacher_image`` and ``teacher_text`` the teacher's two embeddings,
+    joined, in ``teacher_row``. A caption row the cache lacks counts as ``uncached``."""
 
     image_keys: tuple[str, ...]
     caption_key: str
@@ -96,9 +95,10 @@ class SampleDecoder:
     seed: int
     captions: tuple[tuple[str, float], ...] = ()
     source: str | None = None
-    features: FeatureCache | None = None
+    caches: dict[str, FeatureCache] = field(default_factory=dict)
+    teacher_row: torch.Tensor | None = None
 
-    def __call__(self, sample: dict, epoch: int) -> tuple[torch.Tensor, str]:
+    def __call__(self, sample: dict, epoch: int) -> tuple[torch.Tensor, str | torch.Tensor]:
         where = f"{self.seed}/{epoch}/{sample.get('__shard__', '')}/{sample['__key__']}"
         rng = random.Random(where)
         caption = (
@@ -106,10 +106,26 @@ class SampleDecoder:
             if self.captions
             else self.caption(sample, rng)
         )
-        if self.features is not None:
-            cached = self.features.lookup(sample)
-            if cached is not None:
-                return cached, caption
+        image = self.image(sample, rng)
+        if not self.caches:
+            return image, caption
+        text = self._row(TEXT, sample, caption_id(caption)) if TEXT in self.caches else caption
+        self.teacher_row = None
+        if TEACHER_IMAGE in self.caches:
+            parts = (
+                self._row(TEACHER_IMAGE, sample, sample["__key__"]),
+                self._row(TEACHER_TEXT, sample, caption_id(caption)),
+            )
+            self.teacher_row = torch.cat(parts)
+        return image, text
+
+    def image(self, sample: dict, rng: random.Random) -> torch.Tensor:
+        """The sample's crop (uint8 CHW), or its cached image row."""
+        cache = self.caches.get(IMAGE)
+        if cache is not None:
+            row = cache.lookup(sample.get("__url__", ""), sample["__key__"])
+            if row is not None:
+                return row
         data = next((sample[k] for k in self.image_keys if k in sample), None)
         if data is None:
             raise BadSample("no_image")
@@ -117,9 +133,38 @@ class SampleDecoder:
             image = transforms.train_image(data, self.image_size, self.crop_scale, rng)
         except Exception:
             raise BadSample("bad_image") from None
-        if self.features is not None:
+        if cache is not None:
             raise BadSample("uncached")
-        return image, caption
+        return image
+
+    def _row(self, kind: str, sample: dict, row_id: str) -> torch.Tensor:
+        row = self.caches[kind].lookup(sample.get("__url__", ""), row_id)
+        if row is None:
+            raise BadSample("uncached")
+        return row
+
+    def candidates(self, sample: dict) -> list[str]:
+        """Every caption this decoder may give the sample in some epoch (cached caption rows cover them all)."""
+        try:
+            if self.captions:
+                values = [self._source_value(sample, key) for key, _ in self.captions]
+            elif self.caption_key == AUTO_CAPTION and "txt" in sample:
+                values = [sample["txt"]]
+            elif self.caption_key == AUTO_CAPTION:  # (json: its caption, else its captions)
+                found = (self._json_field(sample, f) for f in ("caption", "captions"))
+                values = [next((v for v in found if v is not None), None)]
+            else:
+                values = [self._source_value(sample, self.caption_key)]
+        except BadSample:  # (unreadable json: no caption)
+            return []
+        out = []
+        for value in values:
+            for item in value if isinstance(value, list) else [value]:
+                try:
+                    out.append(self._check(item, sample))
+                except BadSample:
+                    pass
+        return list(dict.fromkeys(out))
 
     def mixed_caption(self, sample: dict, rng: random.Random) -> str:
         """``data.captions``: one of the sources the sample has, drawn with their renormalised probabilities."""
@@ -181,7 +226,9 @@ class SampleDecoder:
 
 def decoded(plan: StreamPlan, decoder: SampleDecoder, stream: int, epoch: int, t: int, reader: Reader | None = None):
     """A canonical stream from (epoch, t), decoded: yields ``(epoch, t, item, url)`` where item is
-    ``(image, caption, key, caption source)`` (the source: with ``data.captions``, else None) or a ``BadSample``
+    ``(image, caption, key, caption source, teacher row)`` (the source: with ``data.captions``, else None; the
+    teacher row: with ``data.cache_teacher_features``, else None; image and caption may be cached rows) or a
+    ``BadSample``
     (counted by the caller, never raised)."""
     for e, pos, sample in iter_stream(plan, stream, epoch, t, reader):
         url = sample.get("__url__", "?")
@@ -191,7 +238,8 @@ def decoded(plan: StreamPlan, decoder: SampleDecoder, stream: int, epoch: int, t
             if sample.get("__unannounced__"):
                 raise BadSample(UNANNOUNCED)
             image, caption = decoder(sample, e)
-            yield e, pos, (image, caption, sample["__key__"], getattr(decoder, "source", None)), url
+            extra = getattr(decoder, "source", None), getattr(decoder, "teacher_row", None)
+            yield e, pos, (image, caption, sample["__key__"], *extra), url
         except BadSample as bad:
             yield e, pos, bad, url
 
@@ -434,16 +482,18 @@ class Chunk:
     """The samples (and skip counts) a worker collects until it hands them over."""
 
     def __init__(self):
-        self.images, self.captions, self.keys, self.epochs = [], [], [], []
+        self.images, self.captions, self.keys, self.epochs, self.teacher_rows = [], [], [], [], []
         self.errors: collections.Counter = collections.Counter()
         self.bad_urls: collections.Counter = collections.Counter()
         self.epoch_errors: collections.Counter = collections.Counter()  # "epoch/kind" -> count
         self.sources: collections.Counter = collections.Counter()  # data.captions: samples per caption source
 
     def add(self, item: tuple, epoch: int) -> None:
-        image, caption, key, source = item
+        image, caption, key, source, teacher_row = item
         if source is not None:
             self.sources[source] += 1
+        if teacher_row is not None:
+            self.teacher_rows.append(teacher_row)
         self.images.append(image)
         self.captions.append(caption)
         self.keys.append(key)
@@ -456,10 +506,15 @@ class Chunk:
 
     def handed(self, stream: BatchStream, worker: int, positions: dict, retries: int) -> dict:
         teacher = stream.teacher_tokenizer
+        cached_text = torch.is_tensor(self.captions[0])  # (data.cache_text_features: the text tower's rows)
+        if self.teacher_rows:  # (data.cache_teacher_features: the teacher's rows in place of its tokens)
+            teacher_text = {"teacher_text": torch.stack(self.teacher_rows)}
+        else:
+            teacher_text = {"teacher_text": teacher(self.captions)} if teacher else {}
         return {
             "image": torch.stack(self.images),
-            "text": stream.tokenizer(self.captions),
-            **({"teacher_text": teacher(self.captions)} if teacher else {}),
+            "text": torch.stack(self.captions) if cached_text else stream.tokenizer(self.captions),
+            **teacher_text,
             "keys": self.keys,
             "epochs": self.epochs,
             "worker": worker,
@@ -738,13 +793,15 @@ class TrainLoader:
         self.decoder = dataclasses.replace(self.decoder, image_size=size)
         self.next_worker = 0
 
-    def use_features(self, cache: FeatureCache) -> None:
-        """Batches carry ``cache``'s image embeddings (float, B x D) in ``image`` instead of pixels (uint8); set
-        before the first batch, or between steps (the workers restart from the streams' positions)."""
+    def use_features(self, caches: dict[str, FeatureCache]) -> None:
+        """Batches carry cached rows (float, B x D) from ``caches`` (kind -> cache): the image tower's in ``image``
+        instead of pixels (uint8), the text tower's in ``text`` instead of token ids, the teacher's in
+        ``teacher_text``. Set before the first batch, or between steps (the workers restart from the streams'
+        positions)."""
         if self.rows:
-            raise RuntimeError(f"feature cache set {self.rows} samples into a step (only between steps)")
+            raise RuntimeError(f"feature caches set {self.rows} samples into a step (only between steps)")
         self.close()
-        self.decoder = dataclasses.replace(self.decoder, features=cache)
+        self.decoder = dataclasses.replace(self.decoder, caches=dict(caches))
         self.next_worker = 0
 
     def close(self, kill: bool = False) -> None:

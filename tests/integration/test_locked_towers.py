@@ -88,8 +88,8 @@ FULL_IMAGE = [*LIT, "data.crop_scale_min=1"]  # (no augmentation: what cached fe
 CACHED = [*FULL_IMAGE, "data.cache_image_features=true"]
 
 
-def _cached_summary(run) -> dict:
-    return json.loads((run / "summary.json").read_text())["cached_image_features"]
+def _cached_summary(run, kind: str = "image") -> dict:
+    return json.loads((run / "summary.json").read_text())["cached_features"][kind]
 
 
 def test_cached_image_features_train_as_the_images_do(tower, tmp_path):
@@ -104,7 +104,7 @@ def test_cached_image_features_train_as_the_images_do(tower, tmp_path):
                    check=True)  # fmt: skip
     assert "cached image features: 3 of 3 shards" in proc.stderr
     assert _cached_summary(cached) | {"seconds": 0} == {
-        "shards": 3, "done": 3, "embedded": 3, "failed": 0, "samples": 384, "bad": 0, "seconds": 0,
+        "shards": 3, "done": 3, "embedded": 3, "failed": 0, "rows": 384, "bad": 0, "seconds": 0,
         "folder": _cached_summary(cached)["folder"],
     }  # fmt: skip
     assert losses(cached) == pytest.approx(losses(images), rel=1e-6, abs=0)
@@ -113,7 +113,7 @@ def test_cached_image_features_train_as_the_images_do(tower, tmp_path):
     two = tmp_path / "cache-two"
     torchrun(ddp, "parallel=ddp", *CACHED, init, "train.micro_batch_size=48", "data.num_workers=1",
              f"data.feature_cache_dir={two}")  # fmt: skip
-    assert _cached_summary(ddp)["embedded"] == 3 and _cached_summary(ddp)["samples"] == 384
+    assert _cached_summary(ddp)["embedded"] == 3 and _cached_summary(ddp)["rows"] == 384
     _check_lit(ddp, tower[1], images)
     (folder_one,), (folder_two,) = one.iterdir(), two.iterdir()  # (the same tower and settings: one folder name)
     assert folder_one.name == folder_two.name
@@ -131,3 +131,28 @@ def test_cached_image_features_train_as_the_images_do(tower, tmp_path):
     by_step = {r["step"]: r["loss"] for r in map(json.loads, (halves / "metrics.jsonl").read_text().splitlines())
                if "loss" in r}  # fmt: skip
     assert [by_step[s] for s in sorted(by_step)] == losses(cached)
+
+
+def test_cached_text_and_teacher_features_train_as_the_towers_do(single, tmp_path):
+    """data.cache_text_features (a locked text tower: one row per distinct caption of every sample) and
+    data.cache_teacher_features (the teacher's two towers; the LiT run above as the teacher): one process reading
+    the caches trains the run that tokenises, decodes and runs the towers (same losses, same weights)."""
+    cases = {
+        "text": ["model.lock_text=true", "data.cache_text_features=true"],
+        "teacher": [f"distill.teacher={single}", "data.crop_scale_min=1", "data.cache_teacher_features=true"],
+    }
+    for name, (*setting, switch) in cases.items():
+        plain, cached = tmp_path / f"{name}-plain", tmp_path / f"{name}-cached"
+        run_cli("train", f"hydra.run.dir={plain}", *COMMON, *setting, check=True)
+        cache = f"data.feature_cache_dir={tmp_path / 'cache'}"
+        proc = run_cli("train", f"hydra.run.dir={cached}", *COMMON, *setting, switch, cache, check=True)
+        kinds = ["text"] if name == "text" else ["teacher_image", "teacher_text"]
+        for kind in kinds:
+            assert f"cached {kind} features: 3 of 3 shards" in proc.stderr
+            assert _cached_summary(cached, kind)["embedded"] == 3
+        assert losses(cached) == pytest.approx(losses(plain), rel=1e-6, abs=0), name
+        ref, got = final_weights(plain), final_weights(cached)
+        for key in ref:
+            torch.testing.assert_close(got[key], ref[key], atol=ATOL, rtol=0, msg=f"{name}: {key}")
+    rows = _cached_summary(tmp_path / "text-cached", "text")["rows"]
+    assert 384 < rows < 4 * 384  # (the demo's 4 captions per image, the same caption written once per shard)

@@ -56,7 +56,7 @@ def test_the_mix_follows_the_probabilities_and_leaves_the_crops_alone(tmp_path):
     chosen = collections.Counter(mixed[k][3] for k in both)
     share = chosen["txt"] / len(both)  # 1,080 samples with both sources: 3 sigma = 0.039
     assert abs(share - 0.25) < 3 * (0.25 * 0.75 / len(both)) ** 0.5, chosen
-    for key, (image, caption, _, source) in mixed.items():
+    for key, (image, caption, _, source, _) in mixed.items():
         assert caption == truth[key][source]  # the caption is the chosen source's
         assert torch.equal(image, plain[key][0])  # the draw has its own stream: crops are the unmixed run's
     assert {mixed[k][3] for k in truth if "json:recaption" not in truth[k]} == {"txt"}  # renormalised to what is there

@@ -67,11 +67,13 @@ BAD_CONFIGS = [
     # issue 30: a layout the canonical streams do not admit, and streams that do not divide the global batch
     (["data.num_workers=3"], "data.num_workers=3"),  # the 64 streams of a batch of 128 do not split 3 ways
     (["data.streams=48"], "data.streams=48"),
-    # issue 31: cached image features only where they are what the tower would compute, and nothing else needs pixels
+    # issue 31: cached tower features only where they are what the tower would compute, and nothing else needs pixels
     (["data.cache_image_features=true", "data.crop_scale_min=1"], "model.lock_image=true"),
     (["data.cache_image_features=true", "model.lock_image=true"], "data.crop_scale_min=0.9"),  # augmentation on
     (CACHED + ["model.lock_train_mode=true"], "model.lock_train_mode=false"),
-    (CACHED + ["model.lock_image_unlocked_groups=1"], "no unlocked groups"),
+    (CACHED + ["model.lock_image_unlocked_groups=1"], "(none unlocked)"),
+    (["data.cache_text_features=true"], "model.lock_text=true"),
+    (["data.cache_teacher_features=true", "data.crop_scale_min=1"], "needs a teacher (distill.teacher)"),
     (CACHED + ["model.name=clipkit-coca-tiny"], "caption decoder"),
     (CACHED + ["train.stages=[50%:32,rest:32]"], "train.stages"),
 ]
