@@ -266,8 +266,7 @@ def attach(cfg, env, engine, built, normalize: torch.nn.Module, loader, digests:
         return tokenizer(captions).to(env.device)
 
     precision = str(amp or torch.float32).replace("torch.", "")
-    engine_name = f"zero{cfg.parallel.zero_stage}" if cfg.parallel.is_deepspeed else str(cfg.parallel.engine)
-    student = {"model": cfg.model.config or cfg.model.name, "precision": precision, "engine": engine_name}
+    student = {"model": cfg.model.config or cfg.model.name, "precision": precision, "engine": str(cfg.parallel.engine)}
     teacher_digest = weights_digest(teacher.model.state_dict()) if cfg.data.cache_teacher_features else None
     kinds = {}
     for kind in kinds_of(cfg):
