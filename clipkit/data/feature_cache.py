@@ -265,8 +265,7 @@ def attach(cfg, env, engine, built, normalize: torch.nn.Module, loader, digests:
     def tokens(tokenizer, captions: list[str]) -> torch.Tensor:
         return tokenizer(captions).to(env.device)
 
-    precision = str(amp or torch.float32).replace("torch.", "")
-    student = {"model": cfg.model.config or cfg.model.name, "precision": precision, "engine": str(cfg.parallel.engine)}
+    student = student_settings(cfg, amp)
     teacher_digest = weights_digest(teacher.model.state_dict()) if cfg.data.cache_teacher_features else None
     kinds = {}
     for kind in kinds_of(cfg):
@@ -305,6 +304,12 @@ def attach(cfg, env, engine, built, normalize: torch.nn.Module, loader, digests:
         totals[kind] = _build_everywhere(cfg, env, loader, cache, about, embed)
     loader.use_features({kind: cache for kind, (cache, _, _) in kinds.items()})
     return totals
+
+
+def student_settings(cfg, amp_dtype: torch.dtype | None) -> dict:
+    """What, besides a student tower's weights, shapes its rows: the model, the forward's precision, the engine."""
+    precision = str(amp_dtype or torch.float32).removeprefix("torch.")
+    return {"model": cfg.model.config or cfg.model.name, "precision": precision, "engine": str(cfg.parallel.engine)}
 
 
 def _root(cfg) -> Path:

@@ -27,6 +27,7 @@ from clipkit.data.feature_rows import IMAGE, TEACHER_IMAGE, TEACHER_TEXT, TEXT, 
 from clipkit.data.loader import BadSample, DataError, SampleDecoder, worker_init
 from clipkit.data.stream import Reader, iter_shard
 from clipkit.data.transforms import random_resized_crop_box
+from clipkit.engine.config import EngineName
 from clipkit.errors import ConfigError
 from tests.shardsets import _add, jpeg
 
@@ -221,3 +222,12 @@ def test_another_tower_or_setting_gets_another_folder(tmp_path):
     assert after[TEXT] == digests[TEXT] and after[IMAGE] != digests[IMAGE]  # (each tower's own weights)
     for changed in ({"tower": after[IMAGE]}, {"image_size": 64}, {"precision": "bfloat16"}, {"kind": TEACHER_IMAGE}):
         assert feature_cache.folder_for(tmp_path, {**base, **changed}) != folder, changed
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp", "zero1", "zero2", "zero3"])
+def test_every_engine_names_its_cache_folder(engine):
+    cfg = OmegaConf.to_object(OmegaConf.structured(RootConfig))
+    cfg.parallel.engine = EngineName(engine)
+    settings = feature_cache.student_settings(cfg, torch.bfloat16)
+    assert settings == {"model": "clipkit-tiny", "precision": "bfloat16", "engine": engine}
+    assert json.loads(json.dumps(settings)) == settings  # (cache.json)
