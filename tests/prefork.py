@@ -29,6 +29,7 @@ is such a command.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import importlib
 import itertools
 import json
@@ -188,19 +189,25 @@ class Command:
         self.conn, self.pid, self.args, self.out, self.err = conn, pid, args, out, err
 
     def wait(self, timeout: float | None) -> subprocess.CompletedProcess:
-        """Waits for the status (SIGKILL and ``TimeoutExpired`` after ``timeout`` seconds)."""
+        """Waits for the status (SIGKILL and ``TimeoutExpired``, with the output so far, after ``timeout`` s)."""
         self.conn.settimeout(timeout)
         try:
             line = _line(self.conn)
         except TimeoutError:
             self.kill()
-            raise subprocess.TimeoutExpired(self.args, timeout) from None
+            raise subprocess.TimeoutExpired(self.args, timeout, *self._outputs()) from None
         finally:
             self.conn.close()
-        texts = [Path(p).read_text(encoding="utf-8", errors="replace") for p in (self.out, self.err)]
+        return subprocess.CompletedProcess(self.args, json.loads(line)["status"], *self._outputs())
+
+    def _outputs(self) -> list[str]:
+        """stdout and stderr as the command wrote them; their files are removed once read."""
+        texts = []
         for path in (self.out, self.err):
-            os.unlink(path)
-        return subprocess.CompletedProcess(self.args, json.loads(line)["status"], *texts)
+            texts.append(Path(path).read_text(encoding="utf-8", errors="replace") if os.path.exists(path) else "")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        return texts
 
     def kill(self) -> None:
         try:

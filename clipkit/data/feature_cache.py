@@ -93,9 +93,12 @@ class ShardRows(IterableDataset):
     def __init__(self, urls: list[str], decoder, kind: str, batch_size: int, reader: Reader):
         self.urls, self.decoder, self.kind, self.batch_size, self.reader = urls, decoder, kind, batch_size, reader
         self.trainer_pid = os.getpid()  # (worker_init: the workers end with this process)
+        self.environ = dict(os.environ)  # (storage credentials set since the fork server started: see BatchStream)
 
     def __iter__(self):
         info = get_worker_info()
+        if info is not None:
+            os.environ.update(self.environ)
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         for url in self.urls[worker::workers]:
             ids, images, captions, bad, seen = [], [], [], 0, set()

@@ -9,6 +9,7 @@ and the failure is raised with that rank's stderr. ``CLIPKIT_TEST_PREFORK=0`` sp
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -49,7 +50,9 @@ def start_ranks(fn: Callable, args: Sequence, nprocs: int, timeout: float = 900)
     finally:
         for command in pending.values():
             command.kill()
-            command.wait(60)
+        for command in pending.values():
+            with contextlib.suppress(Exception):  # (killed: its status only; the error to report is the first)
+                command.wait(60)
 
 
 def main(argv: list[str]) -> None:

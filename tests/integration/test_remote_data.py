@@ -125,12 +125,19 @@ def test_s3_shards_through_s3fs_with_faults_equal_local_disk(s3_bucket, local_ep
 
 
 def test_clipkit_train_on_s3_as_a_user_types_it(s3_bucket, tmp_path):
-    """The command a user with data on S3 types (credentials and endpoint in the environment)."""
+    """The command a user with data on S3 types (credentials and endpoint in the environment), here LiT with cached
+    image features: the build's loader workers read every shard from S3, and training reads them all from the
+    cache."""
     spec = f"s3://laion-mini/i2d/{{00000..{SHARDS - 1:05d}}}.tar"
+    run = tmp_path / "run"
     proc = run_cli(
         "train",
-        f"hydra.run.dir={tmp_path}",
+        f"hydra.run.dir={run}",
         f"data.train={spec}",
+        "model.lock_image=true",
+        "data.cache_image_features=true",
+        "data.crop_scale_min=1",
+        f"data.feature_cache_dir={tmp_path / 'features'}",
         "train.steps=3",
         "train.global_batch_size=32",
         "data.num_workers=2",
@@ -142,8 +149,12 @@ def test_clipkit_train_on_s3_as_a_user_types_it(s3_bucket, tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 1 and losses[0] > 0  # (log_every=10: the last step is logged)
+    summary = json.loads((run / "summary.json").read_text())
+    cached = summary["cached_features"]["image"]
+    assert (cached["done"], cached["failed"], cached["rows"]) == (SHARDS, 0, SHARDS * PER_SHARD)
+    assert not summary.get("data_errors"), summary  # (every sample read from the cache: none uncached)
 
 
 def test_eval_source_over_http_equals_local(shard_dir):

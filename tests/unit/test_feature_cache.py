@@ -118,6 +118,20 @@ def test_a_stalled_build_stops_with_a_message_and_keeps_the_shards_done(tmp_path
     subprocess.run(["pkill", "-9", "-f", "sleep 59.25"], check=False)  # (it outlives the killed worker)
 
 
+def test_the_builds_workers_see_the_environment_set_since_their_server_started(tmp_path, monkeypatch):
+    """(Storage credentials exported in Python after the loader's fork server started, as for training.)"""
+    url = _shards(tmp_path / "data", count=1)[0]
+    worker_context(start=True)
+    monkeypatch.setenv("CLIPKIT_TEST_CREDENTIAL", "set-late")
+    cache = FeatureCache(tmp_path / "cache")
+    cache.folder.mkdir()
+    options = {"worker_init_fn": worker_init, "multiprocessing_context": worker_context()}
+    guarded = f'pipe:test "$CLIPKIT_TEST_CREDENTIAL" = set-late && cat {url}'
+    counts = feature_cache.build(cache, [guarded], _decoder(), _mean_colour, rank=0, world_size=1, batch_size=2,
+                                 workers=1, reader=Reader(retries=0), worker_options=options)  # fmt: skip
+    assert (counts["embedded"], counts["failed"], counts["rows"]) == (1, 0, 5)
+
+
 def test_the_decoder_reads_cached_rows_instead_of_decoding(tmp_path):
     url = _shards(tmp_path / "data", count=1, per_shard=3)[0]
     samples = list(iter_shard(url))
