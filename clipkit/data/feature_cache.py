@@ -15,14 +15,15 @@ same pixels every epoch: augmentation off (``data.crop_scale_min=1``, refused ot
 Layout, ``<data.feature_cache_dir>/<fingerprint>/`` for each kind::
 
     cache.json        what the embeddings are of (kind, model, digest of the tower's weights, image size,
-                      mean/std or the tokens of probe captions, precision, engine)
+                      mean/std or the tokens of probe captions, precision, engine, storage dtype)
     <shard>.keys.npy  the row ids of one shard, in tar order (<shard>: a digest of the shard's URL)
-    <shard>.npy       their embeddings, float32, one row per id; written last, so a shard is done exactly when
-                      this file exists (a killed build resumes at the shards not done)
+    <shard>.npy       their embeddings, one row per id, as ``data.feature_cache_dtype`` (float32 by default);
+                      written last, so a shard is done exactly when this file exists (a killed build resumes at
+                      the shards not done)
 
 The fingerprint is a digest of ``cache.json``: another tower or setting gets a folder of its own, never stale rows.
-The rows are the towers' own outputs (normalised, in the training forward's precision), so the loss is the
-uncached run's up to the rounding of another batch composition.
+The rows are the towers' own outputs (normalised, in the training forward's precision), so with float32 storage the
+loss is the uncached run's up to the rounding of another batch composition.
 
 ``build`` (every rank, before training): rank r embeds the not-yet-done shards r, r + W, ... with the training
 decoder and the one tower, without gradient; a shard that cannot be read is left out (its samples then count as
@@ -300,7 +301,9 @@ def attach(cfg, env, engine, built, normalize: torch.nn.Module, loader, digests:
                         return teacher.model(teacher.images(pixels(images)).to(teacher.dtype), None)["image_features"]
                     return teacher.model(None, tokens(teacher.tokenizer or built.tokenizer, captions))["text_features"]
 
-        kinds[kind] = (FeatureCache(folder_for(_root(cfg), {"kind": kind, **about}), kind), about, embed)
+        about["dtype"] = str(cfg.data.feature_cache_dtype)  # (stored as; rows are computed in the forward's)
+        cache = FeatureCache(folder_for(_root(cfg), {"kind": kind, **about}), kind, about["dtype"])
+        kinds[kind] = (cache, about, embed)
 
     totals = {}
     for kind, (cache, about, embed) in kinds.items():
@@ -340,5 +343,6 @@ def _build_everywhere(cfg, env, loader, cache: FeatureCache, about: dict, embed)
     distributed.barrier()
     totals = {k: sum(c[k] for rank in distributed.all_gather_object(counts) for c in rank) for k in counts[0]}
     totals.update(shards=len(urls), done=sum(cache.done(u) for u in urls), folder=str(cache.folder))
+    totals["gb"] = round(cache.nbytes(urls) / 1e9, 6)
     totals["seconds"] = round(max(c["seconds"] for c in counts), 3)
     return totals

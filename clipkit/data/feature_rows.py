@@ -25,19 +25,25 @@ def caption_id(caption: str) -> str:
 
 
 class FeatureCache:
-    """Reads (and writes) one kind's cache folder: ``lookup(url, row_id)`` is a row (a float32 vector), or None
+    """Reads (and writes) one kind's cache folder: ``lookup(url, row_id)`` is a row (float32, whatever the storage
+    dtype), or None
     when the cache has none (its shard was not embedded, or the sample was bad then). Pickled into the loader
     workers as its folder alone; each worker opens the shards it meets."""
 
-    def __init__(self, folder: Path, kind: str = IMAGE):
-        self.folder, self.kind = Path(folder), kind
+    def __init__(self, folder: Path, kind: str = IMAGE, dtype: str = "float32"):
+        self.folder, self.kind, self.dtype = Path(folder), kind, str(dtype)
         self._open: OrderedDict[str, tuple[dict, np.ndarray] | None] = OrderedDict()
 
     def __getstate__(self) -> dict:
-        return {"folder": self.folder, "kind": self.kind}
+        return {"folder": self.folder, "kind": self.kind, "dtype": self.dtype}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["folder"], state["kind"])
+        self.__init__(state["folder"], state["kind"], state["dtype"])
+
+    def nbytes(self, urls: list[str]) -> int:
+        """The disk the rows of these shards take (those done)."""
+        paths = (self.folder / f"{shard_id(u)}{suffix}" for u in urls for suffix in (".npy", ".keys.npy"))
+        return sum(p.stat().st_size for p in paths if p.is_file())
 
     def done(self, url: str) -> bool:
         return (self.folder / f"{shard_id(url)}.npy").is_file()
@@ -47,7 +53,7 @@ class FeatureCache:
         if table is None:
             return None
         row = table[0].get(row_id)
-        return None if row is None else torch.from_numpy(np.array(table[1][row]))
+        return None if row is None else torch.from_numpy(np.array(table[1][row], dtype=np.float32))
 
     def _table(self, url: str) -> tuple[dict, np.ndarray] | None:
         if url in self._open:
@@ -64,9 +70,10 @@ class FeatureCache:
         return table
 
     def write(self, url: str, ids: list[str], rows: np.ndarray) -> None:
-        """One shard's ids and rows, the rows last and each file under a temporary name first."""
+        """One shard's ids and rows (stored as ``dtype``), the rows last and each file under a temporary name
+        first."""
         sid = shard_id(url)
-        for suffix, array in ((".keys.npy", np.array(ids, dtype=str)), (".npy", rows.astype(np.float32))):
+        for suffix, array in ((".keys.npy", np.array(ids, dtype=str)), (".npy", rows.astype(self.dtype))):
             path = self.folder / f"{sid}{suffix}"
             tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
             with open(tmp, "wb") as f:

@@ -103,10 +103,13 @@ def test_cached_image_features_train_as_the_images_do(tower, tmp_path):
     proc = run_cli("train", f"hydra.run.dir={cached}", *COMMON, *CACHED, init, f"data.feature_cache_dir={one}",
                    check=True)  # fmt: skip
     assert "cached image features: 3 of 3 shards" in proc.stderr
-    assert _cached_summary(cached) | {"seconds": 0} == {
-        "shards": 3, "done": 3, "embedded": 3, "failed": 0, "rows": 384, "bad": 0, "seconds": 0,
-        "folder": _cached_summary(cached)["folder"],
+    summary = _cached_summary(cached)
+    assert summary | {"seconds": 0, "gb": 0} == {
+        "shards": 3, "done": 3, "embedded": 3, "failed": 0, "rows": 384, "bad": 0, "seconds": 0, "gb": 0,
+        "folder": summary["folder"],
     }  # fmt: skip
+    assert 384 * 128 * 4 < summary["gb"] * 1e9 < 384 * 128 * 4 + 50_000  # (clipkit-tiny's 128-wide rows in float32,
+    # then the keys and the files' headers)
     assert losses(cached) == pytest.approx(losses(images), rel=1e-6, abs=0)
     _check_lit(cached, tower[1], images)
 
