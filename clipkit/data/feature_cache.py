@@ -51,10 +51,10 @@ from clipkit.data import worker_context
 from clipkit.data.feature_rows import IMAGE, TEACHER_IMAGE, TEACHER_TEXT, TEXT, FeatureCache, caption_id
 from clipkit.data.loader import BadSample, DataError, stop_workers, worker_init
 from clipkit.data.stream import Reader, ShardReadError, iter_shard
+from clipkit.distill import PROBES  # (the captions whose tokens tell tokenizers apart, and context lengths)
 
 log = logging.getLogger("clipkit")
 VERSION = 1
-PROBES = ["a photo of a red circle", "x " * 100]  # captions whose tokens tell tokenizers apart (and context lengths)
 
 
 def weights_digest(state: dict[str, torch.Tensor]) -> str:

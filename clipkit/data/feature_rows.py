@@ -26,9 +26,8 @@ def caption_id(caption: str) -> str:
 
 class FeatureCache:
     """Reads (and writes) one kind's cache folder: ``lookup(url, row_id)`` is a row (float32, whatever the storage
-    dtype), or None
-    when the cache has none (its shard was not embedded, or the sample was bad then). Pickled into the loader
-    workers as its folder alone; each worker opens the shards it meets."""
+    dtype), or None when the cache has none (its shard was not embedded, or the sample was bad then). Pickled into
+    the loader workers as its folder alone; each worker opens the shards it meets."""
 
     def __init__(self, folder: Path, kind: str = IMAGE, dtype: str = "float32"):
         self.folder, self.kind, self.dtype = Path(folder), kind, str(dtype)
