@@ -392,6 +392,8 @@ def validate(cfg: RootConfig, verb: str = "train", world_size: Optional[int] = N
             _require_same_width(cfg)
     if cfg.train.stages:
         parse_stages(cfg.train.stages, cfg.train.steps, cfg.model)
+    if cfg.model.lora.on:
+        _validate_lora(cfg)
     caches = cfg.data.cache_image_features or cfg.data.cache_text_features or cfg.data.cache_teacher_features
     if caches and verb == "train":
         _validate_feature_cache(cfg)
@@ -414,6 +416,23 @@ def validate(cfg: RootConfig, verb: str = "train", world_size: Optional[int] = N
     if asks_ema and cfg.checkpoint is not None:
         key, value = ("weights", cfg.weights) if by_weights else ("eval.use_ema", cfg.eval.use_ema)
         _require_ema_weights(key, value, cfg.checkpoint)
+
+
+def _validate_lora(cfg: RootConfig) -> None:
+    """``model.lora``: what the adapters run with (the model config checks its own fields)."""
+    if cfg.parallel.is_deepspeed:
+        raise ConfigError(
+            "parallel.engine",
+            cfg.parallel.engine,
+            "LoRA (model.lora.rank > 0) trains with parallel=ddp or parallel=fsdp: DeepSpeed's checkpoints hold "
+            "every weight, the frozen base ones too",
+        )
+    if is_coca(cfg.model):
+        raise ConfigError("model.lora.rank", cfg.model.lora.rank, "LoRA is for CLIP models, not CoCa's caption decoder")
+    if cfg.train.stages:
+        raise ConfigError(
+            "train.stages", cfg.train.stages, "the stages resize the frozen position embedding; not with model.lora"
+        )
 
 
 def _validate_feature_cache(cfg: RootConfig) -> None:

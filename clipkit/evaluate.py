@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from clipkit import checkpoint as ckpt
-from clipkit import distributed
+from clipkit import distributed, lora
 from clipkit import ema as ema_lib
 from clipkit import model as model_lib
 from clipkit.config import RootConfig, saved_config
@@ -35,10 +35,24 @@ class NoEmaWeights(UserError, ValueError):
 def load_trained(path: Path, device: torch.device, weights: str = "raw") -> tuple[model_lib.Built, RootConfig]:
     """The model of a clipkit checkpoint, built from the config it carries, with its raw or its EMA weights."""
     saved_cfg = saved_config(path)
-    built = model_lib.build(saved_cfg.model, device)
-    model_lib.load_weights(built.model, ckpt.load_tensors(path / "model.safetensors", device), "checkpoint", path)
+    saved = ckpt.load_tensors(path / "model.safetensors", device)
+    if saved_cfg.model.lora.on:  # adapters only: the frozen weights come from the base, as in training
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(saved_cfg.train.seed)  # (a tower left at its seeded init: the one training had)
+            built = model_lib.build(saved_cfg.model, device)
+        if saved_cfg.model.init_from:
+            model_lib.load_init(built.model, saved_cfg.model, device)
+        model_lib.apply_locks(built.model, saved_cfg.model)
+        lora.apply(built.model, saved_cfg.model.lora)
+        lora.check_base(path, lora.base_digest(built.model), saved_cfg.model)
+        lora.load_saved(built.model, saved, path)
+    else:
+        built = model_lib.build(saved_cfg.model, device)
+        model_lib.load_weights(built.model, saved, "checkpoint", path)
     if weights == "ema":
         use_ema_weights(built.model, path, device)
+    if saved_cfg.model.lora.on:
+        lora.merged(built.model)
     return built, saved_cfg
 
 

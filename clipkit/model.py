@@ -18,7 +18,7 @@ import torch
 
 from clipkit import checkpoint as ckpt
 from clipkit.errors import ConfigError
-from clipkit.model_config import SHIPPED_CONFIGS, ModelConfig, Towers
+from clipkit.model_config import FROM_LORA_RUN, SHIPPED_CONFIGS, ModelConfig, Towers
 from clipkit.optim import tower_of
 
 _registered = False
@@ -133,10 +133,13 @@ def load_init(model: torch.nn.Module, cfg: ModelConfig, device: torch.device | s
     """Loads ``model.init_from`` into the towers ``model.init_towers`` names (the temperature and bias with
     ``both`` only); every key of those towers must be in the file."""
     try:
-        weights = ckpt.load_tensors(ckpt.weights_file(Path(cfg.init_from).expanduser()), device)
+        source = ckpt.weights_file(Path(cfg.init_from).expanduser())
+        weights = ckpt.load_tensors(source, device)
     except (OSError, ValueError, RuntimeError) as err:  # not safetensors, a folder that is no run, ...
         reason = f"holds no weights clipkit can read: {_short(err)}"
         raise ConfigError("model.init_from", cfg.init_from, reason) from None
+    if (source.parent / "lora.json").is_file():
+        raise ConfigError("model.init_from", cfg.init_from, FROM_LORA_RUN)
     if cfg.init_towers == Towers.both:
         load_weights(model, weights, "model.init_from", cfg.init_from)
         return

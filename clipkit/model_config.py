@@ -13,12 +13,58 @@ from typing import Optional
 from clipkit.errors import PATH, Choice, ConfigError, require
 
 SHIPPED_CONFIGS = Path(__file__).parent / "model_configs"
+FROM_LORA_RUN = (
+    "is a LoRA run: its checkpoints hold the adapters only; export it (clipkit export checkpoint=RUN "
+    "format=open_clip out=DIR merges them into the weights) and start from DIR"
+)
 
 
 class Towers(Choice):
     both = "both"
     image = "image"
     text = "text"
+
+
+class LoraTarget(Choice):
+    attn = "attn"  # the attention's input (query/key/value) and output projections
+    mlp = "mlp"  # the MLP's two linear layers
+
+
+@dataclass
+class LoraConfig:
+    """``model.lora.*``: low-rank adapters (LoRA, through peft) on the transformer blocks of pretrained towers. The
+    adapted towers' own weights stay frozen and are not saved in checkpoints (they come from ``model.pretrained``
+    or ``model.init_from`` again, checked by digest); ``clipkit export`` merges the adapters into the weights."""
+
+    # The adapters' rank r; 0 = no LoRA.
+    rank: int = 0
+    # The scale of the adapters' update is alpha / rank.
+    alpha: float = 16.0
+    # Dropout on the adapters' input (training only).
+    dropout: float = 0.0
+    # Which towers get adapters; their other weights freeze. A tower without adapters trains as it would without
+    # LoRA (or stays locked: model.lock_image / lock_text).
+    towers: Towers = Towers.both
+    # Which layers of each block: attn (query/key/value and output projections), mlp (both linear layers).
+    targets: list[LoraTarget] = field(default_factory=lambda: [LoraTarget.attn, LoraTarget.mlp])
+    # Adapters on the last N blocks of each adapted tower only; 0 = every block.
+    blocks: int = 0
+
+    @property
+    def on(self) -> bool:
+        return self.rank > 0
+
+    def adapts(self, tower: str) -> bool:
+        return self.on and tower in (Towers.image, Towers.text) and self.towers in (Towers.both, tower)
+
+    def validate(self, prefix: str = "model.lora") -> None:
+        require(f"{prefix}.rank", self.rank, self.rank >= 0, "must be >= 0 (0 = no LoRA)")
+        require(f"{prefix}.alpha", self.alpha, self.alpha > 0, "must be > 0")
+        require(f"{prefix}.dropout", self.dropout, 0 <= self.dropout < 1, "must be in [0, 1)")
+        require(f"{prefix}.blocks", self.blocks, self.blocks >= 0, "must be >= 0 (0 = every block)")
+        targets = [str(t) for t in self.targets]
+        require(f"{prefix}.targets", targets, bool(targets), "must name at least one of attn, mlp")
+        require(f"{prefix}.targets", targets, len(set(targets)) == len(targets), "names a layer twice")
 
 
 @dataclass
@@ -59,6 +105,8 @@ class ModelConfig:
     init_logit_scale: Optional[float] = None
     # (the bias: SigLIP only; None = no bias)
     init_logit_bias: Optional[float] = None
+    # Low-rank adapters on pretrained towers (model.lora.rank=8 turns them on); see LoraConfig.
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def validate(self, prefix: str = "model") -> None:
         """Names, files and ranges; builds nothing and does not import open_clip (fast)."""
@@ -75,6 +123,24 @@ class ModelConfig:
             and not (self.lock_image_unlocked_groups or self.lock_text_unlocked_layers)
         ):
             raise ConfigError(f"{prefix}.lock_text", True, "both towers fully locked: only the temperature would train")
+        self.lora.validate(f"{prefix}.lora")
+        if self.lora.on:
+            if importlib.util.find_spec("peft") is None:
+                raise ConfigError(f"{prefix}.lora.rank", self.lora.rank, "needs peft: pip install 'clipkit[lora]'")
+            if self.pretrained is None and self.init_from is None:
+                raise ConfigError(
+                    f"{prefix}.lora.rank",
+                    self.lora.rank,
+                    f"adapts pretrained weights: give {prefix}.pretrained=FILE or {prefix}.init_from=RUN_OR_EXPORT",
+                )
+            for tower in ("image", "text"):
+                if self.lora.adapts(tower) and getattr(self, f"lock_{tower}"):
+                    raise ConfigError(
+                        f"{prefix}.lock_{tower}",
+                        True,
+                        f"the {tower} tower has LoRA adapters ({prefix}.lora.towers={self.lora.towers}), which "
+                        f"freeze its weights already; lock the other tower only, or set {prefix}.lora.towers",
+                    )
         if self.init_towers != Towers.both and self.init_from is None:
             raise ConfigError(f"{prefix}.init_towers", self.init_towers, f"needs {prefix}.init_from")
         if self.config is not None:
@@ -93,6 +159,8 @@ class ModelConfig:
         if self.init_from is not None:
             path = Path(self.init_from).expanduser()
             require(f"{prefix}.init_from", self.init_from, path.exists(), "path not found")
+            if path.is_dir() and (path / "lora.json").is_file() or any(path.glob("checkpoints/step_*/lora.json")):
+                raise ConfigError(f"{prefix}.init_from", self.init_from, FROM_LORA_RUN)
             if path.is_file() and path.suffix != ".safetensors":
                 raise ConfigError(
                     f"{prefix}.init_from",

@@ -20,7 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 import clipkit
 from clipkit import checkpoint as ckpt
-from clipkit import distributed, faults, report
+from clipkit import distributed, faults, lora, report
 from clipkit import model as model_lib
 from clipkit import run_dir as run_dirs
 from clipkit.config import RootConfig, resolve_eval_sets, resumable_keys, saved_config
@@ -129,11 +129,12 @@ def build_loader(
 
 
 def save_checkpoint(
-    run_dir: Path, cfg: RootConfig, env, engine, loader: TrainLoader, state: TrainState
+    run_dir: Path, cfg: RootConfig, env, engine, loader: TrainLoader, state: TrainState, lora_digest: str | None = None
 ) -> Path | ckpt.PendingSave:
     """A collective: every rank contributes its data position and RNG (and, for sharded engines, its shards);
     rank 0 writes the shared files. With ``train.async_checkpoint`` the engine's files are written in the
-    background and a ``PendingSave`` comes back."""
+    background and a ``PendingSave`` comes back. ``lora_digest``: the frozen base weights' SHA-256 (LoRA), which
+    the checkpoint does not hold."""
     data_states = distributed.all_gather_object(loader.state_dict())
     rng_states = distributed.all_gather_object(rng_state(env.device))
 
@@ -151,6 +152,8 @@ def save_checkpoint(
                 },
             )
             (tmp / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+            if lora_digest:
+                lora.save_state(tmp, lora_digest)
         return background
 
     return ckpt.save(
@@ -185,7 +188,9 @@ def saved_tree(path: Path) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(saved_config(path)))
 
 
-def resume(run_dir: Path, cfg: RootConfig, env, engine, loader: TrainLoader, state: TrainState) -> Path | None:
+def resume(
+    run_dir: Path, cfg: RootConfig, env, engine, loader: TrainLoader, state: TrainState, lora_digest: str | None = None
+) -> Path | None:
     path = ckpt.find_latest(run_dir / "checkpoints") if env.is_main and cfg.train.resume == "auto" else None
     path = distributed.broadcast_object(str(path) if path else None)
     if path is None:
@@ -211,6 +216,8 @@ def resume(run_dir: Path, cfg: RootConfig, env, engine, loader: TrainLoader, sta
             f"DeepSpeed's partitioned state ({cfg.parallel.engine}) resumes on the same world size only "
             "(parallel=ddp and parallel=fsdp reshard)"
         )
+    if lora_digest:  # (the adapters only make sense over the base weights they trained on)
+        lora.check_base(path, lora_digest, cfg.model)
     engine.load(path)
     note = loader.load_state_dict(trainer["data"])
     if note and env.is_main:
@@ -408,6 +415,8 @@ class Trainer:
         if cfg.model.init_from:  # a later resume overwrites these with the run's own checkpoint
             model_lib.load_init(built.model, cfg.model, env.device)
         locked = model_lib.apply_locks(built.model, cfg.model)  # (before any engine sees the parameters)
+        adapted = lora.apply(built.model, cfg.model.lora)  # (model.lora: adapters; the base weights freeze)
+        self.lora_digest = lora.base_digest(built.model) if adapted else None
         plan = parse_stages(cfg.train.stages, cfg.train.steps, cfg.model)
         self.stages = Stages(plan, built.model) if plan else None  # (also before any engine)
         self.flops_of = {s.index: self._count_flops(s) for s in plan} if plan else {}
@@ -438,16 +447,18 @@ class Trainer:
             if cfg.data.cache_teacher_features:  # (the teacher's model is no longer needed)
                 self.teacher = feature_cache.CachedTeacher.of(self.teacher)
         self.evaluated_on = eval_sets(cfg, self.held)
-        resumed = resume(run_dir, cfg, env, self.engine, self.loader, self.state)
+        resumed = resume(run_dir, cfg, env, self.engine, self.loader, self.state, self.lora_digest)
         if self.stages:  # (a checkpoint taken at a switch already holds the carried-over embedding)
             self._enter_stage(self.stages.at(self.state.step + 1))
         if env.is_main:  # only now: a refused resume leaves the run dir describing the run that ran there
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
-        self.logger = self._open_logger(locked, resumed)
+        self.logger = self._open_logger("; ".join(filter(None, (locked, adapted))), resumed)
         if self.stages:
             self.logger.write(self.stages.describe(self.state.step + 1))
-        self.checkpoints = Checkpoints(lambda: save_checkpoint(run_dir, cfg, env, self.engine, self.loader, self.state))
+        self.checkpoints = Checkpoints(
+            lambda: save_checkpoint(run_dir, cfg, env, self.engine, self.loader, self.state, self.lora_digest)
+        )
         self.last_saved = self.state.step if resumed else -1
         self.nonfinite = NonFinitePolicy(cfg.train.nonfinite, cfg.train.max_nonfinite_skips)
         # Agreeing on a signal is a collective and a host read: every N steps (every step when alone).

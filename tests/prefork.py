@@ -45,7 +45,18 @@ import threading
 import traceback
 from pathlib import Path
 
-PRELOAD = ("numpy", "PIL.Image", "torch", "torchvision", "open_clip", "omegaconf", "hydra", "webdataset", "safetensors")
+PRELOAD = (
+    "numpy",
+    "PIL.Image",
+    "torch",
+    "torchvision",
+    "open_clip",
+    "omegaconf",
+    "hydra",
+    "webdataset",
+    "safetensors",
+    "peft",
+)
 MAIN = "clipkit"
 
 

@@ -45,6 +45,7 @@ from torch.distributed.tensor import DTensor
 
 from clipkit import checkpoint as ckpt
 from clipkit import ema as ema_lib
+from clipkit import lora
 from clipkit.distributed import ensure_process_group
 from clipkit.engine.parts import (
     Forward,
@@ -177,7 +178,7 @@ class FSDPEngine:
         weights = get_model_state_dict(self.model, options=options)
         if self.rank != 0:
             return None
-        return as_scalars(weights, self.scalar_names)
+        return as_scalars(lora.saved_weights(self.model, weights), self.scalar_names)
 
     def save(self, path: Path, background: bool = False) -> Future | None:
         """Shards through torch DCP, the consolidated weights and the schedule. With ``background``
@@ -185,7 +186,7 @@ class FSDPEngine:
         shards from a background thread over its own process group, and the consolidated weights (already
         gathered to host memory) are written after them; the returned future completes when all is on disk."""
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
-        state = {"model": model_state, "optim": optim_state}
+        state = {"model": lora.saved_weights(self.model, model_state), "optim": optim_state}
         weights = self.consolidated_weights()  # a collective; host copies on rank 0
         ema_weights, ema_state = None, self.ema.state() if self.ema else None
         if self.ema:
@@ -215,11 +216,19 @@ class FSDPEngine:
 
     def load(self, path: Path) -> None:
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
-        state = {"model": model_state, "optim": optim_state}
+        # (model.lora: the frozen base weights are not in the checkpoint; they are in place already)
+        state = {"model": lora.saved_weights(self.model, model_state), "optim": optim_state}
         if self.ema:
             state["ema"] = self._ema_dtensors()  # loaded in place into the EMA's shards
         dcp.load(state, checkpoint_id=str(path / DCP_DIR))  # reshards when the number of ranks changed
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        options = StateDictOptions(strict=not lora.is_adapted(self.model))
+        set_state_dict(
+            self.model,
+            self.optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optim"],
+            options=options,
+        )
         self.scheduler.load_state_dict(ckpt.load_torch(path / "engine.pt")["scheduler"])
         if self.ema:
             self.ema.load_state(ckpt.load_json(path / ema_lib.STATE_FILE))

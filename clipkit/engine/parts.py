@@ -15,6 +15,7 @@ import torch
 
 from clipkit import checkpoint as ckpt
 from clipkit import ema as ema_lib
+from clipkit import lora
 from clipkit.optim import (
     build_optimizer,
     build_scheduler,
@@ -244,14 +245,18 @@ class TorchUpdate:
 
     def save(self, path: Path, rank: int) -> None:
         """Rank 0 writes the full weights, the optimizer state and the EMA (the model is replicated)."""
-        if rank == 0:
-            ckpt.save_tensors(path / "model.safetensors", self.model.state_dict())
+        if rank == 0:  # (model.lora: without the frozen base weights)
+            ckpt.save_tensors(path / "model.safetensors", lora.saved_weights(self.model, self.model.state_dict()))
             ckpt.save_torch(path / "engine.pt", self.state_dict())
             if self.ema:
                 ema_lib.save_files(path, self.ema.shadow, self.ema.state())
 
     def load(self, path: Path, device: torch.device) -> None:
-        self.model.load_state_dict(ckpt.load_tensors(path / "model.safetensors", device))
+        weights = ckpt.load_tensors(path / "model.safetensors", device)
+        if lora.is_adapted(self.model):
+            lora.load_saved(self.model, weights, path)
+        else:
+            self.model.load_state_dict(weights)
         self.load_state_dict(ckpt.load_torch(path / "engine.pt"))
         if self.ema:
             self.ema.load_state(*ema_lib.load_files(path, device))

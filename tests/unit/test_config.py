@@ -90,6 +90,45 @@ def test_bad_config_fails_with_named_field(overrides, needle, capsys):
     assert needle in err, err
 
 
+LORA_REFUSED = [
+    # issue 31: LoRA adapts pretrained weights, on the engines whose checkpoints can leave the frozen ones out
+    ([], "model.lora.rank=4: adapts pretrained weights"),  # (no model.init_from or model.pretrained)
+    (["model.lock_image=true"], "model.lock_image=True: the image tower has LoRA adapters"),
+    (["model.lock_text=true", "model.lora.towers=text"], "model.lock_text=True"),
+    (["parallel=zero2"], "parallel.engine='zero2'"),
+    (["model.name=clipkit-coca-tiny"], "not CoCa"),
+    (["train.stages=[50%:32,rest:32]"], "train.stages"),
+    (["model.lora.targets=[mlp,mlp]"], "names a layer twice"),
+    (["model.lora.targets=[qkv]"], "expected one of [attn, mlp]"),
+    (["model.lora.alpha=0"], "model.lora.alpha=0"),
+    (["model.lora.rank=-1"], "model.lora.rank=-1"),
+    (["model.lora.dropout=1"], "model.lora.dropout=1"),
+    (["model.lora.blocks=-2"], "model.lora.blocks=-2"),
+]
+
+
+@pytest.mark.parametrize("overrides,needle", LORA_REFUSED, ids=[" ".join(o) for o, _ in LORA_REFUSED])
+def test_bad_lora_config_fails_with_named_field(overrides, needle, tmp_path, capsys):
+    base = tmp_path / "base.safetensors"
+    base.write_bytes(b"")  # (validation reads no weights)
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "model.lora.rank=4", *([f"model.init_from={base}"] if overrides else []), *overrides])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("clipkit: config error:"), err
+    assert needle in err, err
+
+
+def test_starting_from_a_lora_run_is_refused_with_the_export_to_use(tmp_path, capsys):
+    step = tmp_path / "run" / "checkpoints" / "step_00000010"
+    step.mkdir(parents=True)
+    (step / "lora.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        main(["train", f"model.init_from={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert "model.init_from=" in err and "is a LoRA run" in err and "clipkit export" in err, err
+
+
 def test_bad_config_in_a_subprocess_has_no_traceback():
     proc = run_cli("train", "train.steps=abc", timeout=600)
     assert proc.returncode == 2
