@@ -89,6 +89,8 @@ def _show(value) -> str:
         return "null"
     if isinstance(value, bool):
         return str(value).lower()
+    if isinstance(value, list):  # (as the override is typed: model.lora.targets=[attn,mlp])
+        return "[" + ",".join(_show(v) for v in value) + "]"
     return str(value) if value != "" else "''"
 
 
