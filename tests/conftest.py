@@ -139,3 +139,20 @@ def pytest_terminal_summary(terminalreporter):
     out = Path(__file__).resolve().parents[1] / "benchmarks" / "out" / "reliability.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"mode": "long" if harness.LONG else "fast", "results": rows}, indent=1))
+
+
+@pytest.fixture(scope="session")
+def tower(tmp_path_factory) -> tuple[str, dict]:
+    """A "pretrained" model for LiT and LoRA runs: clipkit-tiny at another seed, as a safetensors file, and its
+    weights."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from clipkit.model import build
+    from clipkit.model_config import ModelConfig
+
+    torch.manual_seed(1234)
+    weights = build(ModelConfig()).model.state_dict()
+    path = tmp_path_factory.mktemp("pretrained") / "pretrained.safetensors"
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(path))
+    return str(path), load_file(str(path))

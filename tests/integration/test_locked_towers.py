@@ -11,10 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
-from clipkit.model import build
-from clipkit.model_config import ModelConfig
 from tests.conftest import run_cli
 from tests.integration.test_engines import ATOL, COMMON, final_weights, logged, losses, torchrun
 
@@ -30,17 +27,6 @@ ENGINES = [
     pytest.param("zero1", marks=pytest.mark.slow),
     pytest.param("fsdp", marks=pytest.mark.slow),
 ]
-
-
-@pytest.fixture(scope="module")
-def tower(tmp_path_factory) -> tuple[str, dict]:
-    """A "pretrained" model: clipkit-tiny at another seed, as a safetensors file (its image tower is what LiT
-    keeps)."""
-    torch.manual_seed(1234)
-    weights = build(ModelConfig()).model.state_dict()
-    path = tmp_path_factory.mktemp("lit") / "pretrained.safetensors"
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(path))
-    return str(path), load_file(str(path))
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import shutil
 import open_clip
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from clipkit import lora
 from clipkit.model import build
@@ -26,24 +26,14 @@ LORA = ["model.lora.rank=4", "model.lora.alpha=8", "optim.lr=0.01"]
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> tuple[str, dict]:
-    """A "pretrained" model: clipkit-tiny at another seed, as a safetensors file."""
-    torch.manual_seed(1234)
-    weights = build(ModelConfig()).model.state_dict()
-    path = tmp_path_factory.mktemp("lora") / "pretrained.safetensors"
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(path))
-    return str(path), load_file(str(path))
-
-
-@pytest.fixture(scope="module")
-def single(base, tmp_path_factory, cache_dir):
+def single(tower, tmp_path_factory, cache_dir):
     run = tmp_path_factory.mktemp("lora") / "single"
-    proc = run_cli("train", f"hydra.run.dir={run}", *COMMON, *LORA, f"model.init_from={base[0]}", check=True)
+    proc = run_cli("train", f"hydra.run.dir={run}", *COMMON, *LORA, f"model.init_from={tower[0]}", check=True)
     assert "LoRA r=4 alpha=8 on 20 layers (both towers, attn+mlp): 0.029M adapter params" in proc.stderr
     return run
 
 
-def test_checkpoint_holds_the_adapters_and_their_optimizer_state_only(single, base):
+def test_checkpoint_holds_the_adapters_and_their_optimizer_state_only(single, tower):
     saved = final_weights(single)
     adapters = {k for k in saved if ".lora_" in k}
     assert len(adapters) == 2 * 4 * 5  # A and B, 4 layers per block, 4 image blocks + 1 text block
@@ -55,18 +45,18 @@ def test_checkpoint_holds_the_adapters_and_their_optimizer_state_only(single, ba
     moved = [k for k in adapters if ".lora_B." in k and saved[k].abs().max() > 0]
     assert len(moved) == 20  # every B left zero, where LoRA starts
     assert (step / "model.safetensors").stat().st_size < 0.05 * (base_size := sum(
-        v.numel() * v.element_size() for v in base[1].values()))  # fmt: skip
+        v.numel() * v.element_size() for v in tower[1].values()))  # fmt: skip
     assert base_size > 10_000_000
 
 
-def test_export_merges_the_adapters_into_what_open_clip_loads(single, base, tmp_path):
+def test_export_merges_the_adapters_into_what_open_clip_loads(single, tower, tmp_path):
     out = tmp_path / "export"
     proc = run_cli("export", f"checkpoint={single}", "format=open_clip", f"out={out}", check=True)
     assert "max abs embedding difference image 0.00e+00" in proc.stdout
     # the adapted model, built here from the base file and the checkpoint's adapters (not merged)
     torch.manual_seed(0)
     adapted = build(ModelConfig()).model
-    adapted.load_state_dict(base[1])
+    adapted.load_state_dict(tower[1])
     lora.apply(adapted, LoraConfig(rank=4, alpha=8))
     lora.load_saved(adapted, final_weights(single), single)
     exported = open_clip.create_model(f"local-dir:{out}", output_dict=True)  # (open_clip alone: no peft)
@@ -81,16 +71,16 @@ def test_export_merges_the_adapters_into_what_open_clip_loads(single, base, tmp_
         torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=0)
     # the frozen weights were not trained: each exported weight is the base one plus (alpha / r) B A
     merged = exported.state_dict()
-    assert torch.equal(merged["visual.conv1.weight"], base[1]["visual.conv1.weight"])
-    assert torch.equal(merged["token_embedding.weight"], base[1]["token_embedding.weight"])
+    assert torch.equal(merged["visual.conv1.weight"], tower[1]["visual.conv1.weight"])
+    assert torch.equal(merged["token_embedding.weight"], tower[1]["token_embedding.weight"])
     name = "visual.transformer.resblocks.1.mlp.c_fc"
     a, b = (final_weights(single)[f"{name}.lora_{ab}.default.weight"] for ab in "AB")
-    torch.testing.assert_close(merged[f"{name}.weight"], base[1][f"{name}.weight"] + 2 * b @ a, atol=1e-6, rtol=0)
+    torch.testing.assert_close(merged[f"{name}.weight"], tower[1][f"{name}.weight"] + 2 * b @ a, atol=1e-6, rtol=0)
 
 
-def test_killed_run_resumes_bit_identically(single, base, tmp_path):
+def test_killed_run_resumes_bit_identically(single, tower, tmp_path):
     run = tmp_path / "killed"
-    args = ["train", f"hydra.run.dir={run}", *COMMON, *LORA, f"model.init_from={base[0]}"]
+    args = ["train", f"hydra.run.dir={run}", *COMMON, *LORA, f"model.init_from={tower[0]}"]
     killed = run_cli(*args, env={"CLIPKIT_FAULTS": "kill:step@7"})  # kill -9 after step 7 (checkpoint: 5)
     assert killed.returncode != 0
     assert (run / "checkpoints" / "step_00000005").is_dir()
@@ -104,11 +94,11 @@ def test_killed_run_resumes_bit_identically(single, base, tmp_path):
 
 
 @pytest.mark.parametrize("engine", ["ddp", "fsdp_cached"])
-def test_two_ranks_train_what_one_process_trains(single, base, tmp_path, engine):
+def test_two_ranks_train_what_one_process_trains(single, tower, tmp_path, engine):
     name, _, cached = engine.partition("_")
     run = tmp_path / engine
     extra = ["train.micro_batch_size=48"] if cached else []
-    torchrun(run, f"parallel={name}", *LORA, f"model.init_from={base[0]}", *extra)
+    torchrun(run, f"parallel={name}", *LORA, f"model.init_from={tower[0]}", *extra)
     assert losses(run) == pytest.approx(losses(single), rel=1e-5, abs=0)
     got, want = final_weights(run), final_weights(single)
     assert set(got) == set(want)
@@ -116,15 +106,15 @@ def test_two_ranks_train_what_one_process_trains(single, base, tmp_path, engine)
         torch.testing.assert_close(got[key], want[key], atol=ATOL, rtol=0, msg=key)
 
 
-def test_changed_base_weights_are_refused(base, tmp_path):
+def test_changed_base_weights_are_refused(tower, tmp_path):
     """The checkpoint holds adapters for the base weights it trained on: when the file behind model.init_from
     changed since, resuming the run and evaluating its checkpoint are refused, naming the file."""
     own = tmp_path / "base.safetensors"
-    shutil.copy(base[0], own)
+    shutil.copy(tower[0], own)
     run = tmp_path / "run"
     args = ["train", f"hydra.run.dir={run}", *COMMON, *LORA, f"model.init_from={own}", "train.steps=5"]
     run_cli(*args, check=True)
-    weights = dict(base[1])
+    weights = dict(tower[1])
     weights["visual.conv1.weight"] = weights["visual.conv1.weight"] + 1e-3
     save_file({k: v.contiguous() for k, v in weights.items()}, str(own))
     proc = run_cli(*args)
