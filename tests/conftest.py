@@ -14,6 +14,11 @@ from tests import prefork
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
+# One intra-op thread in the tests' processes and everything they start (set before anything imports torch). Their
+# models and batches are tiny, and most runs share the 2 cores with their own loader workers or a second rank: two
+# OpenMP threads per process spun against those. On the CI's 2 cores a third of the integration suite ran 20% faster
+# with one (212 s against 265 s; benchmarks/RESULTS.md). OMP_NUM_THREADS set outside wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # A demo world small enough for tests: 2,000 training pairs in 4 shards of uneven size.
 SMALL_DEMO = [

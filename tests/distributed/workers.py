@@ -21,16 +21,23 @@ MICRO_CLIP = {
 B = 3  # per-rank micro-batch (odd on purpose)
 
 
+def _register(name: str, cfg: dict) -> None:
+    """open_clip knows model ``name`` (it reads the JSON when it is added; the file is not left behind)."""
+    import open_clip
+
+    with tempfile.TemporaryDirectory(prefix="clipkit-test-") as folder:
+        path = Path(folder) / f"{name}.json"
+        path.write_text(json.dumps(cfg))
+        open_clip.add_model_config(path)
+
+
 def micro_clip(patch_dropout: float = 0.0, siglip: bool = False, seed: int = 0):
     import open_clip
 
     cfg = json.loads(json.dumps(MICRO_CLIP))
     cfg["vision_cfg"]["patch_dropout"] = patch_dropout
     name = f"micro-clip-pd{int(patch_dropout * 100)}"
-    path = Path(tempfile.gettempdir()) / f"clipkit-test-{os.getpid()}" / f"{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(cfg))
-    open_clip.add_model_config(path)
+    _register(name, cfg)
     torch.manual_seed(seed)
     kwargs = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0} if siglip else {}
     from clipkit.model import quiet_root_logger
@@ -166,10 +173,7 @@ def micro_coca(siglip: bool = False):
 
     from clipkit.model import init_uninitialized, quiet_root_logger
 
-    path = Path(tempfile.gettempdir()) / f"clipkit-test-{os.getpid()}" / "micro-coca.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(MICRO_COCA))
-    open_clip.add_model_config(path)
+    _register("micro-coca", MICRO_COCA)
     torch.manual_seed(0)
     kwargs = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0} if siglip else {}
     with quiet_root_logger():
