@@ -215,7 +215,8 @@ def check_base(path: Path, digest: str, cfg) -> None:
         source = cfg.init_from or cfg.pretrained
         raise BaseChanged(
             f"{path} holds LoRA adapters trained on other base weights than {source} holds now (SHA-256 of the "
-            "frozen weights differs): the file behind model.init_from / model.pretrained changed since that run"
+            "frozen weights differs): the weights behind model.init_from / model.pretrained (for a run dir, its "
+            "newest checkpoint) changed since that run; point it at the weights the adapters were trained on"
         )
 
 
