@@ -9,6 +9,7 @@ Same data and tolerance as test_engines.py: global batches of 192 of 384 pairs, 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import open_clip
@@ -76,6 +77,16 @@ def test_export_merges_the_adapters_into_what_open_clip_loads(single, tower, tmp
     name = "visual.transformer.resblocks.1.mlp.c_fc"
     a, b = (final_weights(single)[f"{name}.lora_{ab}.default.weight"] for ab in "AB")
     torch.testing.assert_close(merged[f"{name}.weight"], tower[1][f"{name}.weight"] + 2 * b @ a, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("fmt", ["hf", "onnx", "towers"])
+def test_every_export_format_loads_the_merged_model_in_its_consumer(single, tmp_path, fmt):
+    """The other formats export the same merged model (above: equal to the adapted one); each export is read back
+    by its consumer (transformers, onnxruntime, clipkit's tower loader), none of which knows peft."""
+    proc = run_cli("export", f"checkpoint={single}", f"format={fmt}", f"out={tmp_path / fmt}", check=True)
+    found = re.search(r"max abs embedding difference image ([\d.e+-]+), text ([\d.e+-]+)", proc.stdout)
+    assert found and float(found[1]) < 1e-5 and float(found[2]) < 1e-5, proc.stdout
+    assert not any("lora" in p.name for p in (tmp_path / fmt).rglob("*"))
 
 
 def test_killed_run_resumes_bit_identically(single, tower, tmp_path):

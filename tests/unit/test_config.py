@@ -119,6 +119,19 @@ def test_bad_lora_config_fails_with_named_field(overrides, needle, tmp_path, cap
     assert needle in err, err
 
 
+def test_lora_without_peft_installed_names_the_extra(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else find_spec(name, *a))
+    base = tmp_path / "base.safetensors"
+    base.write_bytes(b"")
+    with pytest.raises(SystemExit):
+        main(["train", "model.lora.rank=8", f"model.init_from={base}"])
+    err = capsys.readouterr().err
+    assert "model.lora.rank=8: needs peft: pip install 'clipkit[lora]'" in err, err
+
+
 def test_starting_from_a_lora_run_is_refused_with_the_export_to_use(tmp_path, capsys):
     step = tmp_path / "run" / "checkpoints" / "step_00000010"
     step.mkdir(parents=True)
