@@ -104,6 +104,15 @@ def deepspeed_config(cfg: RootConfig, world_size: int, device: torch.device) -> 
     }
 
 
+def _skip_shm_op() -> None:
+    """On a CPU, DeepSpeed's comm backend builds its shared-memory all-reduce op when it starts: a C++ compile of
+    22 s on 2 cores, once per machine (and extensions folder). The op serves only ``inference_all_reduce``, which
+    training never calls (its all-reduces are torch's), so it is marked incompatible and DeepSpeed skips it."""
+    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if isinstance(compatible, dict) and compatible.get("deepspeed_shm_comm"):
+        compatible["deepspeed_shm_comm"] = False
+
+
 class DeepSpeedEngine:
     """``deepspeed.initialize`` around the open_clip model and a client AdamW + warmup/cosine schedule.
 
@@ -115,6 +124,8 @@ class DeepSpeedEngine:
 
     def __init__(self, model: torch.nn.Module, cfg: RootConfig, env: DistEnv):
         ensure_process_group(env, cfg.parallel.timeout_s)
+        if env.device.type == "cpu":
+            _skip_shm_op()
         deepspeed.init_distributed(dist_backend=dist.get_backend(), timeout=None)
         self.rank, self.device, self.model = env.rank, env.device, model
         # fp16, torch.compile and channels-last are refused for ZeRO by config validation; bf16 needs no scaler.
