@@ -145,7 +145,8 @@ def apply(model: nn.Module, cfg: LoraConfig) -> str | None:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for n, p in model.named_parameters() if ".lora_" not in n)
     return (
-        f"LoRA r={cfg.rank} alpha={cfg.alpha:g} on {len(targets)} layers ({cfg.towers} towers, "
+        f"LoRA r={cfg.rank} alpha={cfg.alpha:g} on {len(targets)} layers "
+        f"({'both towers' if cfg.towers == 'both' else f'{cfg.towers} tower'}, "
         f"{'+'.join(str(t) for t in cfg.targets)}): {adapters / 1e6:.3f}M adapter params; "
         f"{trainable / 1e6:.3f}M of {total / 1e6:.2f}M params trainable"
     )
