@@ -393,6 +393,13 @@ def validate(cfg: RootConfig, verb: str = "train", world_size: Optional[int] = N
     if cfg.train.stages:
         parse_stages(cfg.train.stages, cfg.train.steps, cfg.model)
     if cfg.model.lora.on:
+        if verb == "bench":  # (it would time the full step on both sides: not what the override asks for)
+            raise ConfigError(
+                "model.lora.rank",
+                cfg.model.lora.rank,
+                "clipkit bench times full training steps against open_clip's trainer, which has no LoRA; LoRA's "
+                "step is measured by benchmarks/locked_towers.py (its lora configs)",
+            )
         _validate_lora(cfg)
     caches = cfg.data.cache_image_features or cfg.data.cache_text_features or cfg.data.cache_teacher_features
     if caches and verb == "train":

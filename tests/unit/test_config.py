@@ -119,6 +119,15 @@ def test_bad_lora_config_fails_with_named_field(overrides, needle, tmp_path, cap
     assert needle in err, err
 
 
+def test_bench_refuses_lora_instead_of_timing_the_full_step(tmp_path, capsys):
+    base = tmp_path / "base.safetensors"
+    base.write_bytes(b"")
+    with pytest.raises(SystemExit):
+        main(["bench", "model.lora.rank=8", f"model.init_from={base}"])
+    err = capsys.readouterr().err
+    assert "model.lora.rank=8: clipkit bench times full training steps" in err, err
+
+
 def test_lora_without_peft_installed_names_the_extra(tmp_path, monkeypatch, capsys):
     import importlib.util
 
