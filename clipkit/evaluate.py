@@ -39,11 +39,7 @@ def load_trained(path: Path, device: torch.device, weights: str = "raw") -> tupl
     if saved_cfg.model.lora.on:  # adapters only: the frozen weights come from the base, as in training
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(saved_cfg.train.seed)  # (a tower left at its seeded init: the one training had)
-            built = model_lib.build(saved_cfg.model, device)
-        if saved_cfg.model.init_from:
-            model_lib.load_init(built.model, saved_cfg.model, device)
-        model_lib.apply_locks(built.model, saved_cfg.model)
-        lora.apply(built.model, saved_cfg.model.lora)
+            built, _ = model_lib.build_for_training(saved_cfg.model, device)
         lora.check_base(path, lora.base_digest(built.model), saved_cfg.model)
         lora.load_saved(built.model, saved, path)
     else:

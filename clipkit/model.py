@@ -17,8 +17,9 @@ import open_clip
 import torch
 
 from clipkit import checkpoint as ckpt
+from clipkit import lora
 from clipkit.errors import ConfigError
-from clipkit.model_config import FROM_LORA_RUN, SHIPPED_CONFIGS, ModelConfig, Towers
+from clipkit.model_config import SHIPPED_CONFIGS, ModelConfig, Towers
 from clipkit.optim import tower_of
 
 _registered = False
@@ -94,6 +95,18 @@ def build(cfg: ModelConfig, device: torch.device | str = "cpu") -> Built:
     return _built(model, open_clip.get_tokenizer(name), name)
 
 
+def build_for_training(cfg: ModelConfig, device: torch.device | str) -> tuple[Built, list[str]]:
+    """The model as a training run starts it, from the RNG state the caller seeded: built, ``model.init_from``
+    loaded (a resume later overwrites what it saved), then the locks and the LoRA adapters applied, before any
+    engine sees the parameters. Also what ``clipkit eval`` rebuilds under a LoRA checkpoint's adapters. Returns
+    the model and its lines for the run log."""
+    built = build(cfg, device)
+    if cfg.init_from:
+        load_init(built.model, cfg, device)
+    said = [apply_locks(built.model, cfg), lora.apply(built.model, cfg.lora)]
+    return built, [line for line in said if line]
+
+
 def init_uninitialized(model: torch.nn.Module) -> None:
     """What open_clip leaves uninitialised, initialised from the seeded RNG. open_clip 3.3's CoCa caption decoder
     (``MultimodalTransformer``) allocates its vocabulary projection with ``torch.empty`` and never runs its
@@ -133,13 +146,10 @@ def load_init(model: torch.nn.Module, cfg: ModelConfig, device: torch.device | s
     """Loads ``model.init_from`` into the towers ``model.init_towers`` names (the temperature and bias with
     ``both`` only); every key of those towers must be in the file."""
     try:
-        source = ckpt.weights_file(Path(cfg.init_from).expanduser())
-        weights = ckpt.load_tensors(source, device)
+        weights = ckpt.load_tensors(ckpt.weights_file(Path(cfg.init_from).expanduser()), device)
     except (OSError, ValueError, RuntimeError) as err:  # not safetensors, a folder that is no run, ...
         reason = f"holds no weights clipkit can read: {_short(err)}"
         raise ConfigError("model.init_from", cfg.init_from, reason) from None
-    if (source.parent / "lora.json").is_file():
-        raise ConfigError("model.init_from", cfg.init_from, FROM_LORA_RUN)
     if cfg.init_towers == Towers.both:
         load_weights(model, weights, "model.init_from", cfg.init_from)
         return

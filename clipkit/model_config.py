@@ -19,6 +19,12 @@ FROM_LORA_RUN = (
 )
 
 
+def is_lora_run(path: Path) -> bool:
+    """A LoRA run dir, one of its checkpoints, or a weights file in one (``lora.json`` marks its checkpoints)."""
+    folder = path if path.is_dir() else path.parent
+    return (folder / "lora.json").is_file() or any(folder.glob("checkpoints/step_*/lora.json"))
+
+
 class Towers(Choice):
     both = "both"
     image = "image"
@@ -159,7 +165,7 @@ class ModelConfig:
         if self.init_from is not None:
             path = Path(self.init_from).expanduser()
             require(f"{prefix}.init_from", self.init_from, path.exists(), "path not found")
-            if path.is_dir() and (path / "lora.json").is_file() or any(path.glob("checkpoints/step_*/lora.json")):
+            if is_lora_run(path):
                 raise ConfigError(f"{prefix}.init_from", self.init_from, FROM_LORA_RUN)
             if path.is_file() and path.suffix != ".safetensors":
                 raise ConfigError(

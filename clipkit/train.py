@@ -411,12 +411,10 @@ class Trainer:
         self.demo = ensure_demo(cfg.data, say=lambda m: log.info(m)) if uses_demo else None
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        self.built = built = model_lib.build(cfg.model, env.device)
-        if cfg.model.init_from:  # a later resume overwrites these with the run's own checkpoint
-            model_lib.load_init(built.model, cfg.model, env.device)
-        locked = model_lib.apply_locks(built.model, cfg.model)  # (before any engine sees the parameters)
-        adapted = lora.apply(built.model, cfg.model.lora)  # (model.lora: adapters; the base weights freeze)
-        self.lora_digest = lora.base_digest(built.model) if adapted else None
+        built, said = model_lib.build_for_training(cfg.model, env.device)  # (init_from, locks, LoRA)
+        self.built = built
+        # (model.lora: the frozen base weights' digest, which every checkpoint records and a resume checks)
+        self.lora_digest = lora.base_digest(built.model) if cfg.model.lora.on else None
         plan = parse_stages(cfg.train.stages, cfg.train.steps, cfg.model)
         self.stages = Stages(plan, built.model) if plan else None  # (also before any engine)
         self.flops_of = {s.index: self._count_flops(s) for s in plan} if plan else {}
@@ -453,7 +451,7 @@ class Trainer:
         if env.is_main:  # only now: a refused resume leaves the run dir describing the run that ran there
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
-        self.logger = self._open_logger("; ".join(filter(None, (locked, adapted))), resumed)
+        self.logger = self._open_logger(said, resumed)
         if self.stages:
             self.logger.write(self.stages.describe(self.state.step + 1))
         self.checkpoints = Checkpoints(
@@ -540,7 +538,7 @@ class Trainer:
         self._enter_stage(stages.at(step + 1))
         self.logger.write(stages.describe(step + 1))
 
-    def _open_logger(self, locked: str | None, resumed: Path | None) -> RunLogger:
+    def _open_logger(self, model_lines: list[str], resumed: Path | None) -> RunLogger:
         cfg, env, built = self.cfg, self.env, self.built
         wandb = {
             "project": cfg.logging.wandb_project,
@@ -557,8 +555,8 @@ class Trainer:
             OmegaConf.to_container(OmegaConf.structured(cfg)),
             tensorboard=cfg.logging.tensorboard,
         )
-        if locked:
-            logger.write(locked)
+        for line in model_lines:  # (locks, LoRA adapters)
+            logger.write(line)
         for kind, c in (self.cached_features or {}).items():
             logger.write(f"cached {kind} features: {c['done']} of {c['shards']} shards in {c['folder']} "
                          f"({c['embedded']} embedded now: {c['rows']} rows in {c['seconds']:.1f} s)")  # fmt: skip

@@ -145,10 +145,12 @@ def test_starting_from_a_lora_run_is_refused_with_the_export_to_use(tmp_path, ca
     step = tmp_path / "run" / "checkpoints" / "step_00000010"
     step.mkdir(parents=True)
     (step / "lora.json").write_text("{}")
-    with pytest.raises(SystemExit):
-        main(["train", f"model.init_from={tmp_path / 'run'}"])
-    err = capsys.readouterr().err
-    assert "model.init_from=" in err and "is a LoRA run" in err and "clipkit export" in err, err
+    (step / "model.safetensors").write_bytes(b"")
+    for start in (tmp_path / "run", step, step / "model.safetensors"):  # the run, a checkpoint, its weights file
+        with pytest.raises(SystemExit):
+            main(["train", f"model.init_from={start}"])
+        err = capsys.readouterr().err
+        assert "model.init_from=" in err and "is a LoRA run" in err and "clipkit export" in err, (start, err)
 
 
 def test_bad_config_in_a_subprocess_has_no_traceback():
