@@ -382,7 +382,14 @@ def validate(cfg: RootConfig, verb: str = "train", world_size: Optional[int] = N
     if not is_coca(cfg.model):
         if cfg.loss.caption_weight is not None:
             raise ConfigError("loss.caption_weight", cfg.loss.caption_weight, "needs a CoCa model (coca_*)")
-        require("loss.contrastive_weight", 0, cfg.loss.contrastive_weight > 0, "must be > 0: it is the only loss")
+        require(
+            "loss.contrastive_weight",
+            0,
+            cfg.loss.contrastive_weight > 0,
+            "must be > 0: it is the only loss" if not cfg.loss.itm_weight else "must be > 0: ITM's negatives need it",
+        )
+    if cfg.loss.itm_weight > 0:
+        _validate_itm(cfg, verb)
     if cfg.distill.teacher is not None and verb == "train":
         if cfg.loss.name == LossName.siglip and cfg.distill.kind == DistillKind.logits:
             raise ConfigError(
@@ -423,6 +430,22 @@ def validate(cfg: RootConfig, verb: str = "train", world_size: Optional[int] = N
     if asks_ema and cfg.checkpoint is not None:
         key, value = ("weights", cfg.weights) if by_weights else ("eval.use_ema", cfg.eval.use_ema)
         _require_ema_weights(key, value, cfg.checkpoint)
+
+
+def _validate_itm(cfg: RootConfig, verb: str) -> None:
+    """``loss.itm_weight``: what the matching term needs beside its own fields."""
+    if verb == "bench":
+        raise ConfigError(
+            "loss.itm_weight",
+            cfg.loss.itm_weight,
+            "clipkit bench times full training steps against open_clip's trainer, which has no ITM term",
+        )
+    require(
+        "train.global_batch_size",
+        cfg.train.global_batch_size,
+        cfg.train.global_batch_size >= 2,
+        "must be >= 2 with loss.itm_weight: the hard negatives come from the rest of the batch",
+    )
 
 
 def _validate_lora(cfg: RootConfig) -> None:

@@ -127,6 +127,13 @@ def _all_gather_flat(out: torch.Tensor, x: torch.Tensor) -> None:
     gather(out, x)
 
 
+def all_gather_flat(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``x`` (equal shapes) concatenated along dim 0, without autograd."""
+    out = x.new_empty((rank_and_world()[1] * x.shape[0], *x.shape[1:]))
+    _all_gather_flat(out, x.contiguous())
+    return out
+
+
 class _AllGatherWithGrad(torch.autograd.Function):
     """all_gather along dim 0 whose backward sums the gathered gradient over ranks and returns the local slice."""
 

@@ -33,17 +33,19 @@ class NoEmaWeights(UserError, ValueError):
 
 
 def load_trained(path: Path, device: torch.device, weights: str = "raw") -> tuple[model_lib.Built, RootConfig]:
-    """The model of a clipkit checkpoint, built from the config it carries, with its raw or its EMA weights."""
+    """The model of a clipkit checkpoint, built from the config it carries, with its raw or its EMA weights (and
+    its ITM head, when it trained one: ``itm.detach`` takes it off)."""
     saved_cfg = saved_config(path)
     saved = ckpt.load_tensors(path / "model.safetensors", device)
     if saved_cfg.model.lora.on:  # adapters only: the frozen weights come from the base, as in training
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(saved_cfg.train.seed)  # (a tower left at its seeded init: the one training had)
-            built, _ = model_lib.build_for_training(saved_cfg.model, device)
+            built, _ = model_lib.build_for_training(saved_cfg.model, device, saved_cfg.loss.itm_head)
         lora.check_base(path, lora.base_digest(built.model), saved_cfg.model)
         lora.load_saved(built.model, saved, path)
     else:
         built = model_lib.build(saved_cfg.model, device)
+        model_lib.add_itm_head(built.model, saved_cfg.model, saved_cfg.loss.itm_head)
         model_lib.load_weights(built.model, saved, "checkpoint", path)
     if weights == "ema":
         use_ema_weights(built.model, path, device)

@@ -28,6 +28,7 @@ import torch
 from open_clip.model import _build_text_tower, _build_vision_tower
 from safetensors.torch import load_file, save_file
 
+from clipkit import itm
 from clipkit.checkpoint import resolve
 from clipkit.config import RootConfig
 from clipkit.evaluate import load_trained
@@ -188,7 +189,9 @@ def export(
 ) -> dict:
     """Writes ``fmt`` for ``built`` (trained by ``cfg``, from checkpoint ``source``) to ``out``: under a temporary
     name first, verified in its consumer, then moved into place (an existing ``out`` only with ``overwrite``,
-    replaced whole)."""
+    replaced whole). An ITM head is not exported (it is taken off ``built.model``): the consumers load the two
+    encoders as they are."""
+    itm.detach(built.model)
     out = Path(out).expanduser()
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"{out} is not empty (overwrite=true replaces it whole)")

@@ -17,7 +17,7 @@ import open_clip
 import torch
 
 from clipkit import checkpoint as ckpt
-from clipkit import lora
+from clipkit import itm, lora
 from clipkit.errors import ConfigError
 from clipkit.model_config import SHIPPED_CONFIGS, ModelConfig, Towers
 from clipkit.optim import tower_of
@@ -95,16 +95,27 @@ def build(cfg: ModelConfig, device: torch.device | str = "cpu") -> Built:
     return _built(model, open_clip.get_tokenizer(name), name)
 
 
-def build_for_training(cfg: ModelConfig, device: torch.device | str) -> tuple[Built, list[str]]:
+def build_for_training(
+    cfg: ModelConfig, device: torch.device | str, itm_head: int | None = None
+) -> tuple[Built, list[str]]:
     """The model as a training run starts it, from the RNG state the caller seeded: built, ``model.init_from``
-    loaded (a resume later overwrites what it saved), then the locks and the LoRA adapters applied, before any
+    loaded (a resume later overwrites what it saved), the ITM head added (``itm_head``: its width, 0 = the
+    embedding width; None = none; ``loss.itm_head``), then the locks and the LoRA adapters applied, before any
     engine sees the parameters. Also what ``clipkit eval`` rebuilds under a LoRA checkpoint's adapters. Returns
     the model and its lines for the run log."""
     built = build(cfg, device)
     if cfg.init_from:
         load_init(built.model, cfg, device)
-    said = [apply_locks(built.model, cfg), lora.apply(built.model, cfg.lora)]
+    said = [add_itm_head(built.model, cfg, itm_head), apply_locks(built.model, cfg), lora.apply(built.model, cfg.lora)]
     return built, [line for line in said if line]
+
+
+def add_itm_head(model: torch.nn.Module, cfg: ModelConfig, width: int | None) -> str | None:
+    """The ITM fusion head (``clipkit/itm.py``) on the model's embeddings, when ``width`` is not None."""
+    if width is None:
+        return None
+    dim = int(model_config(cfg)["embed_dim"])
+    return itm.attach(model, dim, width or dim)
 
 
 def init_uninitialized(model: torch.nn.Module) -> None:
@@ -146,7 +157,7 @@ def load_init(model: torch.nn.Module, cfg: ModelConfig, device: torch.device | s
     """Loads ``model.init_from`` into the towers ``model.init_towers`` names (the temperature and bias with
     ``both`` only); every key of those towers must be in the file."""
     try:
-        weights = ckpt.load_tensors(ckpt.weights_file(Path(cfg.init_from).expanduser()), device)
+        weights = itm.strip(ckpt.load_tensors(ckpt.weights_file(Path(cfg.init_from).expanduser()), device))
     except (OSError, ValueError, RuntimeError) as err:  # not safetensors, a folder that is no run, ...
         reason = f"holds no weights clipkit can read: {_short(err)}"
         raise ConfigError("model.init_from", cfg.init_from, reason) from None

@@ -32,6 +32,10 @@ Compiled (``train.compile=step``, ``CompiledStep``): the same ``forward_backward
 update and clamp (``TorchUpdate.apply``) run as one torch.compile'd call; dropping the gradients, the schedule
 and the EMA (``finish``) stay eager around it.
 
+ITM (``itm``, ``loss/itm.py``): the step's image-text matching term, on the same embeddings as the contrastive
+loss (the cached ones, when caching) with the fusion head's weights, which the model's forward returns beside the
+temperature; like the temperature they receive their whole gradient once, on the last micro-batch.
+
 CoCa (``caption``): the model also returns next-token logits and their labels; the captioning term is per sample,
 so each forward that keeps autograd adds its micro-batch's share (``loss/caption.py``), normalised by the global
 batch's token count, counted once per step. Under caching both towers are re-forwarded even when one is locked:
@@ -58,6 +62,7 @@ Batch = tuple[torch.Tensor, ...]
 LossFn = Callable[..., torch.Tensor]
 Teacher = Callable[..., dict]  # (images, text[, teacher text]) -> image_features, text_features, logit_scale
 Caption = Callable[..., torch.Tensor]  # loss.caption.CaptionLoss: (logits, labels, count) -> this rank's share
+ITM = Callable[..., torch.Tensor]  # loss.itm.ITMTerm: (image_features, text_features, logit_scale, head) -> scalar
 
 
 @dataclass
@@ -69,9 +74,14 @@ class StepResult:
 
 
 def train_step(
-    engine, loss_fn: LossFn, micro_batches: list[Batch], teacher: Teacher | None = None, caption: Caption | None = None
+    engine,
+    loss_fn: LossFn,
+    micro_batches: list[Batch],
+    teacher: Teacher | None = None,
+    caption: Caption | None = None,
+    itm: ITM | None = None,
 ) -> StepResult:
-    loss, out = forward_backward(engine, loss_fn, micro_batches, teacher, caption)
+    loss, out = forward_backward(engine, loss_fn, micro_batches, teacher, caption, itm)
     grad_norm, applied = engine.step()  # clip; apply only if the global norm is finite
     return StepResult(loss, grad_norm, out["logit_scale"].detach(), applied)
 
@@ -91,16 +101,18 @@ class CompiledStep:
         self.compiled = torch.compile(self._traced)
         self.checked = False
 
-    def _traced(self, loss_fn: LossFn, batch: Batch, teacher: Teacher | None, caption: Caption | None):
-        loss, out = forward_backward(self.engine, loss_fn, [batch], teacher, caption)
+    def _traced(self, loss_fn: LossFn, batch: Batch, teacher: Teacher | None, caption: Caption | None, itm):
+        loss, out = forward_backward(self.engine, loss_fn, [batch], teacher, caption, itm)
         norm, applied, finite = self.update.apply()
         return loss, norm, out["logit_scale"].detach(), applied, finite
 
-    def __call__(self, engine, loss_fn: LossFn, micro_batches: list[Batch], teacher=None, caption=None) -> StepResult:
+    def __call__(
+        self, engine, loss_fn: LossFn, micro_batches: list[Batch], teacher=None, caption=None, itm=None
+    ) -> StepResult:
         (batch,) = micro_batches
         start = time.perf_counter()
         try:
-            loss, norm, scale, applied, finite = self.compiled(loss_fn, batch, teacher, caption)
+            loss, norm, scale, applied, finite = self.compiled(loss_fn, batch, teacher, caption, itm)
         except Exception as err:  # dynamo / inductor failures surface at the first call
             if self.checked:
                 raise
@@ -122,17 +134,24 @@ def step_function(engine, compile: str):
 
 
 def forward_backward(
-    engine, loss_fn: LossFn, micro_batches: list[Batch], teacher: Teacher | None = None, caption: Caption | None = None
+    engine,
+    loss_fn: LossFn,
+    micro_batches: list[Batch],
+    teacher: Teacher | None = None,
+    caption: Caption | None = None,
+    itm: ITM | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Leaves this step's gradients in the engine; returns (detached loss, the last forward's outputs)."""
     if len(micro_batches) > 1:
-        return cached_forward_backward(engine, loss_fn, micro_batches, teacher, caption)
+        return cached_forward_backward(engine, loss_fn, micro_batches, teacher, caption, itm)
     ((images, text, *teacher_text),) = micro_batches
     extra = {"teacher": teacher(images, text, *teacher_text)} if teacher else {}
     out = model_forward(engine, images, text)
     loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias"), **extra)
     if caption:
         loss = loss + caption(out["logits"], out["labels"], caption.target_count([text]))
+    if itm:
+        loss = loss + itm(out["image_features"], out["text_features"], out["logit_scale"], out["itm_head"])
     detached = loss.detach()  # (before backward: compiled, it stays in the forward's graph)
     engine.backward([loss])
     return detached, out
@@ -165,7 +184,12 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 
 def cached_forward_backward(
-    engine, loss_fn: LossFn, micro_batches: list[Batch], teacher: Teacher | None = None, caption: Caption | None = None
+    engine,
+    loss_fn: LossFn,
+    micro_batches: list[Batch],
+    teacher: Teacher | None = None,
+    caption: Caption | None = None,
+    itm: ITM | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Gradient-cached forward/backward over K micro-batches (see the module docstring)."""
     device = micro_batches[0][0].device
@@ -193,6 +217,9 @@ def cached_forward_backward(
     scale = out["logit_scale"].detach().requires_grad_()
     bias = out["logit_bias"].detach().requires_grad_() if out.get("logit_bias") is not None else None
     loss = loss_fn(img_all, txt_all, scale, bias, **extra)
+    head = [w.detach().requires_grad_() for w in out["itm_head"]] if itm else []
+    if itm:
+        loss = loss + itm(img_all, txt_all, scale, head)
     loss.backward()
     img_grads = img_all.grad.split([p.shape[0] for p in img_parts])
     txt_grads = txt_all.grad.split([p.shape[0] for p in txt_parts])
@@ -223,6 +250,9 @@ def cached_forward_backward(
                 if bias is not None:
                     outputs.append(out_k["logit_bias"])
                     grads.append(bias.grad.to(out_k["logit_bias"].dtype))
+                for w, cached in zip(out_k.get("itm_head", ()), head, strict=False):
+                    outputs.append(w)
+                    grads.append(cached.grad.to(w.dtype))
             engine.backward(outputs, grads)
     set_rng_state(after_state, device)
     if caption:

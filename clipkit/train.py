@@ -35,6 +35,7 @@ from clipkit.errors import UserError
 from clipkit.eval.runner import format_table, run_raw_and_ema
 from clipkit.loss import build_caption_loss, build_loss
 from clipkit.loss.distill import DistillLoss
+from clipkit.loss.itm import ITMLoss
 from clipkit.metrics import (
     KeyLog,
     RunLogger,
@@ -302,6 +303,14 @@ class StepsRead:
     shared: tuple[float, float, float] | None = None
 
 
+def canonical_rows(batches: list[dict]) -> torch.Tensor | None:
+    """This rank's rows' places in the step's canonical global batch (the loader's ``rows``), in the order the step
+    concatenates its micro-batches: what makes ITM's negatives the same on every layout."""
+    if not all("rows" in b for b in batches):
+        return None
+    return torch.tensor([r for b in batches for r in b["rows"]], dtype=torch.int64)
+
+
 def read_steps(pending: list[tuple[int, StepResult]], world_size: int, log: bool) -> StepsRead:
     """The loop's one host read of the steps since the last read (one transfer): each step's own loss, whether
     its update was applied and its grad norm; with ``log``, also the last step's loss averaged over ranks (each
@@ -411,7 +420,7 @@ class Trainer:
         self.demo = ensure_demo(cfg.data, say=lambda m: log.info(m)) if uses_demo else None
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        built, said = model_lib.build_for_training(cfg.model, env.device)  # (init_from, locks, LoRA)
+        built, said = model_lib.build_for_training(cfg.model, env.device, cfg.loss.itm_head)  # (init_from, locks...)
         self.built = built
         # (model.lora: the frozen base weights' digest, which every checkpoint records and a resume checks)
         self.lora_digest = lora.base_digest(built.model) if cfg.model.lora.on else None
@@ -432,6 +441,7 @@ class Trainer:
             self.loss_fn = DistillLoss(
                 self.loss_fn, cfg.distill.weight, cfg.distill.kind, cfg.loss.impl, cfg.loss.chunk_size
             )
+        self.itm = ITMLoss(cfg.loss.itm_weight, cfg.train.seed) if cfg.loss.itm_head is not None else None
         self.loss_fn = faults.loss_hook(self.loss_fn, lambda: self.state.step + 1)  # (inert without CLIPKIT_FAULTS)
         self.num_micro = cfg.train.global_batch_size // (env.world_size * cfg.train.micro_batch(env.world_size))
         self.normalize = DeviceNormalize(built.mean, built.std).to(env.device)
@@ -477,7 +487,11 @@ class Trainer:
             lr = self.engine.lr
             # No host read: a non-finite step is skipped on the device (nothing applied; its batch is not retried)
             # and train.nonfinite is enforced when the steps are read (settle).
-            result = self.step(self.engine, self.loss_fn, self._on_device(batches), self.teacher, self.caption)
+            itm = None
+            if self.itm:  # (the step's seeded draws; rows: each sample's place in the canonical global batch)
+                rows, n = canonical_rows(batches), sum(len(b["keys"]) for b in batches) * self.env.world_size
+                itm = self.itm.at(state.step + 1, rows, n, self.env.device)
+            result = self.step(self.engine, self.loss_fn, self._on_device(batches), self.teacher, self.caption, itm)
             if self.key_log:
                 self.key_log.write(state.step + 1, batches)
             state.step += 1

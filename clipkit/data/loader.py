@@ -459,8 +459,8 @@ class BatchStream(IterableDataset):
                         continue
                     dry.pop(c, None)
                     guard.good()
+                    chunk.add(item, epoch, c * self.layout.per_stream + taken)
                     taken += 1
-                    chunk.add(item, epoch)
                     if len(chunk.keys) == self.chunk:
                         yield chunk.handed(self, worker, positions, sum(r.num_retries for r in readers))
                         chunk = Chunk()
@@ -483,12 +483,13 @@ class Chunk:
 
     def __init__(self):
         self.images, self.captions, self.keys, self.epochs, self.teacher_rows = [], [], [], [], []
+        self.rows = []  # each sample's place in its step's canonical global batch (stream c's are c*B/C + i)
         self.errors: collections.Counter = collections.Counter()
         self.bad_urls: collections.Counter = collections.Counter()
         self.epoch_errors: collections.Counter = collections.Counter()  # "epoch/kind" -> count
         self.sources: collections.Counter = collections.Counter()  # data.captions: samples per caption source
 
-    def add(self, item: tuple, epoch: int) -> None:
+    def add(self, item: tuple, epoch: int, row: int) -> None:
         image, caption, key, source, teacher_row = item
         if source is not None:
             self.sources[source] += 1
@@ -498,6 +499,7 @@ class Chunk:
         self.captions.append(caption)
         self.keys.append(key)
         self.epochs.append(epoch)
+        self.rows.append(row)
 
     def failed(self, bad: BadSample, epoch: int, url: str) -> None:
         self.errors[bad.kind] += 1
@@ -517,6 +519,7 @@ class Chunk:
             **teacher_text,
             "keys": self.keys,
             "epochs": self.epochs,
+            "rows": self.rows,
             "worker": worker,
             "positions": dict(positions),
             "errors": dict(self.errors),
@@ -688,7 +691,7 @@ class TrainLoader:
             parts.append(self._next_chunk())
         if len(parts) == 1:
             return parts[0]
-        batch = {"keys": [k for p in parts for k in p["keys"]], "epochs": [e for p in parts for e in p["epochs"]]}
+        batch = {key: [x for p in parts for x in p[key]] for key in ("keys", "epochs", "rows")}
         for key in ("image", "text", "teacher_text"):
             if key in parts[0]:
                 chunks = [p[key] for p in parts]

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from clipkit import yaml_files
 from clipkit.data.config import check_shard_spec
-from clipkit.errors import PATH, Choice, ConfigError, non_negative, positive
+from clipkit.errors import PATH, Choice, ConfigError, non_negative, positive, require
 from clipkit.eval import prompts
 
 
@@ -79,9 +79,13 @@ class RetrievalConfig:
     image_root: Optional[str] = field(default=None, metadata=PATH)
     # (the Karpathy split)
     split: str = "test"
+    # A model with an ITM head (loss.itm_weight): each query's top K candidates are re-ranked by the head's score,
+    # reported beside plain retrieval; 0 = no re-ranking.
+    itm_k: int = 16
 
     def validate(self, prefix: str, allow_pipe: bool) -> None:
         _check_dataset(prefix, self.dataset, allow_pipe)
+        require(f"{prefix}.itm_k", self.itm_k, self.itm_k >= 0, "must be >= 0 (0 = no ITM re-ranking)")
 
 
 def _check_dataset(prefix: str, dataset: str, allow_pipe: bool) -> None:

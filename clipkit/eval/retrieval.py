@@ -20,7 +20,7 @@ from dataclasses import replace
 import torch
 from PIL import Image
 
-from clipkit import distributed
+from clipkit import distributed, itm
 from clipkit.eval import data as eval_data
 from clipkit.eval.captioning import caption_scores, decode, greedy_captions
 from clipkit.eval.config import RetrievalConfig
@@ -40,7 +40,7 @@ class Retrieval(Evaluator):
     def run(self, ctx: EvalContext, cfg: RetrievalConfig) -> dict | None:
         source = eval_data.retrieval_source(cfg.dataset, cfg)
         captioner = _captioner(ctx.built) if hasattr(ctx.built.model, "text_decoder") else None  # CoCa: captions too
-        return zeroshot_retrieval(ctx, source, captioner)
+        return zeroshot_retrieval(ctx, source, captioner, cfg.itm_k)
 
     def rows(self, label: str, res: dict) -> list[tuple[str, str]]:
         rows = []
@@ -54,6 +54,9 @@ class Retrieval(Evaluator):
         for d in ("image_to_text", "text_to_image"):
             recalls = " / ".join(f"{100 * res[f'{d}_R@{k}']:.1f}%" for k in (1, 5, 10))
             rows.append((f"{label}{d.replace('_', ' ')} R@1/5/10", recalls))
+            if f"itm_{d}_R@1" in res:
+                recalls = " / ".join(f"{100 * res[f'itm_{d}_R@{k}']:.1f}%" for k in (1, 5, 10))
+                rows.append((f"{label}{d.replace('_', ' ')} R@1/5/10, top {res['itm_k']} re-ranked by ITM", recalls))
         rows.append((f"{label}retrieval set", f"{res['num_images']} images, {res['num_texts']} captions"))
         for ex in res.get("caption_examples", []):
             rows.append(
@@ -89,11 +92,13 @@ def _captioner(built):
     return lambda images: decode(built.tokenizer, greedy_captions(built.model, images, synchronous=synchronous))
 
 
-def zeroshot_retrieval(ctx: EvalContext, source, captioner=None) -> dict | None:
+def zeroshot_retrieval(ctx: EvalContext, source, captioner=None, itm_k: int = 0) -> dict | None:
     """Recall@k both ways; with ``captioner`` (a CoCa model's images -> texts) also BLEU-4 and CIDEr of each
-    image's caption against the set's captions of that image, and the first five as examples."""
+    image's caption against the set's captions of that image, and the first five as examples; for a model with
+    an ITM head (and ``itm_k``), the recalls after re-ranking each query's top ``itm_k`` by the head too."""
     model, device, amp = ctx.built.model, ctx.device, ctx.amp_dtype
     model.eval()
+    head = itm.full_weights(model) if itm_k and itm.has_head(model) else None  # (every rank: FSDP gathers it)
     rank, world = distributed.rank_and_world()
     loader = eval_data.loader(source, ctx.transform, rank, world, ctx.batch_size, ctx.num_workers)
     indices, embs, captions, skips, *generated = embed_share(model, loader, device, amp, ctx.progress, captioner)
@@ -111,6 +116,8 @@ def zeroshot_retrieval(ctx: EvalContext, source, captioner=None) -> dict | None:
     img_emb_ND, txt_emb_MD, owner_M = img_emb_ND.to(device), torch.cat(txt_parts).to(device), owner_M.to(device)
     metrics = retrieval_metrics(img_emb_ND, txt_emb_MD, owner_M)
     metrics.update(num_images=img_emb_ND.shape[0], num_texts=int(owner_M.numel()), skipped=skips)
+    if head is not None:
+        metrics.update(itm_rerank_metrics(img_emb_ND, txt_emb_MD, owner_M, head, itm_k), itm_k=itm_k)
     texts = [c for _, caps in per_image for c in caps]
     metrics["examples"] = retrieval_examples(img_emb_ND, txt_emb_MD, owner_M, texts, records)
     if captioner is not None:  # (in source order, as _merge put the images)
@@ -182,6 +189,44 @@ def retrieval_metrics(
         out[f"{name}_mean_rank"] = ranks.double().mean().item()
         out[f"{name}_median_rank"] = ranks.double().median().item()
     out["mean_R@1"] = (out["image_to_text_R@1"] + out["text_to_image_R@1"]) / 2
+    return out
+
+
+def itm_rerank_metrics(
+    img_emb_ND: torch.Tensor,
+    txt_emb_MD: torch.Tensor,
+    txt_to_img_M: torch.Tensor,
+    head,
+    k: int,
+    ks: tuple[int, ...] = (1, 5, 10),
+    chunk: int = 1024,
+) -> dict:
+    """Recall@k both ways after each query's top ``k`` candidates by similarity are re-ranked by the ITM head
+    (``head``: its weights, ``itm.score``); a correct item outside the top ``k`` keeps its similarity rank
+    (``itm.rerank_ranks``). Keys ``itm_image_to_text_R@1`` etc.; ``chunk`` queries at a time."""
+    img, txt = img_emb_ND.float(), txt_emb_MD.float()
+    n_img = img.shape[0]
+    images = torch.arange(n_img, device=img.device)
+    ranks = {"image_to_text": [], "text_to_image": []}
+    for s in range(0, n_img, chunk):
+        q = img[s : s + chunk]
+        own = txt_to_img_M[None, :] == images[s : s + chunk, None]
+        ranks["image_to_text"].append(
+            itm.rerank_ranks(q @ txt.T, own, lambda r, c, q=q: itm.score(q[r], txt[c], head), k)
+        )
+    for s in range(0, txt.shape[0], chunk):
+        q = txt[s : s + chunk]
+        own = images[None, :] == txt_to_img_M[s : s + chunk, None]
+        ranks["text_to_image"].append(
+            itm.rerank_ranks(q @ img.T, own, lambda r, c, q=q: itm.score(img[c], q[r], head), k)
+        )
+    out = {}
+    for name, parts in ranks.items():
+        r = torch.cat(parts)
+        for kk in ks:
+            out[f"itm_{name}_R@{kk}"] = (r <= kk).double().mean().item()
+        out[f"itm_{name}_mean_rank"] = r.double().mean().item()
+    out["itm_mean_R@1"] = (out["itm_image_to_text_R@1"] + out["itm_text_to_image_R@1"]) / 2
     return out
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from clipkit.distributed import free_port
 from tests.distributed.ranks import start_ranks
-from tests.distributed.workers import CASES, COCA_CASES, DISTILL_CASES, loss_exactness
+from tests.distributed.workers import CASES, COCA_CASES, DISTILL_CASES, ITM_CASES, loss_exactness
 
 TOL = 1e-6
 
@@ -28,7 +28,7 @@ def results(request, tmp_path_factory):
     return world, json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("case", [c[0] for c in CASES + DISTILL_CASES + COCA_CASES])
+@pytest.mark.parametrize("case", [c[0] for c in CASES + DISTILL_CASES + COCA_CASES + ITM_CASES])
 def test_matches_single_process_global_batch(results, case):
     world, res = results
     r = res[case]

@@ -243,6 +243,100 @@ def coca_exactness(rank: int, world: int, dev: torch.device) -> dict:
     return results
 
 
+# ITM (name, contrastive loss, K, canonical ids): BLIP's hard-negative matching term beside the contrastive loss.
+# "shuffled": each row's id (its place in the canonical global batch) is a fixed permutation of its position, as
+# the loader's rows come in another order on another layout; the reference is one process on the rows in id order.
+ITM_CASES = [
+    ("itm-infonce", "infonce", 1, False),
+    ("itm-infonce-cache2-shuffled", "infonce", 2, True),
+    ("itm-siglip-cache4", "siglip", 4, False),
+    ("itm-coca-shuffled", "coca", 1, True),
+]
+ITM_WEIGHT, ITM_SEED, ITM_STEP = 0.8, 5, 17
+
+
+def micro_itm(kind: str):
+    from clipkit import itm
+
+    model = micro_coca() if kind == "coca" else micro_clip(siglip=kind == "siglip")
+    torch.manual_seed(11)
+    itm.attach(model, 16, 8)
+    return model.double()
+
+
+def reference_itm(out: dict, head, seed: int, step: int) -> torch.Tensor:
+    """The ITM term on the whole batch in one process, rows in id order (written independently of clipkit.loss):
+    each row's negative by a scan of the cumulative softmax over the other columns."""
+    from clipkit.loss.itm import draws  # (the seeded uniforms are the spec, not the implementation)
+
+    img, txt, scale = out["image_features"], out["text_features"], out["logit_scale"].detach()
+    n = len(img)
+    u = draws(seed, step, n)
+    picks = []
+    for which, (rows, cols) in enumerate(((img, txt), (txt, img))):
+        chosen = []
+        for i in range(n):
+            others = [j for j in range(n) if j != i]
+            p = torch.softmax(torch.stack([scale * rows[i].detach() @ cols[j].detach() for j in others]), dim=0)
+            target, acc = u[which, i].item() * p.sum().item(), 0.0
+            pick = others[-1]
+            for j, pj in zip(others, p.tolist(), strict=True):
+                acc += pj
+                if acc > target:
+                    pick = j
+                    break
+            chosen.append(pick)
+        picks.append(chosen)
+    images = torch.cat([img, img, img[picks[1]]])
+    texts = torch.cat([txt, txt[picks[0]], txt])
+    w1, b1, w2, b2 = head.fc1.weight, head.fc1.bias, head.fc2.weight, head.fc2.bias
+    hidden = F.gelu(torch.cat([images, texts, images * texts], dim=1) @ w1.T + b1)
+    logits = (hidden @ w2.T + b2)[:, 0]
+    labels = torch.cat([torch.ones(n), torch.zeros(2 * n)]).to(logits)
+    return F.binary_cross_entropy_with_logits(logits, labels)
+
+
+def itm_exactness(rank: int, world: int, dev: torch.device) -> dict:
+    """Contrastive + ITM through ``forward_backward`` vs one process on the whole batch in id order."""
+    from clipkit.loss import build_loss
+    from clipkit.loss.caption import CaptionLoss
+    from clipkit.loss.itm import ITMLoss
+    from clipkit.step import forward_backward
+
+    results = {}
+    for name, kind, K, shuffled in ITM_CASES:
+        n = world * K * B
+        batch = caption_batch(n, K * B) if kind == "coca" else global_batch(n, seed=77)
+        images, text = (t.to(dev) for t in batch)
+        ids = torch.randperm(n, generator=torch.Generator().manual_seed(3)) if shuffled else torch.arange(n)
+        rows = slice(rank * K * B, (rank + 1) * K * B)
+        mine = list(zip(images[rows].split(B), text[rows].split(B), strict=True))
+        engine = _engine(micro_itm(kind), world, dev)
+        loss_name = "siglip" if kind == "siglip" else "infonce"
+        term = ITMLoss(ITM_WEIGHT, ITM_SEED).at(ITM_STEP, ids[rows] if shuffled else None, n, dev)
+        caption = CaptionLoss(2.0, pad_id=0) if kind == "coca" else None
+        loss, _ = forward_backward(engine, build_loss(loss_name, "gathered"), mine, caption=caption, itm=term)
+        total = loss.clone()
+        if world > 1:
+            dist.all_reduce(total)
+        grads = {n: p.grad.clone() for n, p in engine.model.named_parameters()}
+
+        ref_model = micro_itm(kind).to(dev)
+        order = ids.argsort()  # the rows in id order: the canonical global batch
+        ref_out = ref_model(images[order], text[order])
+        if kind == "siglip":
+            ref_out["logit_bias"] = ref_model.logit_bias
+        ref_loss = reference_loss(ref_out, loss_name)
+        ref_loss = ref_loss + ITM_WEIGHT * reference_itm(ref_out, ref_model.itm_head, ITM_SEED, ITM_STEP)
+        if kind == "coca":
+            ref_loss = ref_loss + 2.0 * F.cross_entropy(
+                ref_out["logits"].permute(0, 2, 1), ref_out["labels"], ignore_index=0
+            )
+        ref_loss.backward()
+        results[name] = _compare(total / world, grads, ref_loss, ref_model)
+    return results
+
+
 def _compare(loss: torch.Tensor, grads: dict, ref_loss: torch.Tensor, ref_model) -> dict:
     """A case's result: its loss and gradients against the single-process reference's."""
     errs = {n: _rel_err(grads[n], p.grad) for n, p in ref_model.named_parameters() if p.grad is not None}
@@ -323,6 +417,7 @@ def loss_exactness(rank: int, world: int, port: int, out_path: str, device: str 
         results[name] = _compare(total / world, grads, ref_loss, ref_model)
     results.update(distill_exactness(rank, world, dev))
     results.update(coca_exactness(rank, world, dev))
+    results.update(itm_exactness(rank, world, dev))
     if world > 1:
         results.update(open_clip_parity(rank, world, dev))
         dist.barrier()
