@@ -5,7 +5,10 @@ from the contrastive similarities (``loss/itm.py``); at eval it re-ranks the top
 clipkit's head fuses the two towers' normalised embeddings, so it works with every dual encoder open_clip builds
 (CoCa included) and under every engine, gradient caching included: one (image, caption) pair's logit is
 
-    fc2(gelu(fc1([u, v, u * v])))        u, v: the pair's image and text embeddings (D each); fc1: 3D -> width
+    fc2(gelu(fc1([√D u, √D v, D u * v])))     u, v: the pair's normalised image and text embeddings (D each)
+
+(the scales give the inputs components of about unit size, as a network's hidden states have; the
+normalised embeddings' own, about 1/√D and 1/D, left the head near its prior for a thousand steps on the demo).
 
 (BLIP's head reads the image's patch tokens through cross-attention in the text encoder instead: richer, but
 tied to one architecture and to token states that gradient caching would have to keep.)
@@ -43,7 +46,8 @@ def score(img_BD: torch.Tensor, txt_BD: torch.Tensor, weights) -> torch.Tensor:
     """The ITM logit of each pair (row i of ``img_BD`` with row i of ``txt_BD``), computed in the embeddings'
     dtype with ``weights`` = (fc1.weight, fc1.bias, fc2.weight, fc2.bias) cast to it."""
     w1, b1, w2, b2 = (w.to(img_BD.dtype) for w in weights)
-    x = torch.cat([img_BD, txt_BD, img_BD * txt_BD], dim=1)
+    d = img_BD.shape[1]
+    x = torch.cat([d**0.5 * img_BD, d**0.5 * txt_BD, d * img_BD * txt_BD], dim=1)
     return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)[:, 0]
 
 

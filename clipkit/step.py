@@ -48,7 +48,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -71,6 +71,7 @@ class StepResult:
     grad_norm: torch.Tensor  # global pre-clip gradient norm (on the device)
     logit_scale: torch.Tensor  # the temperature the loss used (detached, on the device)
     applied: torch.Tensor  # (a device bool) False: the norm was not finite and nothing was applied
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)  # more scalars for the log (the ITM term's)
 
 
 def train_step(

@@ -301,6 +301,7 @@ class StepsRead:
     grad_norms: list[float]
     # the last step's global-batch loss (averaged over ranks), grad norm and temperature; on a logging read only
     shared: tuple[float, float, float] | None = None
+    terms: dict[str, float] = dataclasses.field(default_factory=dict)  # the last step's ``terms``, averaged
 
 
 def canonical_rows(batches: list[dict]) -> torch.Tensor | None:
@@ -321,8 +322,10 @@ def read_steps(pending: list[tuple[int, StepResult]], world_size: int, log: bool
     parts = [torch.stack([r.loss.to(dtype) for r in results])]
     parts.append(torch.stack([r.applied.to(dtype) for r in results]))
     parts.append(torch.stack([r.grad_norm.to(last.loss.device, dtype) for r in results]))
+    names = sorted(last.terms) if log else []
     if log:
-        shared = torch.stack([last.loss, last.grad_norm.to(last.loss.device), last.logit_scale]).to(dtype)
+        scalars = [last.loss, last.grad_norm.to(last.loss.device), last.logit_scale, *(last.terms[k] for k in names)]
+        shared = torch.stack(scalars).to(dtype)
         if world_size > 1:
             torch.distributed.all_reduce(shared)
             shared /= world_size
@@ -333,7 +336,8 @@ def read_steps(pending: list[tuple[int, StepResult]], world_size: int, log: bool
         losses=values[:n],
         applied=[v == 1.0 for v in values[n : 2 * n]],
         grad_norms=values[2 * n : 3 * n],
-        shared=tuple(values[3 * n :]) if log else None,
+        shared=tuple(values[3 * n : 3 * n + 3]) if log else None,
+        terms=dict(zip(names, values[3 * n + 3 :], strict=True)),
     )
 
 
@@ -492,6 +496,8 @@ class Trainer:
                 rows, n = canonical_rows(batches), sum(len(b["keys"]) for b in batches) * self.env.world_size
                 itm = self.itm.at(state.step + 1, rows, n, self.env.device)
             result = self.step(self.engine, self.loss_fn, self._on_device(batches), self.teacher, self.caption, itm)
+            if itm:
+                result.terms.update(itm.logged)
             if self.key_log:
                 self.key_log.write(state.step + 1, batches)
             state.step += 1
@@ -654,6 +660,7 @@ class Trainer:
             "loss_spike": self.spiked,  # (rank 0's own rows; a warning, never an action)
             "skipped_steps": read.applied.count(False),  # non-finite steps since the last log (skip policy)
             "checkpoint_s": self.checkpoints.take_blocked_s(),  # the step loop held up by saves since the last log
+            **read.terms,  # (loss.itm_weight: itm_loss, the unweighted term, and itm_accuracy)
         }
 
     def _log_eval(self, results: dict) -> None:

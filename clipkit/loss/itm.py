@@ -27,9 +27,10 @@ from clipkit.itm import score
 
 def draws(seed: int, step: int, n: int) -> torch.Tensor:
     """2 x ``n`` uniforms in [0, 1), float64: row 0 picks each image's negative caption, row 1 each caption's
-    negative image, column g for the row of id g. A pure function of (seed, step)."""
+    negative image, column g for the row of id g. A pure function of (seed, step); a larger batch extends the
+    same columns."""
     g = torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63))
-    return torch.rand((2, n), generator=g, dtype=torch.float64)
+    return torch.rand((n, 2), generator=g, dtype=torch.float64).T
 
 
 def hard_negatives(sim_RN: torch.Tensor, ids_R: torch.Tensor, ids_N: torch.Tensor, u_R: torch.Tensor) -> torch.Tensor:
@@ -60,6 +61,7 @@ class ITMLoss:
 class ITMTerm:
     def __init__(self, weight: float, u_2N: torch.Tensor, ids_R: torch.Tensor | None):
         self.weight, self.u_2N, self.ids_R = weight, u_2N, ids_R
+        self.logged: dict[str, torch.Tensor] = {}
 
     def __call__(self, img_RD, txt_RD, logit_scale, head) -> torch.Tensor:
         dtype = torch.float64 if img_RD.dtype == torch.float64 else torch.float32
@@ -76,4 +78,8 @@ class ITMTerm:
         images = torch.cat([img_RD, img_RD, all_img_ND[neg_img]])
         texts = torch.cat([txt_RD, all_txt_ND[neg_txt], txt_RD])
         labels = torch.cat([img_RD.new_ones(R), img_RD.new_zeros(2 * R)])
-        return self.weight * F.binary_cross_entropy_with_logits(score(images, texts, head), labels)
+        logits = score(images, texts, head)
+        bce = F.binary_cross_entropy_with_logits(logits, labels)
+        # (for the run log: the unweighted term and the fraction of pairs the head gets right, on this rank's rows)
+        self.logged = {"itm_loss": bce.detach(), "itm_accuracy": ((logits > 0) == (labels > 0)).to(dtype).mean()}
+        return self.weight * bce

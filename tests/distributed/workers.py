@@ -290,7 +290,8 @@ def reference_itm(out: dict, head, seed: int, step: int) -> torch.Tensor:
     images = torch.cat([img, img, img[picks[1]]])
     texts = torch.cat([txt, txt[picks[0]], txt])
     w1, b1, w2, b2 = head.fc1.weight, head.fc1.bias, head.fc2.weight, head.fc2.bias
-    hidden = F.gelu(torch.cat([images, texts, images * texts], dim=1) @ w1.T + b1)
+    d = images.shape[1]
+    hidden = F.gelu(torch.cat([d**0.5 * images, d**0.5 * texts, d * images * texts], dim=1) @ w1.T + b1)
     logits = (hidden @ w2.T + b2)[:, 0]
     labels = torch.cat([torch.ones(n), torch.zeros(2 * n)]).to(logits)
     return F.binary_cross_entropy_with_logits(logits, labels)

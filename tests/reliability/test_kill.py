@@ -47,19 +47,21 @@ def kill9_trials(tmp_path, ref, case: str, n: int, *overrides: str, label: str =
 
 # The kill matrix's training recipes (DDP): name -> (overrides, trials). Fast mode runs one DDP trial with every
 # recipe on (a locked image tower whose last group trains: frozen parameters, optimizer state for the rest; EMA
-# weights of what trains; a teacher to distil from; a CoCa student with its caption decoder); long mode each
-# recipe alone as well, and LoRA (not combinable with CoCa).
+# weights of what trains; a teacher to distil from; a CoCa student with its caption decoder; an ITM head with its
+# seeded hard negatives); long mode each recipe alone as well, and LoRA (not combinable with CoCa).
 LIT = ["model.lock_image=true", "model.lock_image_unlocked_groups=1"]
 EMA = ["train.ema_decay=0.9"]
 DISTILL = ["distill.teacher={teacher}"]
 COCA = ["model=coca_tiny"]
+ITM = ["loss.itm_weight=1"]
 RECIPES = {
     "plain": ([], trials(0, 10)),
     "lit": (LIT, trials(0, 3)),
     "ema": (EMA, trials(0, 3)),
     "distill": (DISTILL, trials(0, 3)),
     "coca": (COCA, trials(0, 3)),
-    "lit+ema+distill+coca": ([*LIT, *EMA, *DISTILL, *COCA], trials(1, 3)),
+    "itm": (ITM, trials(0, 3)),
+    "lit+ema+distill+coca+itm": ([*LIT, *EMA, *DISTILL, *COCA, *ITM], trials(1, 3)),
     # LoRA adapters on the teacher run's weights: checkpoints without the frozen weights, which come back from it
     "lora": (["model=small", "model.init_from={teacher}", "model.lora.rank=4"], trials(0, 3)),
 }

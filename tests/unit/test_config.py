@@ -76,6 +76,12 @@ BAD_CONFIGS = [
     (["data.cache_teacher_features=true", "data.crop_scale_min=1"], "needs a teacher (distill.teacher)"),
     (CACHED + ["model.name=clipkit-coca-tiny"], "caption decoder"),
     (CACHED + ["train.stages=[50%:32,rest:32]"], "train.stages"),
+    # issue 31: image-text matching
+    (["loss.itm_weight=-1"], "loss.itm_weight=-1.0: must be >= 0"),
+    (["loss.itm_weight=1", "loss.itm_width=-2"], "loss.itm_width=-2: must be >= 0"),
+    (["loss.itm_weight=1", "eval.retrieval.itm_k=-1"], "eval.retrieval.itm_k=-1: must be >= 0"),
+    (["loss.itm_weight=1", "loss.contrastive_weight=0"], "ITM's negatives need it"),
+    (["loss.itm_weight=1", "train.global_batch_size=1", "data.streams=1"], "hard negatives come from the rest"),
 ]
 
 
@@ -126,6 +132,13 @@ def test_bench_refuses_lora_instead_of_timing_the_full_step(tmp_path, capsys):
         main(["bench", "model.lora.rank=8", f"model.init_from={base}"])
     err = capsys.readouterr().err
     assert "model.lora.rank=8: clipkit bench times full training steps" in err, err
+
+
+def test_bench_refuses_itm(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "loss.itm_weight=1"])
+    err = capsys.readouterr().err
+    assert "loss.itm_weight=1.0: clipkit bench times full training steps" in err, err
 
 
 def test_lora_without_peft_installed_names_the_extra(tmp_path, monkeypatch, capsys):
