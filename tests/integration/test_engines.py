@@ -79,6 +79,15 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "checkpoints" / f"step_{STEPS:08d}" / "model.safetensors"))
 
 
+def assert_same_training(run: Path, ref: Path) -> None:
+    """``run`` logged ``ref``'s losses (rel. 1e-5) and ended with its weights (ATOL), the same names."""
+    assert losses(run) == pytest.approx(losses(ref), rel=1e-5, abs=0)
+    got, want = final_weights(run), final_weights(ref)
+    assert set(got) == set(want)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], atol=ATOL, rtol=0, msg=key)
+
+
 def logged(run_dir: Path, key: str) -> list[float]:
     return [r[key] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if key in r]
 

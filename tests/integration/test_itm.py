@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import run_cli
-from tests.integration.test_engines import ATOL, COMMON, STEPS, final_weights, losses, torchrun
+from tests.integration.test_engines import COMMON, STEPS, assert_same_training, final_weights, losses, torchrun
 
 ITM = ["loss.itm_weight=0.5", "loss.itm_width=32"]
 EVAL = ["eval.retrieval.dataset=demo", "eval.retrieval.itm_k=4"]
@@ -74,11 +74,7 @@ def test_two_ranks_with_workers_train_what_one_process_trains(single, tmp_path, 
     same ones (drawn by position, the losses differ from step 2 on)."""
     run = tmp_path / engine
     torchrun(run, f"parallel={engine}", *ITM, "data.num_workers=2", f"train.micro_batch_size={micro}")
-    assert losses(run) == pytest.approx(losses(single), rel=1e-5, abs=0)
-    got, want = final_weights(run), final_weights(single)
-    assert set(got) == set(want)
-    for key in want:
-        torch.testing.assert_close(got[key], want[key], atol=ATOL, rtol=0, msg=key)
+    assert_same_training(run, single)
 
 
 def test_export_leaves_the_head_out_and_loads_in_open_clip(single, tmp_path):

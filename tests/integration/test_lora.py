@@ -21,7 +21,7 @@ from clipkit import lora
 from clipkit.model import build
 from clipkit.model_config import LoraConfig, ModelConfig
 from tests.conftest import run_cli
-from tests.integration.test_engines import ATOL, COMMON, STEPS, final_weights, losses, torchrun
+from tests.integration.test_engines import COMMON, STEPS, assert_same_training, final_weights, losses, torchrun
 
 LORA = ["model.lora.rank=4", "model.lora.alpha=8", "optim.lr=0.01"]
 
@@ -110,11 +110,7 @@ def test_two_ranks_train_what_one_process_trains(single, tower, tmp_path, engine
     run = tmp_path / engine
     extra = ["train.micro_batch_size=48"] if cached else []
     torchrun(run, f"parallel={name}", *LORA, f"model.init_from={tower[0]}", *extra)
-    assert losses(run) == pytest.approx(losses(single), rel=1e-5, abs=0)
-    got, want = final_weights(run), final_weights(single)
-    assert set(got) == set(want)
-    for key in want:
-        torch.testing.assert_close(got[key], want[key], atol=ATOL, rtol=0, msg=key)
+    assert_same_training(run, single)
 
 
 def test_changed_base_weights_are_refused(tower, tmp_path):
