@@ -4,6 +4,7 @@ figure as an inline PNG, labels drawn as typed, thumbnails."""
 from __future__ import annotations
 
 import base64
+import html
 import io
 
 
@@ -22,12 +23,12 @@ def subplots(**kwargs):
     return pyplot().subplots(**kwargs)
 
 
-def png(fig) -> str:
-    """``fig`` as an ``<img>`` with the PNG inline (the figure is closed)."""
+def png(fig, alt: str = "") -> str:
+    """``fig`` as an ``<img>`` with the PNG inline (the figure is closed), ``alt`` its text."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     pyplot().close(fig)
-    return f'<img alt="" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
 
 
 def plain(label: str) -> str:

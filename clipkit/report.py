@@ -30,6 +30,8 @@ CURVES = [  # (metrics.jsonl key, title)
     ("lr", "learning rate"),
     ("logit_scale", "temperature (logit_scale = 1/T)"),
     ("grad_norm", "gradient norm (before clipping)"),
+    ("itm_loss", "ITM term (unweighted; loss.itm_weight)"),  # (curves a run did not log are left out)
+    ("itm_accuracy", "ITM head accuracy on its pairs (prior 2/3)"),
 ]
 PACKAGES = ("torch", "open_clip_torch", "webdataset", "deepspeed", "hydra-core", "numpy", "pillow")
 
@@ -83,7 +85,7 @@ def _curve(records: list[dict], key: str, title: str, log_y: bool = False) -> st
     ax.grid(alpha=0.3)
     if log_y:
         ax.set_yscale("log")
-    return png(fig)
+    return png(fig, alt=title)
 
 
 def _throughput(records: list[dict]) -> str | None:

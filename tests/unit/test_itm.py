@@ -4,6 +4,7 @@ caching, canonical ids in another order, CoCa) is in tests/distributed/test_loss
 
 from __future__ import annotations
 
+import json
 import math
 
 import open_clip
@@ -153,3 +154,18 @@ def test_rerank_metrics_match_a_brute_force_count():
     assert got["itm_image_to_text_R@10"] == plain["image_to_text_R@10"]  # (only the top 5 moved)
     assert got["itm_image_to_text_R@5"] == plain["image_to_text_R@5"]  # (recall inside the top k is kept)
     assert got["itm_text_to_image_R@1"] != plain["text_to_image_R@1"]  # (an untrained head does reorder)
+
+
+def test_the_run_report_plots_the_itm_curves_of_a_run_that_logged_them(tmp_path):
+    from clipkit.report import write_report
+
+    rows = [{"step": s, "loss": 5.0 - s / 10, "lr": 1e-3, "logit_scale": 14.0, "grad_norm": 1.0} for s in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    page = write_report(tmp_path).read_text()
+    assert 'alt="training loss"' in page and "ITM" not in page
+    for r in rows:
+        r.update(itm_loss=0.6, itm_accuracy=0.7)
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    page = write_report(tmp_path).read_text()
+    assert 'alt="ITM term (unweighted; loss.itm_weight)"' in page
+    assert 'alt="ITM head accuracy on its pairs (prior 2/3)"' in page
