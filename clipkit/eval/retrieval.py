@@ -199,24 +199,28 @@ def itm_rerank_metrics(
     head,
     k: int,
     ks: tuple[int, ...] = (1, 5, 10),
-    chunk: int = 1024,
+    chunk: int | None = None,
+    budget_bytes: int = 256 << 20,
 ) -> dict:
     """Recall@k both ways after each query's top ``k`` candidates by similarity are re-ranked by the ITM head
     (``head``: its weights, ``itm.score``); a correct item outside the top ``k`` keeps its similarity rank
-    (``itm.rerank_ranks``). Keys ``itm_image_to_text_R@1`` etc.; ``chunk`` queries at a time."""
+    (``itm.rerank_ranks``). Keys ``itm_image_to_text_R@1`` etc. Queries are processed ``chunk`` at a time, or as
+    many as keep a chunk's similarities (and their masks) within ``budget_bytes``, as ``retrieval_metrics`` does."""
     img, txt = img_emb_ND.float(), txt_emb_MD.float()
-    n_img = img.shape[0]
+    n_img, n_txt = img.shape[0], txt.shape[0]
     images = torch.arange(n_img, device=img.device)
     ranks = {"image_to_text": [], "text_to_image": []}
-    for s in range(0, n_img, chunk):
-        q = img[s : s + chunk]
-        own = txt_to_img_M[None, :] == images[s : s + chunk, None]
+    rows = chunk or max(1, budget_bytes // (6 * max(n_txt, 1)))
+    for s in range(0, n_img, rows):
+        q = img[s : s + rows]
+        own = txt_to_img_M[None, :] == images[s : s + rows, None]
         ranks["image_to_text"].append(
             itm.rerank_ranks(q @ txt.T, own, lambda r, c, q=q: itm.score(q[r], txt[c], head), k)
         )
-    for s in range(0, txt.shape[0], chunk):
-        q = txt[s : s + chunk]
-        own = images[None, :] == txt_to_img_M[s : s + chunk, None]
+    rows = chunk or max(1, budget_bytes // (6 * max(n_img, 1)))
+    for s in range(0, n_txt, rows):
+        q = txt[s : s + rows]
+        own = images[None, :] == txt_to_img_M[s : s + rows, None]
         ranks["text_to_image"].append(
             itm.rerank_ranks(q @ img.T, own, lambda r, c, q=q: itm.score(img[c], q[r], head), k)
         )

@@ -136,6 +136,7 @@ def test_rerank_metrics_match_a_brute_force_count():
     weights = tuple(w.detach() for w in head.weights())
     k = 5
     got = itm_rerank_metrics(img, txt, owner, weights, k, chunk=7)
+    assert itm_rerank_metrics(img, txt, owner, weights, k, budget_bytes=2000) == got  # (5 and 11 queries a chunk)
 
     def logit(a, b):
         return itm.score(a[None], b[None], weights).item()
