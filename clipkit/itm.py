@@ -90,8 +90,13 @@ def detach(model: torch.nn.Module) -> None:
 
 
 def strip(weights: dict) -> dict:
-    """A state dict without the head's entries (``model.init_from`` starts the towers, never the head)."""
+    """A state dict without the head's entries."""
     return {k: v for k, v in weights.items() if not k.startswith(KEY + ".")}
+
+
+def head_weights(weights: dict) -> dict:
+    """The head's entries of a state dict (none: {})."""
+    return {k: v for k, v in weights.items() if k.startswith(KEY + ".")}
 
 
 def full_weights(model: torch.nn.Module) -> tuple[torch.Tensor, ...]:

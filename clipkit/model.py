@@ -98,15 +98,16 @@ def build(cfg: ModelConfig, device: torch.device | str = "cpu") -> Built:
 def build_for_training(
     cfg: ModelConfig, device: torch.device | str, itm_head: int | None = None
 ) -> tuple[Built, list[str]]:
-    """The model as a training run starts it, from the RNG state the caller seeded: built, ``model.init_from``
-    loaded (a resume later overwrites what it saved), the ITM head added (``itm_head``: its width, 0 = the
-    embedding width; None = none; ``loss.itm_head``), then the locks and the LoRA adapters applied, before any
+    """The model as a training run starts it, from the RNG state the caller seeded: built, the ITM head added
+    (``itm_head``: its width, 0 = the embedding width; None = none; ``loss.itm_head``), ``model.init_from`` loaded
+    (a resume later overwrites what it saved), then the locks and the LoRA adapters applied, before any
     engine sees the parameters. Also what ``clipkit eval`` rebuilds under a LoRA checkpoint's adapters. Returns
     the model and its lines for the run log."""
     built = build(cfg, device)
+    said = [add_itm_head(built.model, cfg, itm_head)]
     if cfg.init_from:
-        load_init(built.model, cfg, device)
-    said = [add_itm_head(built.model, cfg, itm_head), apply_locks(built.model, cfg), lora.apply(built.model, cfg.lora)]
+        said.append(load_init(built.model, cfg, device))
+    said += [apply_locks(built.model, cfg), lora.apply(built.model, cfg.lora)]
     return built, [line for line in said if line]
 
 
@@ -153,22 +154,27 @@ def _built(model: torch.nn.Module, tokenizer, name: str) -> Built:
     )
 
 
-def load_init(model: torch.nn.Module, cfg: ModelConfig, device: torch.device | str) -> None:
+def load_init(model: torch.nn.Module, cfg: ModelConfig, device: torch.device | str) -> str | None:
     """Loads ``model.init_from`` into the towers ``model.init_towers`` names (the temperature and bias with
-    ``both`` only); every key of those towers must be in the file."""
+    ``both`` only); every key of those towers must be in the file. With ``both``, an ITM head of the file's of
+    the same shape is loaded too (returns a line saying so); else the model's keeps its fresh initialisation."""
     try:
-        weights = itm.strip(ckpt.load_tensors(ckpt.weights_file(Path(cfg.init_from).expanduser()), device))
+        weights = ckpt.load_tensors(ckpt.weights_file(Path(cfg.init_from).expanduser()), device)
     except (OSError, ValueError, RuntimeError) as err:  # not safetensors, a folder that is no run, ...
         reason = f"holds no weights clipkit can read: {_short(err)}"
         raise ConfigError("model.init_from", cfg.init_from, reason) from None
+    ours, theirs = itm.head_weights(model.state_dict()), itm.head_weights(weights)
+    weights = itm.strip(weights)
     if cfg.init_towers == Towers.both:
-        load_weights(model, weights, "model.init_from", cfg.init_from)
-        return
+        same = bool(ours) and theirs.keys() == ours.keys() and all(theirs[k].shape == v.shape for k, v in ours.items())
+        load_weights(model, {**weights, **(theirs if same else ours)}, "model.init_from", cfg.init_from)
+        return f"ITM head loaded from model.init_from={cfg.init_from}" if same else None
     wanted = {k for k in model.state_dict() if tower_of(k) == cfg.init_towers}
     missing = sorted(wanted - weights.keys())
     if missing:
         raise ConfigError("model.init_from", cfg.init_from, f"has no {cfg.init_towers} tower weights {missing[:3]}")
     load_weights(model, {k: weights[k] for k in wanted}, "model.init_from", cfg.init_from, strict=False)
+    return None
 
 
 def load_weights(model: torch.nn.Module, weights: dict, key: str, source, strict: bool = True) -> None:

@@ -170,3 +170,33 @@ def test_the_run_report_plots_the_itm_curves_of_a_run_that_logged_them(tmp_path)
     page = write_report(tmp_path).read_text()
     assert 'alt="ITM term (unweighted; loss.itm_weight)"' in page
     assert 'alt="ITM head accuracy on its pairs (prior 2/3)"' in page
+
+
+def test_init_from_loads_a_head_of_the_same_shape_and_starts_a_fresh_one_otherwise(tmp_path):
+    from safetensors.torch import save_file
+
+    from clipkit.model import build_for_training
+
+    torch.manual_seed(0)
+    src = build(ModelConfig()).model
+    itm.attach(src, 128, 16)
+    with torch.no_grad():
+        src.itm_head.fc2.bias.fill_(3.0)
+    weights = {k: v.contiguous() for k, v in src.state_dict().items()}
+    with_head, without = tmp_path / "head.safetensors", tmp_path / "plain.safetensors"
+    save_file(weights, str(with_head))
+    save_file(itm.strip(weights), str(without))
+
+    def start(path, width):
+        built, said = build_for_training(ModelConfig(init_from=str(path)), "cpu", width)
+        assert torch.equal(built.model.visual.conv1.weight, src.visual.conv1.weight)  # (the towers, always)
+        return built.model, said
+
+    model, said = start(with_head, 16)
+    assert model.itm_head.fc2.bias.item() == 3.0 and any("ITM head loaded from" in line for line in said)
+    model, said = start(with_head, 8)  # another width: a fresh head
+    assert model.itm_head.fc1.weight.shape == (8, 384) and not any("loaded" in line for line in said)
+    model, said = start(without, 16)
+    assert model.itm_head.fc2.bias.item() != 3.0 and not any("loaded" in line for line in said)
+    model, _ = start(with_head, None)  # no ITM in this run: the file's head is left out
+    assert not itm.has_head(model)
