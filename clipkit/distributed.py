@@ -139,10 +139,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_BD: torch.Tensor) -> torch.Tensor:
-        world = dist.get_world_size()
-        out_ND = x_BD.new_empty((world * x_BD.shape[0], *x_BD.shape[1:]))
-        _all_gather_flat(out_ND, x_BD.contiguous())
-        return out_ND
+        return all_gather_flat(x_BD)
 
     @staticmethod
     def backward(ctx, grad_ND: torch.Tensor) -> torch.Tensor:
@@ -169,9 +166,7 @@ def flags_of_all_ranks(flag: bool, device: torch.device) -> list[bool]:
     if world == 1:
         return [flag]
     mine = torch.tensor([int(flag)], dtype=torch.int32, device=device)
-    out = torch.empty(world, dtype=torch.int32, device=device)
-    _all_gather_flat(out, mine)
-    return [bool(x) for x in out.tolist()]
+    return [bool(x) for x in all_gather_flat(mine).tolist()]
 
 
 def barrier() -> None:

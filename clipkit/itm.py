@@ -89,14 +89,10 @@ def detach(model: torch.nn.Module) -> None:
         model.__class__ = model._itm_base
 
 
-def strip(weights: dict) -> dict:
-    """A state dict without the head's entries."""
-    return {k: v for k, v in weights.items() if not k.startswith(KEY + ".")}
-
-
-def head_weights(weights: dict) -> dict:
-    """The head's entries of a state dict (none: {})."""
-    return {k: v for k, v in weights.items() if k.startswith(KEY + ".")}
+def split(weights: dict) -> tuple[dict, dict]:
+    """A state dict as (everything but the head's entries, the head's entries; {} when it has none)."""
+    head = {k: v for k, v in weights.items() if k.startswith(KEY + ".")}
+    return {k: v for k, v in weights.items() if k not in head}, head
 
 
 def full_weights(model: torch.nn.Module) -> tuple[torch.Tensor, ...]:

@@ -163,8 +163,7 @@ def load_init(model: torch.nn.Module, cfg: ModelConfig, device: torch.device | s
     except (OSError, ValueError, RuntimeError) as err:  # not safetensors, a folder that is no run, ...
         reason = f"holds no weights clipkit can read: {_short(err)}"
         raise ConfigError("model.init_from", cfg.init_from, reason) from None
-    ours, theirs = itm.head_weights(model.state_dict()), itm.head_weights(weights)
-    weights = itm.strip(weights)
+    (_, ours), (weights, theirs) = itm.split(model.state_dict()), itm.split(weights)
     if cfg.init_towers == Towers.both:
         same = bool(ours) and theirs.keys() == ours.keys() and all(theirs[k].shape == v.shape for k, v in ours.items())
         load_weights(model, {**weights, **(theirs if same else ours)}, "model.init_from", cfg.init_from)

@@ -218,8 +218,9 @@ def cached_forward_backward(
     scale = out["logit_scale"].detach().requires_grad_()
     bias = out["logit_bias"].detach().requires_grad_() if out.get("logit_bias") is not None else None
     loss = loss_fn(img_all, txt_all, scale, bias, **extra)
-    head = [w.detach().requires_grad_() for w in out["itm_head"]] if itm else []
+    head = []  # (ITM: the fusion head's weights, cached like the temperature)
     if itm:
+        head = [w.detach().requires_grad_() for w in out["itm_head"]]
         loss = loss + itm(img_all, txt_all, scale, head)
     loss.backward()
     img_grads = img_all.grad.split([p.shape[0] for p in img_parts])
@@ -251,9 +252,9 @@ def cached_forward_backward(
                 if bias is not None:
                     outputs.append(out_k["logit_bias"])
                     grads.append(bias.grad.to(out_k["logit_bias"].dtype))
-                for w, cached in zip(out_k.get("itm_head", ()), head, strict=False):
-                    outputs.append(w)
-                    grads.append(cached.grad.to(w.dtype))
+                if head:
+                    outputs += out_k["itm_head"]
+                    grads += [cached.grad.to(w.dtype) for w, cached in zip(out_k["itm_head"], head, strict=True)]
             engine.backward(outputs, grads)
     set_rng_state(after_state, device)
     if caption:

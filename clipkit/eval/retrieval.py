@@ -207,26 +207,23 @@ def itm_rerank_metrics(
     (``itm.rerank_ranks``). Keys ``itm_image_to_text_R@1`` etc. Queries are processed ``chunk`` at a time, or as
     many as keep a chunk's similarities (and their masks) within ``budget_bytes``, as ``retrieval_metrics`` does."""
     img, txt = img_emb_ND.float(), txt_emb_MD.float()
-    n_img, n_txt = img.shape[0], txt.shape[0]
-    images = torch.arange(n_img, device=img.device)
-    ranks = {"image_to_text": [], "text_to_image": []}
-    rows = chunk or max(1, budget_bytes // (6 * max(n_txt, 1)))
-    for s in range(0, n_img, rows):
-        q = img[s : s + rows]
-        own = txt_to_img_M[None, :] == images[s : s + rows, None]
-        ranks["image_to_text"].append(
-            itm.rerank_ranks(q @ txt.T, own, lambda r, c, q=q: itm.score(q[r], txt[c], head), k)
-        )
-    rows = chunk or max(1, budget_bytes // (6 * max(n_img, 1)))
-    for s in range(0, n_txt, rows):
-        q = txt[s : s + rows]
-        own = images[None, :] == txt_to_img_M[s : s + rows, None]
-        ranks["text_to_image"].append(
-            itm.rerank_ranks(q @ img.T, own, lambda r, c, q=q: itm.score(img[c], q[r], head), k)
-        )
+    images = torch.arange(img.shape[0], device=img.device)
+
+    def ranks_of(queries, query_owner, items, item_owner, pair):  # owner: the image a row is or belongs to
+        rows = chunk or max(1, budget_bytes // (6 * max(items.shape[0], 1)))
+        parts = []
+        for s in range(0, queries.shape[0], rows):
+            q, own = queries[s : s + rows], query_owner[s : s + rows, None] == item_owner[None, :]
+            scored = lambda r, c, q=q: itm.score(*pair(q[r], items[c]), head)  # noqa: E731  (rows, columns -> logits)
+            parts.append(itm.rerank_ranks(q @ items.T, own, scored, k))
+        return torch.cat(parts)
+
+    ranks = {
+        "image_to_text": ranks_of(img, images, txt, txt_to_img_M, lambda q, c: (q, c)),
+        "text_to_image": ranks_of(txt, txt_to_img_M, img, images, lambda q, c: (c, q)),
+    }
     out = {}
-    for name, parts in ranks.items():
-        r = torch.cat(parts)
+    for name, r in ranks.items():
         for kk in ks:
             out[f"itm_{name}_R@{kk}"] = (r <= kk).double().mean().item()
         out[f"itm_{name}_mean_rank"] = r.double().mean().item()
