@@ -110,15 +110,20 @@ def rerank_ranks(sim_QC: torch.Tensor, own_QC: torch.Tensor, itm_logit, k: int) 
     """The 1-based rank of each query's best-ranked correct item after its top ``k`` candidates by similarity
     are re-ordered by ITM logit (``itm_logit(query_rows, candidate_columns) -> logits``, flat index lists).
 
-    A correct item inside the top k: 1 + the candidates with a strictly higher ITM logit than the best correct
-    one. Outside: its similarity rank (then above k). ``own_QC`` marks each query's correct items."""
+    The candidates: the items more similar than the k-th most similar, then those tied with it, the query's
+    correct items first (plain retrieval counts a tie in the correct item's favour too: its rank is 1 + the items
+    strictly more similar). A correct candidate: 1 + the candidates with a strictly higher ITM logit than the
+    best correct one. None: the similarity rank, then above k. ``own_QC`` marks each query's correct items."""
     k = min(k, sim_QC.shape[1])
-    top_QK = sim_QC.topk(k, dim=1).indices
+    kth = sim_QC.topk(k, dim=1).values[:, -1:]
+    tied = sim_QC == kth
+    preference = 3 * (sim_QC > kth) + 2 * (tied & own_QC) + (tied & ~own_QC)  # (small integers: exact as floats)
+    top_QK = preference.float().topk(k, dim=1).indices
     rows = torch.arange(sim_QC.shape[0], device=sim_QC.device)[:, None].expand_as(top_QK)
     logits_QK = itm_logit(rows.reshape(-1), top_QK.reshape(-1)).reshape(top_QK.shape)
     hit_QK = own_QC.gather(1, top_QK)
     best_hit = logits_QK.masked_fill(~hit_QK, -torch.inf).max(dim=1, keepdim=True).values
     inside = 1 + (logits_QK > best_hit).sum(dim=1)
     best_own = sim_QC.masked_fill(~own_QC, -torch.inf).max(dim=1, keepdim=True).values
-    outside = ((sim_QC > best_own).sum(dim=1) + 1).clamp_min(k + 1)
+    outside = (sim_QC > best_own).sum(dim=1) + 1
     return torch.where(hit_QK.any(dim=1), inside, outside)

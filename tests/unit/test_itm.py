@@ -111,11 +111,11 @@ def test_the_head_learns_to_tell_pairs_from_drawn_negatives():
 
 
 def _brute_force_ranks(sim, own, logit, k):
-    """Per query: order the top k by ITM logit (ties: the better similarity first is irrelevant for 'strictly
-    higher'), then the rank of the first correct item; outside the top k, its similarity rank."""
+    """Per query: the k most similar items (ties: the query's correct items first), ordered by ITM logit, then the
+    rank of the first correct item; none among them: its similarity rank (1 + the items strictly more similar)."""
     out = []
     for q in range(sim.shape[0]):
-        order = sorted(range(sim.shape[1]), key=lambda c: -sim[q, c].item())
+        order = sorted(range(sim.shape[1]), key=lambda c: (-sim[q, c].item(), not own[q, c]))
         top = order[:k]
         hits = [c for c in top if own[q, c]]
         if hits:
@@ -123,7 +123,8 @@ def _brute_force_ranks(sim, own, logit, k):
             out.append(1 + sum(1 for c in top if logit(q, c) > best))
         else:
             best_sim = max(sim[q, c].item() for c in range(sim.shape[1]) if own[q, c])
-            out.append(max(k + 1, 1 + sum(1 for c in range(sim.shape[1]) if sim[q, c].item() > best_sim)))
+            out.append(1 + sum(1 for c in range(sim.shape[1]) if sim[q, c].item() > best_sim))
+            assert out[-1] > k
     return out
 
 
@@ -155,6 +156,18 @@ def test_rerank_metrics_match_a_brute_force_count():
     assert got["itm_image_to_text_R@10"] == plain["image_to_text_R@10"]  # (only the top 5 moved)
     assert got["itm_image_to_text_R@5"] == plain["image_to_text_R@5"]  # (recall inside the top k is kept)
     assert got["itm_text_to_image_R@1"] != plain["text_to_image_R@1"]  # (an untrained head does reorder)
+
+
+def test_a_correct_item_tied_at_the_kth_similarity_is_a_candidate():
+    """Identical captions (the same text, the same embedding) tie in similarity: plain retrieval ranks the image's
+    own caption first among them, so re-ranking must see it among its candidates, not whichever tied caption
+    topk happened to keep (it had ranked most images' own captions k + 1)."""
+    img = torch.nn.functional.normalize(torch.randn(6, 8, generator=torch.Generator().manual_seed(2)), dim=1)
+    txt = torch.nn.functional.normalize(torch.ones(6, 8), dim=1)  # six copies of one caption
+    weights = tuple(w.detach() for w in itm.FusionHead(8, 4).weights())
+    for k in (1, 2, 4):
+        got = itm_rerank_metrics(img, txt, torch.arange(6), weights, k)
+        assert got["itm_image_to_text_R@1"] == retrieval_metrics(img, txt, torch.arange(6))["image_to_text_R@1"] == 1.0
 
 
 def test_the_run_report_plots_the_itm_curves_of_a_run_that_logged_them(tmp_path):
