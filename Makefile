@@ -22,18 +22,24 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/clipkit train
 
+# The suites run on TEST_WORKERS pytest-xdist workers, a test file per worker at a time (its module fixtures,
+# trained runs shared by its tests, are built once). A single-process run idles half of 2 cores (a run's main
+# process computes on one); two workers keep both busy. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+
 # Lint + the default test suite (unit, distributed on gloo, CLI integration) and the fault-injection suite in its
-# fast mode (prints the reliability table), in one pytest session (one fork server, one demo data set); slow tests
-# are opt-in.
+# fast mode (prints the reliability table), in one pytest session (a fork server and the demo data per worker);
+# slow tests are opt-in.
 test: install lint
-	$(VENV)/bin/python -m pytest -q -m "not slow and not gpu" --durations=15
+	$(VENV)/bin/python -m pytest -q -m "not slow and not gpu" $(XDIST) --durations=15
 
 # The fault-injection suite with its full trial counts (10 kill -9 trials, every bad config as a process, ...).
 reliability-long: install
 	CLIPKIT_RELIABILITY=long $(VENV)/bin/python -m pytest -q -m reliability tests/reliability
 
 test-all: install lint
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q $(XDIST)
 
 lint: install
 	$(VENV)/bin/ruff check clipkit tests benchmarks

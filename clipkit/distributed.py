@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import subprocess
 from dataclasses import dataclass
 
@@ -92,26 +91,22 @@ def init(device: str = "auto", timeout_s: int = 600, tf32: bool = True) -> DistE
 
 
 def ensure_process_group(env: DistEnv, timeout_s: int) -> None:
-    """A process group and the torchrun variables also for a single process (DeepSpeed and FSDP need one)."""
+    """A process group and the torchrun variables also for a single process (DeepSpeed and FSDP need one). A
+    process started without a launcher meets only itself, in an in-memory store: it binds no TCP port. (It took a
+    free port before, and two single-process runs starting at once on one machine could be handed the same one,
+    the second failing with EADDRINUSE.)"""
+    alone = env.world_size == 1 and "MASTER_PORT" not in os.environ
     defaults = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
-    if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(free_port())
     if not dist.is_initialized():
         dist.init_process_group(
             "nccl" if env.device.type == "cuda" else "gloo",
             rank=env.rank,
             world_size=env.world_size,
             timeout=datetime.timedelta(seconds=timeout_s),
+            **({"store": dist.HashStore()} if alone else {}),
         )
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on ``host`` right now (for a single-node rendezvous)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def rank_and_world() -> tuple[int, int]:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests import prefork
+from tests import ports, prefork
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -29,9 +31,25 @@ SMALL_DEMO = [
 ]
 
 
+def shared_dir(tmp_path_factory) -> Path:
+    """A folder this session's pytest-xdist workers share (the session's own temporary folder without xdist):
+    what a session fixture builds there under ``shared_lock`` is built once for all workers."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@contextlib.contextmanager
+def shared_lock(path: Path):
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("clipkit-cache")
+    """CLIPKIT_CACHE, shared by the workers (the demo data sets are generated once, under clipkit's own lock)."""
+    path = shared_dir(tmp_path_factory) / "clipkit-cache"
+    path.mkdir(exist_ok=True)
     os.environ["CLIPKIT_CACHE"] = str(path)
     return path
 
@@ -57,6 +75,12 @@ def small_demo(cache_dir) -> Path:
 IN_PROCESS_DATA = ["data.num_workers=0", "eval.num_workers=0"]
 
 
+# The end-of-run report (matplotlib's curves: ~2 s of a short run's ~6 s) is written only where a test names
+# `logging.report`: run_cli appends this to a `train` that does not. The report's own tests
+# (tests/integration/test_report.py), the README doc test, the commands typed in a shell and the launchers' runs
+# keep the default (on).
+NO_REPORT = ["logging.report=false"]
+
 # The session's shared trained run: 40 steps of the small demo, checkpoints at 20 and 40, an eval at the end.
 DEMO_RUN_ARGS = [
     *SMALL_DEMO,
@@ -65,24 +89,32 @@ DEMO_RUN_ARGS = [
     "train.log_every=1",
     "optim.warmup_steps=5",
     "logging.progress=false",
-    "logging.report=false",
 ]
 
 
 @pytest.fixture(scope="session")
 def demo_run(small_demo, tmp_path_factory):
-    """(run dir, CompletedProcess) of one `clipkit train` every test that needs a trained model shares; tests
-    must not write into it (copy it first)."""
-    run_dir = tmp_path_factory.mktemp("demo-run")
-    return run_dir, run_cli("train", f"hydra.run.dir={run_dir}", *DEMO_RUN_ARGS, check=True)
+    """(run dir, CompletedProcess) of one `clipkit train` every test that needs a trained model shares (all
+    workers: the first to ask trains it); tests must not write into it (copy it first)."""
+    run_dir = shared_dir(tmp_path_factory) / "demo-run"
+    outputs = [run_dir.with_name(f"demo-run.{name}") for name in ("stdout", "stderr")]
+    with shared_lock(run_dir):
+        if not (run_dir / "summary.json").is_file():
+            proc = run_cli("train", f"hydra.run.dir={run_dir}", *DEMO_RUN_ARGS, check=True)
+            for path, text in zip(outputs, (proc.stdout, proc.stderr), strict=True):
+                path.write_text(text)
+    args = ["clipkit", "train", f"hydra.run.dir={run_dir}", *DEMO_RUN_ARGS]
+    return run_dir, subprocess.CompletedProcess(args, 0, *(path.read_text() for path in outputs))
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 600, check: bool = False, python_flags: tuple = ()):
     """Runs `python [FLAGS] -m clipkit ARGS` as a process of its own; returns the CompletedProcess (text). Without
     interpreter flags the process is forked from the tests' fork server (``tests/prefork.py``: the same command,
     minus ~4 s of importing torch and open_clip each time); with them, or with CLIPKIT_TEST_PREFORK=0, it is
-    a fresh interpreter."""
+    a fresh interpreter. A ``train`` that does not name ``logging.report`` gets ``NO_REPORT``."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    if args and args[0] == "train" and not any(a.startswith("logging.report=") for a in args):
+        args = (*args, *NO_REPORT)
     server = None if python_flags else prefork.client()
     if server is not None:
         proc = server.run(list(args), full_env, timeout)
@@ -109,7 +141,7 @@ def srun_tasks(
     (SIGSTOP, SIGKILL: no process can pass those on) asks for real interpreters: ``stopped_from_outside``."""
     server = None if stopped_from_outside else prefork.client()
     program = [str(server.shim() / "clipkit")] if server else [sys.executable, "-m", "clipkit"]
-    job_id = str(random.randint(1000, 9999))
+    job_id = ports.slurm_job_id()
     base = {
         k: v
         for k, v in os.environ.items()
@@ -128,22 +160,47 @@ def srun_tasks(
     ]
 
 
-def pytest_terminal_summary(terminalreporter):
-    """The reliability suite's table (case, trials, passed, figure), when that suite ran."""
+# The reliability table's rows from pytest-xdist's workers (make test runs the suite on 2): each worker sends its
+# own at the end, the controller prints them all.
+WORKER_ROWS: list[dict] = []
+WORKER_MODES: set[str] = set()
+
+
+def _reliability() -> tuple[list[dict], str] | None:
     harness = sys.modules.get("tests.reliability.harness")
     if harness is None or not harness.RESULTS:
-        return
-    import json
+        return None
+    return harness.RESULTS, "long" if harness.LONG else "fast"
 
-    rows = harness.RESULTS
-    terminalreporter.section(f"reliability ({'long' if harness.LONG else 'fast'} mode)")
+
+def pytest_sessionfinish(session):
+    found = _reliability()
+    if found is not None and hasattr(session.config, "workeroutput"):  # (a worker: hand the rows over)
+        session.config.workeroutput["reliability"] = json.dumps({"rows": found[0], "mode": found[1]})
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    sent = getattr(node, "workeroutput", {}).get("reliability")
+    if sent:
+        WORKER_ROWS.extend(json.loads(sent)["rows"])
+        WORKER_MODES.add(json.loads(sent)["mode"])
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The reliability suite's table (case, trials, passed, figure), when that suite ran."""
+    found = _reliability()
+    rows, mode = found if found is not None else (WORKER_ROWS, "long" if "long" in WORKER_MODES else "fast")
+    if not rows:
+        return
+    terminalreporter.section(f"reliability ({mode} mode)")
     terminalreporter.write_line("| case | trials | passed | figure |")
     terminalreporter.write_line("|---|---:|---:|---|")
     for r in rows:
         terminalreporter.write_line(f"| {r['case']} | {r['trials']} | {r['passed']} | {r['figure']} |")
     out = Path(__file__).resolve().parents[1] / "benchmarks" / "out" / "reliability.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"mode": "long" if harness.LONG else "fast", "results": rows}, indent=1))
+    out.write_text(json.dumps({"mode": mode, "results": rows}, indent=1))
 
 
 @pytest.fixture(scope="session")

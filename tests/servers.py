@@ -20,7 +20,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from clipkit.distributed import free_port
+from tests.ports import free_port
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -6,8 +6,8 @@ import os
 
 import torch
 
-from clipkit.distributed import free_port
 from tests.distributed.ranks import start_ranks
+from tests.ports import free_port
 
 CLASSES = ["red circle", "blue star"]
 

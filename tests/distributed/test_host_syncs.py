@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import json
 
-from clipkit.distributed import free_port
 from tests.distributed.ranks import start_ranks
 from tests.distributed.workers import count_host_syncs
+from tests.ports import free_port
 
 STEPS, LOG_EVERY, CHECK_EVERY = 16, 8, 4
 

@@ -10,8 +10,8 @@ import pytest
 
 from clipkit.data import dir_spec
 from tests.distributed.ranks import start_ranks
-from tests.distributed.test_loss_exact import free_port
 from tests.distributed.workers import loader_epoch_keys
+from tests.ports import free_port
 
 
 @pytest.mark.parametrize(

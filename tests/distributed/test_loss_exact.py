@@ -13,9 +13,9 @@ import json
 
 import pytest
 
-from clipkit.distributed import free_port
 from tests.distributed.ranks import start_ranks
 from tests.distributed.workers import CASES, COCA_CASES, DISTILL_CASES, ITM_CASES, loss_exactness
+from tests.ports import free_port
 
 TOL = 1e-6
 

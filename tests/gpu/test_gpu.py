@@ -20,8 +20,8 @@ import sys
 import pytest
 import torch
 
-from clipkit.distributed import free_port
 from tests.conftest import SMALL_DEMO, run_cli
+from tests.ports import free_port
 
 pytestmark = [
     pytest.mark.gpu,

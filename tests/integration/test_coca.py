@@ -3,7 +3,7 @@ process and by FSDP with gradient caching to the same parameters; ``clipkit eval
 ``clipkit caption`` captions the demo's held-out images or an image folder; the open_clip export loads in
 open_clip and, decoded greedily there by a loop written here over open_clip's own model, gives the same captions.
 
-Same data and tolerance as test_engines.py (global batches of 192 of 384 pairs, float32, ATOL 1e-5)."""
+Same data and tolerance as test_engines.py (global batches of 48 of 96 pairs, float32, ATOL 1e-5)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import run_cli
-from tests.integration.test_engines import ATOL, COMMON, logged, torchrun
+from tests.integration.test_engines import ATOL, COMMON, MICRO2, logged, torchrun
 
 STEPS = 4
 CAPTION_WEIGHT = 1.5
@@ -60,7 +60,7 @@ def test_the_loss_adds_the_captioning_term(single, tmp_path):
 
 def test_fsdp_with_gradient_caching_trains_the_same_parameters(single, tmp_path):
     other = tmp_path / "fsdp"
-    torchrun(other, *COCA, "parallel=fsdp", "train.micro_batch_size=48")
+    torchrun(other, *COCA, "parallel=fsdp", MICRO2)
     got, ref = final(other), final(single)
     assert ref.keys() == got.keys()
     for name in ref:
@@ -73,9 +73,7 @@ def test_fsdp_with_gradient_caching_trains_the_same_parameters(single, tmp_path)
 
 
 @pytest.mark.slow  # (`make test-all`: DeepSpeed starts in ~40 s per run)
-@pytest.mark.parametrize(
-    "engine, extra", [("zero2", ["train.micro_batch_size=48"]), ("zero3", [])], ids=["zero2-cache2", "zero3"]
-)
+@pytest.mark.parametrize("engine, extra", [("zero2", [MICRO2]), ("zero3", [])], ids=["zero2-cache2", "zero3"])
 def test_deepspeed_engines_train_the_same_parameters(single, tmp_path, engine, extra):
     other = tmp_path / engine
     torchrun(other, *COCA, f"parallel={engine}", *extra)

@@ -2,7 +2,7 @@
 length) trained first, then a clipkit-tiny student distilled from its run dir; one process and a sharded engine
 with gradient caching train the same parameters (the teacher computed once per micro-batch, in the no-grad pass).
 
-Same data and tolerance as test_engines.py (global batches of 192 of 384 pairs, float32, ATOL 1e-5)."""
+Same data and tolerance as test_engines.py (global batches of 48 of 96 pairs, float32, ATOL 1e-5)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.conftest import run_cli
-from tests.integration.test_engines import ATOL, COMMON, final_weights, logged, torchrun
+from tests.integration.test_engines import ATOL, COMMON, MICRO2, final_weights, logged, torchrun
 
 TEACHER_CFG = {
     "embed_dim": 96,
@@ -59,7 +59,7 @@ def test_distillation_changes_training_and_the_loss_includes_the_term(single, tm
 def test_a_sharded_engine_with_gradient_caching_distils_to_the_same_parameters(single, teacher, tmp_path):
     run, _ = single
     other = tmp_path / "fsdp"
-    torchrun(other, "parallel=fsdp", "train.micro_batch_size=48", f"distill.teacher={teacher}")
+    torchrun(other, "parallel=fsdp", MICRO2, f"distill.teacher={teacher}")
     got, ref = final_weights(other), final_weights(run)
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], atol=ATOL, rtol=0, msg=name)

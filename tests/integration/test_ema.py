@@ -3,7 +3,7 @@ computed here from the run's own weights at every step; every engine keeps the s
 (sharded like its parameters) and resumes it bit for bit; the end-of-run eval reports raw and EMA results, and
 ``clipkit eval`` / ``clipkit export weights=ema`` read the EMA weights back (the export loaded by open_clip).
 
-Same data and tolerance as test_engines.py (global batches of 192 of 384 pairs, float32, ATOL 1e-5)."""
+Same data and tolerance as test_engines.py (global batches of 48 of 96 pairs, float32, ATOL 1e-5)."""
 
 from __future__ import annotations
 

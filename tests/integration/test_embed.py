@@ -17,8 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from clipkit.distributed import free_port
 from tests.conftest import run_cli
+from tests.ports import free_port
 
 BIN = Path(sys.executable).parent
 THRESHOLD = 0.05

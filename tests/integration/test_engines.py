@@ -5,8 +5,9 @@ same sample keys at every step (``train.record_keys``): the order of samples is 
 the global batch and data.streams, never of the world size or the loader workers. A run stopped and resumed
 through four layouts ends where the uninterrupted single process does.
 
-384 training pairs and a global batch of 192 (data.streams=0 picks 48 streams, 4 samples each per step): every
-epoch is 2 steps, so the 10 steps cross 5 epochs and every stream rolls over. What differs between layouts is
+96 training pairs and a global batch of 48 (data.streams=0 picks 48 streams, 1 sample each per step): every
+epoch is 2 steps, so the 10 steps cross 5 epochs and every stream rolls over. (A run's cost here is mostly per
+step, not per sample: the batch was 192 of 384 pairs until these runs were timed.) What differs between layouts is
 the order of floating-point sums (the batch's row order, the all-reduce), so parameters agree to float32
 tolerance, not bit for bit: the test allows ATOL = 1e-5 on the parameters and 1e-5 relative on the losses.
 Two loopback nodes and one node with the same world size compute the same thing in the same
@@ -27,20 +28,22 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from clipkit.distributed import free_port
 from tests import prefork
 from tests.conftest import run_cli
+from tests.ports import free_port
 
 ATOL = 1e-5
 STEPS = 10
+# Gradient caching: 2 micro-batches of 12 per rank make a global batch of 48 on 2 ranks.
+MICRO2 = "train.micro_batch_size=12"
 COMMON = [
-    "data.demo.num_train=384",
-    "data.demo.shard_size=128",
+    "data.demo.num_train=96",
+    "data.demo.shard_size=32",
     "data.demo.num_zeroshot=36",
     "data.demo.num_retrieval=10",
     "data.num_workers=0",  # (the runs named workers3 and the resume chain's layouts read with workers)
     f"train.steps={STEPS}",
-    "train.global_batch_size=192",
+    "train.global_batch_size=48",
     "train.record_keys=true",
     "train.log_every=1",
     "train.checkpoint_every=5",
@@ -56,21 +59,19 @@ LAUNCH = Path(__file__).resolve().parents[2] / "launch"
 
 
 def torchrun(run_dir: Path, *overrides: str, nproc: int = 2, faults: str = "") -> subprocess.CompletedProcess:
-    """torchrun's agent starting ``nproc`` ranks of ``clipkit train``. Each rank is the tests' ``clipkit`` shim
-    (``tests/prefork.py``: the rank's command, environment and output, forked from the fork server that has the
-    libraries imported); the launcher scripts' tests (``launch/``) and CLIPKIT_TEST_PREFORK=0 start real
-    interpreters."""
+    """torchrun's agent starting ``nproc`` ranks of ``clipkit train``. The agent (``python -m
+    torch.distributed.run``) and each rank (the tests' ``clipkit`` shim) are forked from the tests' fork server
+    (``tests/prefork.py``), which has the libraries imported (~2 s of the agent's CPU, ~4 s of each rank's); the
+    launcher scripts' tests (``launch/``) and CLIPKIT_TEST_PREFORK=0 start real interpreters."""
     server = prefork.client()
     program = ["--no-python", str(server.shim() / "clipkit")] if server else ["-m", "clipkit"]
-    cmd = [*TORCHRUN, f"--nproc_per_node={nproc}", f"--master_port={free_port()}", *program, "train"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CLIPKIT_FAULTS": faults}
-    proc = subprocess.run(
-        [*cmd, f"hydra.run.dir={run_dir}", *COMMON, *overrides],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
+    args = [f"--nproc_per_node={nproc}", f"--master_port={free_port()}", *program, "train"]
+    args += [f"hydra.run.dir={run_dir}", *COMMON, *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CLIPKIT_FAULTS": faults, "PYTHONUNBUFFERED": "1"}
+    if server is not None:
+        proc = server.start(args, env, module="torch.distributed.run").wait(600)
+    else:
+        proc = subprocess.run([*TORCHRUN, *args], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
@@ -114,14 +115,14 @@ LAUNCHES = {
     "zero2": (["parallel=zero2"], None),
     "zero3": (["parallel=zero3"], None),
     "fsdp": (["parallel=fsdp"], None),
-    # Gradient caching under ZeRO-2: 2 micro-batches of 48 per rank make the same global batch of 192.
-    "zero2_cached": (["parallel=zero2", "train.micro_batch_size=48"], None),
+    # Gradient caching under ZeRO-2: 2 micro-batches per rank make the same global batch.
+    "zero2_cached": (["parallel=zero2", MICRO2], None),
     # ... and under FSDP2 (synchronisation off for the first re-forward, one reduce-scatter on the last);
-    "fsdp_cached": (["parallel=fsdp", "train.micro_batch_size=48"], None),
+    "fsdp_cached": (["parallel=fsdp", MICRO2], None),
     # ... the same with train.compile on: each block compiled before fully_shard wraps it (the log line is printed
     # only once the first compiled call has succeeded; a failed compile falls back to eager with a warning instead).
     "fsdp_cached_compiled": (
-        ["parallel=fsdp", "train.micro_batch_size=48", "train.compile=true"],
+        ["parallel=fsdp", MICRO2, "train.compile=true"],
         "torch.compile: 5 blocks compiled",
     ),
     # train.compile=step under DDP: forward, loss, backward, clipping and the update compiled as one call on each

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from clipkit.distributed import free_port
 from tests.conftest import SMALL_DEMO
+from tests.ports import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,29 +16,17 @@ import torch
 from PIL import Image
 
 from clipkit.data.stream import iter_shard
-from tests.conftest import IN_PROCESS_DATA, SMALL_DEMO, run_cli
+from tests.conftest import run_cli
 
 NUM_IMAGES = 101  # odd: does not divide over 2 ranks
 
 
 @pytest.fixture(scope="module")
-def trained(small_demo, tmp_path_factory) -> Path:
-    """A tiny model trained for 120 steps (above chance, so the metrics are not all ties)."""
-    run = tmp_path_factory.mktemp("eval_model")
-    run_cli(
-        "train",
-        f"hydra.run.dir={run}",
-        *SMALL_DEMO,
-        *IN_PROCESS_DATA,
-        "train.steps=120",
-        "train.checkpoint_every=120",
-        "optim.warmup_steps=5",
-        "logging.progress=false",
-        "logging.report=false",
-        "eval.zeroshot.dataset=",
-        "eval.retrieval.dataset=",
-        check=True,
-    )
+def trained(demo_run, tmp_path_factory) -> Path:
+    """A copy of the session's trained run (40 steps: 13.6% zero-shot top-1 against 2.8% chance, so the metrics
+    are not all ties)."""
+    run = tmp_path_factory.mktemp("eval_model") / "run"
+    shutil.copytree(demo_run[0], run)
     return run
 
 

@@ -2,7 +2,7 @@
 locked stays bit-identical to the file after 10 AdamW steps with weight decay, while the text tower trains to the
 same parameters as one process (the engines' exactness with frozen parameters, gradient caching included).
 
-Same data and tolerance as test_engines.py: global batches of 192 of 384 pairs, float32, ATOL 1e-5."""
+Same data and tolerance as test_engines.py: global batches of 48 of 96 pairs, float32, ATOL 1e-5."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from tests.conftest import run_cli
-from tests.integration.test_engines import ATOL, COMMON, final_weights, logged, losses, torchrun
+from tests.integration.test_engines import ATOL, COMMON, MICRO2, final_weights, logged, losses, torchrun
 
 LIT = ["model.lock_image=true", "model.init_towers=image", "optim.weight_decay=0.2"]
-# "_cached": 2 micro-batches of 48 per rank (gradient caching; the locked tower is not re-forwarded). The default
+# "_cached": 2 micro-batches of 12 per rank (gradient caching; the locked tower is not re-forwarded). The default
 # suite runs the sharded, gradient-cached case; `make test-all` every engine (~35 s each, kept out of `make test`'s
 # 30 minutes).
 ENGINES = [
@@ -63,7 +63,7 @@ def test_locked_image_tower_is_untouched_in_one_process(single, tower):
 @pytest.mark.parametrize("engine", ENGINES)
 def test_locked_image_tower_on_every_engine(single, tower, tmp_path, engine):
     name, _, cached = engine.partition("_")
-    extra = ["train.micro_batch_size=48"] if cached else []
+    extra = [MICRO2] if cached else []
     run = tmp_path / engine
     proc = torchrun(run, f"parallel={name}", *LIT, f"model.init_from={tower[0]}", *extra)
     assert "image tower locked" in proc.stderr
@@ -91,18 +91,18 @@ def test_cached_image_features_train_as_the_images_do(tower, tmp_path):
     assert "cached image features: 3 of 3 shards" in proc.stderr
     summary = _cached_summary(cached)
     assert summary | {"seconds": 0, "gb": 0} == {
-        "shards": 3, "done": 3, "embedded": 3, "failed": 0, "rows": 384, "bad": 0, "seconds": 0, "gb": 0,
+        "shards": 3, "done": 3, "embedded": 3, "failed": 0, "rows": 96, "bad": 0, "seconds": 0, "gb": 0,
         "folder": summary["folder"],
     }  # fmt: skip
-    assert 384 * 128 * 4 < summary["gb"] * 1e9 < 384 * 128 * 4 + 50_000  # (clipkit-tiny's 128-wide rows in float32,
+    assert 96 * 128 * 4 < summary["gb"] * 1e9 < 96 * 128 * 4 + 50_000  # (clipkit-tiny's 128-wide rows in float32,
     # then the keys and the files' headers)
     assert losses(cached) == pytest.approx(losses(images), rel=1e-6, abs=0)
     _check_lit(cached, tower[1], images)
 
     two = tmp_path / "cache-two"
-    torchrun(ddp, "parallel=ddp", *CACHED, init, "train.micro_batch_size=48", "data.num_workers=1",
+    torchrun(ddp, "parallel=ddp", *CACHED, init, MICRO2, "data.num_workers=1",
              f"data.feature_cache_dir={two}")  # fmt: skip
-    assert _cached_summary(ddp)["embedded"] == 3 and _cached_summary(ddp)["rows"] == 384
+    assert _cached_summary(ddp)["embedded"] == 3 and _cached_summary(ddp)["rows"] == 96
     _check_lit(ddp, tower[1], images)
     (folder_one,), (folder_two,) = one.iterdir(), two.iterdir()  # (the same tower and settings: one folder name)
     assert folder_one.name == folder_two.name
@@ -144,4 +144,4 @@ def test_cached_text_and_teacher_features_train_as_the_towers_do(single, tmp_pat
         for key in ref:
             torch.testing.assert_close(got[key], ref[key], atol=ATOL, rtol=0, msg=f"{name}: {key}")
     rows = _cached_summary(tmp_path / "text-cached", "text")["rows"]
-    assert 384 < rows < 4 * 384  # (the demo's 4 captions per image, the same caption written once per shard)
+    assert 96 < rows < 4 * 96  # (the demo's 4 captions per image, the same caption written once per shard)

@@ -4,7 +4,7 @@ weights; a run killed with SIGKILL resumes bit-identically; two DDP ranks and tw
 what one process trains; the open_clip export (merged, read by open_clip without peft) gives the adapted model's
 embeddings; changed base weights are refused.
 
-Same data and tolerance as test_engines.py: global batches of 192 of 384 pairs, float32, ATOL 1e-5."""
+Same data and tolerance as test_engines.py: global batches of 48 of 96 pairs, float32, ATOL 1e-5."""
 
 from __future__ import annotations
 
@@ -23,7 +23,12 @@ from clipkit.model_config import LoraConfig, ModelConfig
 from tests.conftest import run_cli
 from tests.integration.test_engines import COMMON, STEPS, assert_same_training, final_weights, losses, torchrun
 
+# At optim.lr=0.01 (20x the default), AdamW turns the layouts' float rounding into weight differences near ATOL
+# at the engines' global batch of 48 (1.4e-5 on one adapter, 2 DDP ranks against one process): these runs keep
+# a batch of 192 of 384 pairs, whose gradients average that rounding down (2 micro-batches of 48 per rank).
 LORA = ["model.lora.rank=4", "model.lora.alpha=8", "optim.lr=0.01"]
+LORA += ["data.demo.num_train=384", "data.demo.shard_size=128", "train.global_batch_size=192"]
+MICRO2 = "train.micro_batch_size=48"
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +113,7 @@ def test_killed_run_resumes_bit_identically(single, tower, tmp_path):
 def test_two_ranks_train_what_one_process_trains(single, tower, tmp_path, engine):
     name, _, cached = engine.partition("_")
     run = tmp_path / engine
-    extra = ["train.micro_batch_size=48"] if cached else []
+    extra = [MICRO2] if cached else []
     torchrun(run, f"parallel={name}", *LORA, f"model.init_from={tower[0]}", *extra)
     assert_same_training(run, single)
 

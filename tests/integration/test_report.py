@@ -32,6 +32,7 @@ ARGS = [
     "eval.every=6",
     "logging.progress=false",
     "logging.tensorboard=true",
+    "logging.report=true",  # (the default, named: tests.conftest.run_cli turns it off where a run leaves it out)
 ]
 
 

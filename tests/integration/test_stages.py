@@ -3,7 +3,7 @@ It trains on the samples of the same run without stages; a run resumed from its 
 stage, at the switch or inside the second ends with its weights bit for bit; DDP and FSDP on 2 ranks equal one
 process, EMA weights included (``make test-all``).
 
-Same data as test_engines.py (global batches of 192 of 384 pairs, float32, no workers)."""
+Same data as test_engines.py (global batches of 48 of 96 pairs, float32, no workers)."""
 
 from __future__ import annotations
 

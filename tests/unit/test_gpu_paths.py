@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from clipkit import distributed
+from tests.ports import free_port
 
 
 @pytest.fixture
@@ -112,7 +113,7 @@ def zero_runs(tmp_path_factory) -> dict:
     from tests.distributed.workers import zero_precision_and_offload
 
     out = tmp_path_factory.mktemp("zero") / "zero.json"
-    start_ranks(zero_precision_and_offload, (1, distributed.free_port(), str(out)), nprocs=1)
+    start_ranks(zero_precision_and_offload, (1, free_port(), str(out)), nprocs=1)
     return json.loads(out.read_text())
 
 
@@ -175,7 +176,7 @@ def compile_runs(tmp_path_factory) -> dict:
     from tests.distributed.workers import compiled_vs_eager
 
     out = tmp_path_factory.mktemp("compile") / "compile.json"
-    start_ranks(compiled_vs_eager, (1, distributed.free_port(), str(out)), nprocs=1)
+    start_ranks(compiled_vs_eager, (1, free_port(), str(out)), nprocs=1)
     return json.loads(out.read_text())
 
 
