@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +44,19 @@ def shared_lock(path: Path):
     with open(path.with_name(path.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
+
+
+def shared_run(tmp_path_factory, name: str, build) -> Path:
+    """``shared_dir/name``, made by ``build(path)`` once for all workers (the first to ask builds it; the others
+    wait for it): a session fixture's reference run that tests only read."""
+    path = shared_dir(tmp_path_factory) / name
+    with shared_lock(path):
+        done = path.with_name(path.name + ".done")
+        if not done.exists():
+            shutil.rmtree(path, ignore_errors=True)  # (what a failed build of an earlier worker left)
+            build(path)
+            done.touch()
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -95,16 +109,16 @@ DEMO_RUN_ARGS = [
 @pytest.fixture(scope="session")
 def demo_run(small_demo, tmp_path_factory):
     """(run dir, CompletedProcess) of one `clipkit train` every test that needs a trained model shares (all
-    workers: the first to ask trains it); tests must not write into it (copy it first)."""
-    run_dir = shared_dir(tmp_path_factory) / "demo-run"
-    outputs = [run_dir.with_name(f"demo-run.{name}") for name in ("stdout", "stderr")]
-    with shared_lock(run_dir):
-        if not (run_dir / "summary.json").is_file():
-            proc = run_cli("train", f"hydra.run.dir={run_dir}", *DEMO_RUN_ARGS, check=True)
-            for path, text in zip(outputs, (proc.stdout, proc.stderr), strict=True):
-                path.write_text(text)
-    args = ["clipkit", "train", f"hydra.run.dir={run_dir}", *DEMO_RUN_ARGS]
-    return run_dir, subprocess.CompletedProcess(args, 0, *(path.read_text() for path in outputs))
+    workers); tests must not write into it (copy it first)."""
+
+    def build(run_dir: Path) -> None:
+        proc = run_cli("train", f"hydra.run.dir={run_dir}", *DEMO_RUN_ARGS, check=True)
+        for name, text in (("stdout", proc.stdout), ("stderr", proc.stderr)):
+            run_dir.with_name(f"demo-run.{name}").write_text(text)
+
+    run_dir = shared_run(tmp_path_factory, "demo-run", build)
+    outputs = (run_dir.with_name(f"demo-run.{name}").read_text() for name in ("stdout", "stderr"))
+    return run_dir, subprocess.CompletedProcess(["clipkit", "train", *DEMO_RUN_ARGS], 0, *outputs)
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 600, check: bool = False, python_flags: tuple = ()):

@@ -6,6 +6,7 @@ figure; a case that fails names itself."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -16,12 +17,21 @@ from pathlib import Path
 import pytest
 
 from clipkit.data.writer import write_shard, write_sizes_file
+from tests import prefork
 from tests.conftest import run_cli
 from tests.reliability.harness import RUN_ARGS, record, train, train_in_process
 from tests.shardsets import COLOURS, gzip_bomb, jpeg
 
 pytestmark = pytest.mark.reliability
 QUIET = ["logging.progress=false", "logging.report=false", "eval.zeroshot.dataset=", "eval.retrieval.dataset="]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def one_line(proc: subprocess.CompletedProcess, code: int | None = None, needle: str = "") -> bool:
@@ -69,21 +79,24 @@ def test_hostile_inputs(trained, small_demo, tmp_path):
         and sorted(p.name for p in (aside[0] / "checkpoints").iterdir()) == before
     )
     busy = tmp_path / "busy"  # a run that waits for data forever holds its run dir; a second one is refused
-    first = subprocess.Popen(
-        [sys.executable, "-m", "clipkit", "train", f"hydra.run.dir={busy}", "data.train=pipe:sleep 600", *QUIET],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    args = ["train", f"hydra.run.dir={busy}", "data.train=pipe:sleep 600", *QUIET]
+    server = prefork.client()  # (forked from the fork server: the imports' ~4 s; or, without one, a real process)
+    if server:
+        first = server.start(args, env)
+    else:
+        cmd = [sys.executable, "-m", "clipkit", *args]
+        first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300
         while not (busy / ".clipkit.lock").is_file() or not (busy / ".clipkit.lock").read_text():
-            assert time.time() < deadline and first.poll() is None
+            assert time.time() < deadline and _alive(first.pid)
             time.sleep(0.2)
         proc = run_cli("train", f"hydra.run.dir={busy}", *QUIET, timeout=600)
         checks["two runs on one run dir: the second refused"] = one_line(proc, 1, f'pid": {first.pid}')
     finally:
         first.kill()
-        first.wait()
+        first.wait(60) if server else first.wait()
     proc = run_cli("export", f"checkpoint={trained}", "format=open_clip", f"out={ckpt}", "overwrite=true")
     checks["export into a checkpoint dir refused"] = one_line(proc, 2, "export to another folder")
     src = tmp_path / "photos"
