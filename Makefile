@@ -24,9 +24,9 @@ demo: install
 
 # The suites run on TEST_WORKERS pytest-xdist workers, a test file per worker at a time (its module fixtures,
 # trained runs shared by its tests, are built once). A single-process run idles half of 2 cores (a run's main
-# process computes on one; many tests wait on purpose); on the 2-core CI machine 3 workers took 823 s, 2 took
-# 878 s, 1 took 1,134 s (benchmarks/RESULTS.md). TEST_WORKERS=0 runs in one process.
-TEST_WORKERS ?= 3
+# process computes on one); two workers keep both busy. Clean clones on the 2-core CI machine: pytest 875 s on 2
+# workers, 906 s on 3 (benchmarks/RESULTS.md). TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 # Lint + the default test suite (unit, distributed on gloo, CLI integration) and the fault-injection suite in its
