@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import os
@@ -34,23 +33,17 @@ SMALL_DEMO = [
 
 def shared_dir(tmp_path_factory) -> Path:
     """A folder this session's pytest-xdist workers share (the session's own temporary folder without xdist):
-    what a session fixture builds there under ``shared_lock`` is built once for all workers."""
+    what a session fixture builds there with ``shared_run`` is built once for all workers."""
     base = tmp_path_factory.getbasetemp()
     return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-
-
-@contextlib.contextmanager
-def shared_lock(path: Path):
-    with open(path.with_name(path.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
 
 
 def shared_run(tmp_path_factory, name: str, build) -> Path:
     """``shared_dir/name``, made by ``build(path)`` once for all workers (the first to ask builds it; the others
     wait for it): a session fixture's reference run that tests only read."""
     path = shared_dir(tmp_path_factory) / name
-    with shared_lock(path):
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         done = path.with_name(path.name + ".done")
         if not done.exists():
             shutil.rmtree(path, ignore_errors=True)  # (what a failed build of an earlier worker left)
@@ -195,10 +188,10 @@ def pytest_sessionfinish(session):
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node, error):
-    sent = getattr(node, "workeroutput", {}).get("reliability")
+    sent = json.loads(getattr(node, "workeroutput", {}).get("reliability", "null"))
     if sent:
-        WORKER_ROWS.extend(json.loads(sent)["rows"])
-        WORKER_MODES.add(json.loads(sent)["mode"])
+        WORKER_ROWS.extend(sent["rows"])
+        WORKER_MODES.add(sent["mode"])
 
 
 def pytest_terminal_summary(terminalreporter):

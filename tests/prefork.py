@@ -35,6 +35,7 @@ import itertools
 import json
 import os
 import runpy
+import select
 import shutil
 import signal
 import socket
@@ -199,18 +200,26 @@ class Command:
 
     def __init__(self, conn: socket.socket, pid: int, args: list[str], out: str, err: str):
         self.conn, self.pid, self.args, self.out, self.err = conn, pid, args, out, err
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        """The status once the command has ended, else None (as ``Popen.poll``)."""
+        if self.returncode is None and select.select([self.conn], [], [], 0)[0]:
+            self.returncode = json.loads(_line(self.conn))["status"]
+        return self.returncode
 
     def wait(self, timeout: float | None) -> subprocess.CompletedProcess:
         """Waits for the status (SIGKILL and ``TimeoutExpired``, with the output so far, after ``timeout`` s)."""
         self.conn.settimeout(timeout)
         try:
-            line = _line(self.conn)
+            if self.returncode is None:
+                self.returncode = json.loads(_line(self.conn))["status"]
         except TimeoutError:
             self.kill()
             raise subprocess.TimeoutExpired(self.args, timeout, *self._outputs()) from None
         finally:
             self.conn.close()
-        return subprocess.CompletedProcess(self.args, json.loads(line)["status"], *self._outputs())
+        return subprocess.CompletedProcess(self.args, self.returncode, *self._outputs())
 
     def _outputs(self) -> list[str]:
         """stdout and stderr as the command wrote them; their files are removed once read."""
