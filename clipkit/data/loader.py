@@ -351,6 +351,12 @@ def stop_workers(it, kill: bool = False) -> None:
                 w.kill()
         for w in workers:
             w.join(timeout=5)
+        # Each worker takes the lock of torch's shared 'workers done' event for an instant, whenever it asks
+        # whether the event is set; one killed in that instant leaves the lock held, and torch's shutdown, which
+        # sets the event, would wait for it forever. The workers are gone: the shutdown gets an event of this
+        # process's own.
+        if hasattr(it, "_workers_done_event"):
+            it._workers_done_event = threading.Event()
     shutdown = getattr(it, "_shutdown_workers", None)
     if shutdown is not None:
         shutdown()
