@@ -74,11 +74,12 @@ def small_demo(cache_dir) -> Path:
     return ensure_demo(cfg, say=lambda m: None)
 
 
-# The data read in the training process itself: no loader or eval worker processes. Each run with workers starts
-# a fork server that first imports torch and open_clip (~3 s of a run's wall time on 2 cores), so the tests whose
-# subject is not the loader append this. The sample order is the same with or without workers (docs/data.md), so
-# their reference runs stay valid. The loader's own tests, the layouts, the signal and kill tests, the README and
-# the typed-in-a-shell commands, and the session's demo run keep the default workers.
+# The data read in the training process itself: no loader or eval worker processes. A run with workers starts
+# their fork server and the workers (under the tests' fork server the worker server is forked, not a fresh
+# interpreter: tests/prefork.py), so the tests whose subject is not the loader append this. The sample order is
+# the same with or without workers (docs/data.md), so their reference runs stay valid. The loader's own tests,
+# the layouts, the signal and kill tests, the README and the typed-in-a-shell commands, and the session's demo run
+# keep the default workers.
 IN_PROCESS_DATA = ["data.num_workers=0", "eval.num_workers=0"]
 
 

@@ -7,10 +7,13 @@ own pid, exit status, signals, environment, working directory, stdout/stderr fil
 ``python -m clipkit ARGS`` through ``runpy`` as the interpreter would, and imports clipkit itself fresh, so
 whatever clipkit reads from the environment at import time (``CLIPKIT_FAULTS``, ...) comes from the command's
 environment. What the server never imports before forking: clipkit, DeepSpeed, anything that starts a thread.
+The command's loader workers come from a fork server of multiprocessing's own, forked from the command at its
+start rather than started as a fresh interpreter (``_start_worker_server``: ~3 s less per rank of a run with
+workers).
 
 Tests about the shell, the interpreter's flags (``-X importtime``) or the launcher scripts keep starting real
-processes; ``CLIPKIT_TEST_PREFORK=0`` turns the server off for a whole run (every ``run_cli`` a real ``python -m
-clipkit``).
+processes (their workers' fork server is multiprocessing's fresh interpreter, as a user's); ``CLIPKIT_TEST_PREFORK=0``
+turns the server off for a whole run (every ``run_cli`` a real ``python -m clipkit``).
 
 Protocol (one Unix socket; commands run at once, each watched by a handler process forked for it): the client
 sends one JSON line {args, env, cwd, stdout, stderr, inherit}; the server answers {"pid": ...} once the child runs,
@@ -89,6 +92,7 @@ def _child(request: dict) -> None:
 
             torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
         sys.path[0] = request["cwd"]
+        _start_worker_server()
         sys.argv = ["-m", *request["args"]]
         try:
             runpy.run_module(request.get("module", MAIN), run_name="__main__", alter_sys=True)
@@ -119,6 +123,43 @@ def _child(request: dict) -> None:
             sys.stderr.flush()
         finally:
             os._exit(code)
+
+
+def _start_worker_server() -> None:
+    """In the command's process, before it runs anything: starts the fork server its loader workers will come
+    from (``clipkit.data.worker_context``) as multiprocessing's ``forkserver.ensure_running`` would, except that
+    the server is forked from this process (torch and open_clip already imported, one thread) instead of being a
+    fresh interpreter that imports them again: ~3 s of CPU a run with loader workers, once per rank. The rest is
+    multiprocessing's own: its ``forkserver.main`` loop with clipkit's preload list, the same socket, alive pipe
+    and file descriptors handed to each worker; ``ensure_running`` finds it running and starts no other. Where
+    multiprocessing's forkserver differs (another Python), nothing happens: it starts its own."""
+    from multiprocessing import connection, forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    names = ("_forkserver_address", "_forkserver_alive_fd", "_forkserver_pid", "_preload_modules")
+    if server is None or not all(hasattr(server, name) for name in names) or server._forkserver_pid is not None:
+        return
+    listener = socket.socket(socket.AF_UNIX)
+    address = connection.arbitrary_address("AF_UNIX")
+    listener.bind(address)
+    os.chmod(address, 0o600)
+    listener.listen()
+    alive_r, alive_w = os.pipe()  # (every worker holds the write end; the server ends when all have closed it)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(alive_w)
+            from clipkit.data import worker_context
+
+            worker_context()  # (sets clipkit's preload list on multiprocessing's forkserver)
+            forkserver.main(listener.fileno(), alive_r, server._preload_modules, sys_path=list(sys.path))
+        except BaseException:  # noqa: BLE001  (SystemExit once the command and its workers are gone)
+            pass
+        finally:
+            os._exit(0)
+    os.close(alive_r)
+    listener.close()
+    server._forkserver_address, server._forkserver_alive_fd, server._forkserver_pid = address, alive_w, pid
 
 
 def serve(path: str) -> None:
