@@ -39,7 +39,7 @@ from clipkit.loss import build_caption_loss, build_loss
 from clipkit.metrics import forward_flops_per_sample, peak_flops, peak_memory_gb, reset_peak_memory
 from clipkit.model_config import is_coca
 from clipkit.optim import build_optimizer
-from clipkit.step import step_function
+from clipkit.step import Terms, step_function
 from clipkit.train import build_loader
 
 if TYPE_CHECKING:
@@ -136,7 +136,7 @@ def bench_clipkit(cfg: RootConfig, batches: list[tuple], device: torch.device, w
             for im, tx in zip(images_u8.split(micro), text.split(micro), strict=True)
         ]
         wait += time.perf_counter() - t_fetch
-        step(engine, loss_fn, pairs, caption=caption)
+        step(engine, loss_fn, pairs, Terms(caption=caption))
     _sync(device)
     elapsed = time.perf_counter() - t0
     return {"seconds": elapsed, "data_wait_s": wait, "peak_mem_gb": peak_memory_gb(device)}

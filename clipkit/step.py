@@ -25,6 +25,8 @@ Cached features (``data.cache_*_features``): a micro-batch's images (or token id
 embeddings (B x D floats); ``model_forward`` runs the other tower alone and hands them on. A cached teacher
 (``data.cache_teacher_features``) reads its embeddings from the batch's third element.
 
+The objective's other terms come as one ``Terms`` (each None when off).
+
 Distillation (``teacher``): the teacher's outputs for each micro-batch are computed once, without autograd (in
 the no-grad pass when caching), and handed to the loss beside the student's.
 
@@ -74,15 +76,21 @@ class StepResult:
     terms: dict[str, torch.Tensor] = field(default_factory=dict)  # more scalars for the log (the ITM term's)
 
 
-def train_step(
-    engine,
-    loss_fn: LossFn,
-    micro_batches: list[Batch],
-    teacher: Teacher | None = None,
-    caption: Caption | None = None,
-    itm: ITM | None = None,
-) -> StepResult:
-    loss, out = forward_backward(engine, loss_fn, micro_batches, teacher, caption, itm)
+@dataclass(frozen=True)
+class Terms:
+    """The objective's terms beside the contrastive loss, each None when off: distillation's teacher, CoCa's
+    captioning term, this step's image-text matching term."""
+
+    teacher: Teacher | None = None
+    caption: Caption | None = None
+    itm: ITM | None = None
+
+
+NO_TERMS = Terms()
+
+
+def train_step(engine, loss_fn: LossFn, micro_batches: list[Batch], terms: Terms = NO_TERMS) -> StepResult:
+    loss, out = forward_backward(engine, loss_fn, micro_batches, terms)
     grad_norm, applied = engine.step()  # clip; apply only if the global norm is finite
     return StepResult(loss, grad_norm, out["logit_scale"].detach(), applied)
 
@@ -102,18 +110,16 @@ class CompiledStep:
         self.compiled = torch.compile(self._traced)
         self.checked = False
 
-    def _traced(self, loss_fn: LossFn, batch: Batch, teacher: Teacher | None, caption: Caption | None, itm):
-        loss, out = forward_backward(self.engine, loss_fn, [batch], teacher, caption, itm)
+    def _traced(self, loss_fn: LossFn, batch: Batch, terms: Terms):
+        loss, out = forward_backward(self.engine, loss_fn, [batch], terms)
         norm, applied, finite = self.update.apply()
         return loss, norm, out["logit_scale"].detach(), applied, finite
 
-    def __call__(
-        self, engine, loss_fn: LossFn, micro_batches: list[Batch], teacher=None, caption=None, itm=None
-    ) -> StepResult:
+    def __call__(self, engine, loss_fn: LossFn, micro_batches: list[Batch], terms: Terms = NO_TERMS) -> StepResult:
         (batch,) = micro_batches
         start = time.perf_counter()
         try:
-            loss, norm, scale, applied, finite = self.compiled(loss_fn, batch, teacher, caption, itm)
+            loss, norm, scale, applied, finite = self.compiled(loss_fn, batch, terms)
         except Exception as err:  # dynamo / inductor failures surface at the first call
             if self.checked:
                 raise
@@ -135,16 +141,12 @@ def step_function(engine, compile: str):
 
 
 def forward_backward(
-    engine,
-    loss_fn: LossFn,
-    micro_batches: list[Batch],
-    teacher: Teacher | None = None,
-    caption: Caption | None = None,
-    itm: ITM | None = None,
+    engine, loss_fn: LossFn, micro_batches: list[Batch], terms: Terms = NO_TERMS
 ) -> tuple[torch.Tensor, dict]:
     """Leaves this step's gradients in the engine; returns (detached loss, the last forward's outputs)."""
     if len(micro_batches) > 1:
-        return cached_forward_backward(engine, loss_fn, micro_batches, teacher, caption, itm)
+        return cached_forward_backward(engine, loss_fn, micro_batches, terms)
+    teacher, caption, itm = terms.teacher, terms.caption, terms.itm
     ((images, text, *teacher_text),) = micro_batches
     extra = {"teacher": teacher(images, text, *teacher_text)} if teacher else {}
     out = model_forward(engine, images, text)
@@ -185,14 +187,10 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 
 def cached_forward_backward(
-    engine,
-    loss_fn: LossFn,
-    micro_batches: list[Batch],
-    teacher: Teacher | None = None,
-    caption: Caption | None = None,
-    itm: ITM | None = None,
+    engine, loss_fn: LossFn, micro_batches: list[Batch], terms: Terms
 ) -> tuple[torch.Tensor, dict]:
     """Gradient-cached forward/backward over K micro-batches (see the module docstring)."""
+    teacher, caption, itm = terms.teacher, terms.caption, terms.itm
     device = micro_batches[0][0].device
     count = caption.target_count([text for _, text, *_ in micro_batches]) if caption else None
     rng_states, img_parts, txt_parts, teacher_parts = [], [], [], []

@@ -48,7 +48,7 @@ from clipkit.metrics import (
 from clipkit.preempt import Preemption, requeue_slurm_job
 from clipkit.stage_config import Stage, parse_stages
 from clipkit.stages import Stages
-from clipkit.step import StepResult, rng_state, set_rng_state, step_function
+from clipkit.step import StepResult, Terms, rng_state, set_rng_state, step_function
 
 log = logging.getLogger("clipkit")
 
@@ -495,7 +495,8 @@ class Trainer:
             if self.itm:  # (the step's seeded draws; rows: each sample's place in the canonical global batch)
                 rows, n = canonical_rows(batches), sum(len(b["keys"]) for b in batches) * self.env.world_size
                 itm = self.itm.at(state.step + 1, rows, n, self.env.device)
-            result = self.step(self.engine, self.loss_fn, self._on_device(batches), self.teacher, self.caption, itm)
+            terms = Terms(self.teacher, self.caption, itm)
+            result = self.step(self.engine, self.loss_fn, self._on_device(batches), terms)
             if itm:
                 result.terms.update(itm.logged)
             if self.key_log:

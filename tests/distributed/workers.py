@@ -126,7 +126,7 @@ def distill_exactness(rank: int, world: int, dev: torch.device) -> dict:
     """Contrastive + distillation through ``forward_backward`` with a teacher vs one process on the whole batch."""
     from clipkit.loss import build_loss
     from clipkit.loss.distill import DistillLoss
-    from clipkit.step import forward_backward
+    from clipkit.step import Terms, forward_backward
 
     results = {}
     for name, kind, impl, chunk, K in DISTILL_CASES:
@@ -135,7 +135,7 @@ def distill_exactness(rank: int, world: int, dev: torch.device) -> dict:
         mine = list(zip(images[rows].split(B), text[rows].split(B), strict=True))
         engine = _engine(micro_clip(), world, dev)
         loss_fn = DistillLoss(build_loss("infonce", impl, chunk), DISTILL_WEIGHT, kind, impl, chunk)
-        loss, _ = forward_backward(engine, loss_fn, mine, micro_teacher())
+        loss, _ = forward_backward(engine, loss_fn, mine, Terms(teacher=micro_teacher()))
         total = loss.clone()
         if world > 1:
             dist.all_reduce(total)
@@ -201,7 +201,7 @@ def coca_exactness(rank: int, world: int, dev: torch.device) -> dict:
     open_clip's per-rank caption mean is from the global batch's."""
     from clipkit.loss import build_loss
     from clipkit.loss.caption import CaptionLoss
-    from clipkit.step import forward_backward
+    from clipkit.step import Terms, forward_backward
 
     results = {}
     for name, loss_name, impl, chunk, K, c_weight, cap_weight in COCA_CASES:
@@ -211,7 +211,7 @@ def coca_exactness(rank: int, world: int, dev: torch.device) -> dict:
         mine = list(zip(images[rows].split(B), text[rows].split(B), strict=True))
         engine = _engine(micro_coca(siglip), world, dev)
         caption = CaptionLoss(cap_weight, pad_id=0)
-        loss, _ = forward_backward(engine, build_loss(loss_name, impl, chunk, c_weight), mine, caption=caption)
+        loss, _ = forward_backward(engine, build_loss(loss_name, impl, chunk, c_weight), mine, Terms(caption=caption))
         total = loss.clone()
         if world > 1:
             dist.all_reduce(total)
@@ -302,7 +302,7 @@ def itm_exactness(rank: int, world: int, dev: torch.device) -> dict:
     from clipkit.loss import build_loss
     from clipkit.loss.caption import CaptionLoss
     from clipkit.loss.itm import ITMLoss
-    from clipkit.step import forward_backward
+    from clipkit.step import Terms, forward_backward
 
     results = {}
     for name, kind, K, shuffled in ITM_CASES:
@@ -316,7 +316,7 @@ def itm_exactness(rank: int, world: int, dev: torch.device) -> dict:
         loss_name = "siglip" if kind == "siglip" else "infonce"
         term = ITMLoss(ITM_WEIGHT, ITM_SEED).at(ITM_STEP, ids[rows] if shuffled else None, n, dev)
         caption = CaptionLoss(2.0, pad_id=0) if kind == "coca" else None
-        loss, _ = forward_backward(engine, build_loss(loss_name, "gathered"), mine, caption=caption, itm=term)
+        loss, _ = forward_backward(engine, build_loss(loss_name, "gathered"), mine, Terms(caption=caption, itm=term))
         total = loss.clone()
         if world > 1:
             dist.all_reduce(total)
