@@ -16,7 +16,7 @@ from tests.ports import free_port
 
 @pytest.mark.parametrize(
     "world,workers",
-    [(2, 0), (2, 3), pytest.param(4, 1, marks=pytest.mark.slow)],  # (4, 1): ~24 s, `make test-all`
+    [(2, 0), (2, 3), (4, 1)],
 )
 def test_epoch_exactly_once_across_ranks(small_demo, tmp_path, world, workers):
     out = tmp_path / "keys.json"

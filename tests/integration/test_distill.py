@@ -55,7 +55,6 @@ def test_distillation_changes_training_and_the_loss_includes_the_term(single, tm
     assert not torch.equal(final_weights(run)["text_projection"], final_weights(plain)["text_projection"])
 
 
-@pytest.mark.slow  # (~20 s; `make test-all` runs it: make test's 30-minute budget)
 def test_a_sharded_engine_with_gradient_caching_distils_to_the_same_parameters(single, teacher, tmp_path):
     run, _ = single
     other = tmp_path / "fsdp"

@@ -157,7 +157,6 @@ def test_metrics_equal_clip_benchmark(trained, folders, tmp_path):
         assert ours[f"image_to_text_R@{k}"] == pytest.approx(ref[f"text_retrieval_recall@{k}"], abs=1e-6)
 
 
-@pytest.mark.slow  # (~20 s; `make test-all` runs it: make test's 30-minute budget)
 def test_two_ranks_equal_one_rank_with_skips(trained, folders, tmp_path):
     """101 images + 1 unreadable file over 2 ranks: the same metrics, per-class recalls and skip counts."""
     (folders["folder"] / "blue_circle" / "zz_broken.jpg").write_bytes(b"not a jpeg at all")
@@ -232,7 +231,6 @@ def test_bad_eval_inputs(trained, folders, tmp_path):
     assert out["eval"]["retrieval"]["skipped"] == {"no_caption": 1} and out["eval"]["retrieval"]["num_images"] == 50
 
 
-@pytest.mark.slow  # (32 s; `make test-all` runs it: make test's 30-minute budget)
 def test_folder_classnames_file_in_another_order_is_matched_by_name(trained, folders, tmp_path):
     """An image folder (sub-folders sorted alphabetically) with a class-name file in the dataset's natural order:
     names are matched to folders by name, so the accuracy is the folder names' own. A file of wnid-style

@@ -109,9 +109,7 @@ def _run(tmp_path, engine: str, policy: str, fault: str):
 
 @pytest.mark.parametrize(
     ("engine", "policy"),
-    # (zero1-fail: `make test-all`, ~24 s; make test keeps train.nonfinite=fail in the reliability suite's
-    # non-finite case, one process, and the ZeRO skip path here and in test_each_engine_skips_...)
-    [("zero2", "skip"), pytest.param("zero1", "fail", marks=pytest.mark.slow)],
+    [("zero2", "skip"), ("zero1", "fail")],
     ids=["zero2-skip", "zero1-fail"],
 )
 def test_zero_obeys_the_nonfinite_policy_through_the_cli(small_demo, tmp_path, engine, policy):

@@ -1,7 +1,7 @@
 """``train.stages`` through the real CLI: a run of 3 steps at 16 px with half the patches dropped, then 3 at 32 px.
 It trains on the samples of the same run without stages; a run resumed from its checkpoint inside the first
-stage, at the switch or inside the second ends with its weights bit for bit; DDP and FSDP on 2 ranks equal one
-process, EMA weights included (``make test-all``).
+stage, at the switch or inside the second ends with its weights bit for bit; DDP (and in ``make test-all``
+FSDP) on 2 ranks equal one process, EMA weights included.
 
 Same data as test_engines.py (global batches of 48 of 96 pairs, float32, no workers)."""
 
@@ -62,7 +62,7 @@ def _off_a_2x2_grid(pos: torch.Tensor) -> float:
     [
         pytest.param(2, id="inside-stage-1"),
         pytest.param(3, id="at-the-switch"),
-        pytest.param(5, id="inside-stage-2", marks=pytest.mark.slow),  # (a plain resume; make test-all)
+        pytest.param(5, id="inside-stage-2"),
     ],
 )
 def test_a_resumed_staged_run_ends_with_the_same_weights(staged, tmp_path, resume_at):
@@ -81,8 +81,7 @@ def test_a_resumed_staged_run_ends_with_the_same_weights(staged, tmp_path, resum
     assert keys_per_step(copy) == keys_per_step(run)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+@pytest.mark.parametrize("engine", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
 def test_two_ranks_train_a_staged_run_as_one_process(tmp_path, engine):
     # (without patch dropout: its random patches are drawn per rank, so they depend on the layout; with EMA
     # weights, which the switch rewrites too: whole on DDP, as shards on FSDP)

@@ -180,7 +180,6 @@ def test_training_continues_from_init_from(finished_run, tmp_path):
     assert bad.returncode == 2 and "model.init_from" in bad.stderr
 
 
-@pytest.mark.slow  # (19 s; `make test-all` runs it: make test's 30-minute budget)
 def test_moving_the_data_changes_nothing(small_demo, tmp_path):
     """Seeds come from (seed, epoch, shard path relative to its pattern, key): the same run on two copies of the
     data in different folders gives bit-identical losses."""
@@ -216,7 +215,6 @@ def test_towers_export_of_a_quickgelu_model(tmp_path):
     assert json.loads((tmp_path / "out" / "image_encoder" / "tower_config.json").read_text())["quick_gelu"] is True
 
 
-@pytest.mark.slow  # (~20 s; `make test-all` runs it: make test's 30-minute budget)
 def test_resume_with_patch_dropout_and_evals_is_bit_exact(small_demo, tmp_path):
     """Patch dropout draws from torch's global CPU generator; neither the loader (re)starting after a resume nor
     an eval right after a checkpoint may draw from it, or the resumed run's masks differ from step 9 on."""

@@ -121,7 +121,7 @@ def test_kill_during_save(plain_ref, tmp_path):
     assert not fails, fails
 
 
-@long_only  # (make test keeps FSDP's random kill -9 trial; async saves: here and in make test-all's test_engines)
+@long_only  # (make test keeps FSDP's random kill -9 trial; async saves: here and in test_engines)
 def test_kill9_during_an_async_fsdp_save(fsdp_ref, tmp_path):
     """parallel=fsdp with train.async_checkpoint=true: rank 0 is killed while the step-8 save is written in the
     background (its files written, no manifest yet); the resume starts from step 4 and ends bit-identical to an
