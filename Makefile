@@ -25,7 +25,8 @@ demo: install
 # The suites run on TEST_WORKERS pytest-xdist workers, a test file per worker at a time (its module fixtures,
 # trained runs shared by its tests, are built once). A single-process run idles half of 2 cores (a run's main
 # process computes on one); two workers keep both busy. Clean clones on the 2-core CI machine: pytest 875 s on 2
-# workers, 906 s on 3 (benchmarks/RESULTS.md). TEST_WORKERS=0 runs in one process.
+# workers, 906 s on 3; 593 s on 2 since the loader workers' fork server is forked in the tests (benchmarks/RESULTS.md).
+# TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
 XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
