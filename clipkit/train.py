@@ -32,6 +32,7 @@ from clipkit.data.transforms import DeviceNormalize
 from clipkit.distill import Teacher
 from clipkit.engine import NonFiniteError, build_engine
 from clipkit.errors import UserError
+from clipkit.eval.config import TASK_CONFIGS
 from clipkit.eval.runner import format_table, run_raw_and_ema
 from clipkit.loss import build_caption_loss, build_loss
 from clipkit.loss.distill import DistillLoss
@@ -380,7 +381,8 @@ def evaluate(cfg: RootConfig, built, env, engine, demo: Path | None, held: Shard
 def eval_sets(cfg: RootConfig, held: ShardTable | None) -> dict:
     """What the end-of-run eval measures, in words (summary.json and the last lines a run prints)."""
     out = {}
-    for name, dataset in (("zeroshot", cfg.eval.zeroshot.dataset), ("retrieval", cfg.eval.retrieval.dataset)):
+    for name in TASK_CONFIGS:  # (each evaluator kind's config is the eval config's field of that name)
+        dataset = getattr(cfg.eval, name).dataset
         if dataset == "demo":
             out[name] = "the demo's held-out split (templates and images never trained on)"
         elif dataset == "holdout" and held is not None:
